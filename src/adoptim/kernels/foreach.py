@@ -1,0 +1,161 @@
+"""The multi-tensor kernel: the for-loop algorithm on lists, with ``torch._foreach_*`` operations.
+
+Tensors are grouped by (device, dtype) so each foreach call can take its fast path. Per-parameter step
+counters stay per parameter: in the eager form, the parameters on their first call are split from the
+rest (a parameter whose gradient appears late starts then), and the clip bound is a list with one value
+per parameter. The capturable form folds the first call into the arithmetic, as the for-loop kernel does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+
+def _group_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    return groups
+
+
+def _real(tensors: list[Tensor]) -> list[Tensor]:
+    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+
+
+def _scale_sub_(targets: list[Tensor], sources: list[Tensor], scale: float | Tensor) -> None:
+    """``targets -= scale * sources``, elementwise over the lists."""
+    if isinstance(scale, Tensor):
+        torch._foreach_sub_(targets, torch._foreach_mul(sources, scale))
+    else:
+        torch._foreach_add_(targets, sources, alpha=-scale)
+
+
+def foreach_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    clip_exponent: float | None,
+    eps: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+) -> None:
+    if differentiable:
+        raise ValueError("differentiable=True needs the for-loop kernel (foreach=False)")
+    if not params:
+        return
+    for idx in _group_by_device_and_dtype(params).values():
+        p = [params[i] for i in idx]
+        g = [grads[i] for i in idx]
+        m = [exp_avgs[i] for i in idx]
+        v = [exp_avg_sqs[i] for i in idx]
+        s = [state_steps[i] for i in idx]
+
+        if maximize:
+            g = torch._foreach_neg(g)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            if maximize:  # g is already a fresh list
+                torch._foreach_add_(g, p, alpha=weight_decay)
+            else:
+                g = torch._foreach_add(g, p, alpha=weight_decay)
+        p, g, m, v = _real(p), _real(g), _real(m), _real(v)
+
+        kwargs = dict(
+            beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent, eps=eps,
+        )
+        if capturable:
+            _capturable_update(p, g, m, v, s, **kwargs)
+        else:
+            steps = [float(t.item()) for t in s]
+            first = [j for j, t in enumerate(steps) if t == 0]
+            later = [j for j, t in enumerate(steps) if t != 0]
+            if first:
+                vf, gf = [v[j] for j in first], [g[j] for j in first]
+                torch._foreach_addcmul_(vf, gf, gf)
+            if later:
+                _eager_update(
+                    [p[j] for j in later], [g[j] for j in later], [m[j] for j in later],
+                    [v[j] for j in later], [steps[j] for j in later], **kwargs,
+                )
+        torch._foreach_add_(s, 1)
+
+
+def _eager_update(
+    p: list[Tensor],
+    g: list[Tensor],
+    m: list[Tensor],
+    v: list[Tensor],
+    steps: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    clip_exponent: float | None,
+    eps: float,
+) -> None:
+    if weight_decay != 0 and decoupled_weight_decay:
+        _scale_sub_(p, p, lr * weight_decay)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_clamp_min_(denom, eps)
+    normed = torch._foreach_div(g, denom)
+    del denom
+    if clip_exponent is not None:
+        bounds = [t**clip_exponent for t in steps]
+        torch._foreach_clamp_min_(normed, [-b for b in bounds])
+        torch._foreach_clamp_max_(normed, bounds)
+    torch._foreach_lerp_(m, normed, 1 - beta1)
+    del normed
+    _scale_sub_(p, m, lr)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+
+
+def _capturable_update(
+    p: list[Tensor],
+    g: list[Tensor],
+    m: list[Tensor],
+    v: list[Tensor],
+    s: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    clip_exponent: float | None,
+    eps: float,
+) -> None:
+    """The same arithmetic as the for-loop kernel's capturable form, on lists."""
+    nf = [torch.clamp(t, max=1.0).to(x.dtype) for t, x in zip(s, p)]
+    if weight_decay != 0 and decoupled_weight_decay:
+        torch._foreach_sub_(p, torch._foreach_mul(p, [f * (lr * weight_decay) for f in nf]))
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_clamp_min_(denom, eps)
+    normed = torch._foreach_div(g, denom)
+    del denom
+    torch._foreach_mul_(normed, nf)
+    if clip_exponent is not None:
+        bounds = [(t**clip_exponent).to(x.dtype) for t, x in zip(s, p)]
+        torch._foreach_maximum_(normed, torch._foreach_neg(bounds))
+        torch._foreach_minimum_(normed, bounds)
+    torch._foreach_lerp_(m, normed, 1 - beta1)
+    del normed
+    _scale_sub_(p, m, lr)
+    delta = torch._foreach_mul(g, g)
+    torch._foreach_sub_(delta, v)
+    torch._foreach_mul_(delta, [1 - beta2 * f for f in nf])
+    torch._foreach_add_(v, delta)

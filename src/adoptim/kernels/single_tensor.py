@@ -1,0 +1,119 @@
+"""The for-loop kernel: one parameter at a time, the ground truth for every faster kernel.
+
+Two forms of the same algorithm live here:
+
+* the eager form reads each parameter's step counter on the host and branches on the first call;
+* the capturable form (``capturable=True``, also chosen under ``torch.compile``) never reads a tensor on
+  the host: the first call is folded into the arithmetic with ``nf = min(step, 1)`` (0 on the first call,
+  1 after), so a whole step can be captured in a CUDA graph or traced without data-dependent branches.
+
+The eager form uses the same operations in the same order as the official package and timm
+(``lerp_`` into the momentum, ``add_(p, alpha=-lr*wd)`` for decoupled decay, ``addcmul_`` into the
+second moment), so a run migrated from them continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _scale_sub_(target: Tensor, source: Tensor, scale: float | Tensor) -> None:
+    """``target -= scale * source`` for a float or a 0-dim tensor ``scale``."""
+    if isinstance(scale, Tensor):
+        target.sub_(source * scale)
+    else:
+        target.add_(source, alpha=-scale)
+
+
+def single_tensor_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    clip_exponent: float | None,
+    eps: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+) -> None:
+    for i, param in enumerate(params):
+        grad = -grads[i] if maximize else grads[i]
+        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+
+        if weight_decay != 0 and not decoupled_weight_decay:
+            grad = grad.add(param, alpha=weight_decay)
+
+        if torch.is_complex(param):
+            grad = torch.view_as_real(grad)
+            exp_avg = torch.view_as_real(exp_avg)
+            exp_avg_sq = torch.view_as_real(exp_avg_sq)
+            param = torch.view_as_real(param)
+
+        if capturable:
+            _capturable_update(
+                param, grad, exp_avg, exp_avg_sq, step_t,
+                beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent, eps=eps,
+            )
+            step_t += 1
+            continue
+
+        t = float(step_t.item())
+        if t == 0:
+            # v_0 = g_0^2; no parameter update on the first call.
+            exp_avg_sq.addcmul_(grad, grad)
+            step_t += 1
+            continue
+
+        if weight_decay != 0 and decoupled_weight_decay:
+            _scale_sub_(param, param, lr * weight_decay)
+
+        # v still holds v_{t-1}: the normaliser excludes the current gradient.
+        denom = torch.clamp(exp_avg_sq.sqrt(), min=eps)
+        normed = grad.div(denom)
+        if clip_exponent is not None:
+            bound = t**clip_exponent
+            normed.clamp_(-bound, bound)
+        exp_avg.lerp_(normed, 1 - beta1)
+        _scale_sub_(param, exp_avg, lr)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_t += 1
+
+
+def _capturable_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step_t: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    clip_exponent: float | None,
+    eps: float,
+) -> None:
+    """One step with no host synchronisation: the first call is ``nf == 0``, every later one ``nf == 1``."""
+    nf = torch.clamp(step_t, max=1.0).to(param.dtype)
+    if weight_decay != 0 and decoupled_weight_decay:
+        param.sub_(param * (nf * (lr * weight_decay)))
+    normed = grad / torch.clamp(exp_avg_sq.sqrt(), min=eps)
+    normed = normed * nf  # the first call leaves m (and so p) untouched
+    if clip_exponent is not None:
+        bound = (step_t**clip_exponent).to(param.dtype)
+        normed = torch.minimum(torch.maximum(normed, -bound), bound)
+    exp_avg.lerp_(normed, 1 - beta1)
+    _scale_sub_(param, exp_avg, lr)
+    # v += w * (g^2 - v) with w = 1 - beta2*nf: v = g^2 exactly on the first call.
+    weight = 1 - beta2 * nf
+    exp_avg_sq.add_((grad * grad - exp_avg_sq) * weight)

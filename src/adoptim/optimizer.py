@@ -1,0 +1,269 @@
+"""``ADOPT`` and ``ADOPTW``: torch.optim optimizers over the kernels in :mod:`adoptim.kernels`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _validate as V
+from .functional import adopt
+from .migration import translate_group
+
+__all__ = ["ADOPT", "ADOPTW"]
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+
+
+def _use_grad_for_differentiable(step: Callable) -> Callable:
+    """Run ``step`` with autograd on only when the optimizer is differentiable (as torch.optim does)."""
+
+    @functools.wraps(step)
+    def wrapper(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+        import torch._dynamo
+
+        prev = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(self.defaults["differentiable"])
+            # Breaking the graph here lets a compiled step be traced as an inference graph, so the
+            # in-place updates of parameters and state need no extra copies.
+            torch._dynamo.graph_break()
+            return step(self, *args, **kwargs)
+        finally:
+            torch._dynamo.graph_break()
+            torch.set_grad_enabled(prev)
+
+    return wrapper
+
+
+class ADOPT(Optimizer):
+    r"""ADOPT (Taniguchi et al., NeurIPS 2024): Adam that converges for any :math:`\beta_2`.
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input}: \gamma \text{ (lr)}, \beta_1, \beta_2, \epsilon, \lambda \text{ (weight decay)},
+            c \text{ (clip exponent)}, \theta_0, f(\theta) \\
+        &g_0 \leftarrow \nabla_\theta f_0(\theta_0);\quad v_0 \leftarrow g_0^2;\quad m_0 \leftarrow 0
+            \quad \text{(first call: no parameter update)} \\
+        &\textbf{for}\: t = 1, 2, \ldots \\
+        &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+            \;(-g_t \text{ if maximize};\; +\lambda\theta_{t-1} \text{ if coupled decay}) \\
+        &\quad \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda) \quad \text{(decoupled decay only)} \\
+        &\quad n_t \leftarrow \operatorname{clip}_{t^c}\!\big(g_t / \max(\sqrt{v_{t-1}}, \epsilon)\big)
+            \quad \text{(the normaliser excludes } g_t) \\
+        &\quad m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) n_t
+            \quad \text{(normalise, then average)} \\
+        &\quad \theta_t \leftarrow \theta_{t-1} - \gamma m_t \\
+        &\quad v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2
+        \end{aligned}
+
+    ``clip_exponent=None`` is the paper's unclipped Algorithm 1; the default 0.25 is the authors'
+    recommended clipped form (bound 1 at the first update). Complex parameters are updated as pairs of
+    reals. Each parameter counts its own steps: one whose gradient first appears later starts then.
+
+    Args:
+        params: parameters or param groups (dicts), as for any torch.optim optimizer.
+        lr: learning rate, a float or a one-element tensor (default 1e-3).
+        betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.9999)).
+        eps: floor of :math:`\sqrt{v}` in the normaliser (default 1e-6).
+        weight_decay: :math:`\lambda` (default 0).
+        decoupled_weight_decay: AdamW-style decay of the parameter instead of L2 in the gradient.
+        clip_exponent: :math:`c`; ``None`` disables clipping (default 0.25).
+        maximize: maximise the objective instead of minimising it.
+        foreach: use the multi-tensor kernel; ``None`` picks it when all parameters are on an
+            accelerator (as torch.optim does).
+        capturable: never synchronise with the host, so the step can be captured in a CUDA graph;
+            step counters then live on the parameters' device.
+        differentiable: let autograd run through the step (for-loop kernel only).
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = ADOPT(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        decoupled_weight_decay: bool = False,
+        clip_exponent: float | None = 0.25,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
+            maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+        )
+        V.check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        V.check_group(merged)
+        for key in self.defaults:
+            if key in param_group:
+                param_group[key] = merged[key]
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # A state_dict from an older version (or another port) may lack newer flags.
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if p_state and not torch.is_tensor(p_state.get("step")):
+                    device = p.device if group["capturable"] else "cpu"
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=V.scalar_dtype(), device=device)
+
+    # ------------------------------------------------------------------ state_dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of adoptim, torch-adopt or timm's ``Adopt``; nothing changes if it is invalid."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())")
+        groups = [translate_group(g, i) for i, g in enumerate(state_dict["param_groups"])]
+        self._check_state_matches(state_dict["state"], groups)
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
+    def _check_state_matches(self, saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]) -> None:
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups but the optimizer has {len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi} of the state_dict has {len(saved['params'])} parameters but the "
+                    f"optimizer's has {len(group['params'])}"
+                )
+            for pi, (key, p) in enumerate(zip(saved["params"], group["params"])):
+                st = saved_state.get(key)
+                if not st:
+                    continue
+                missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
+                if missing:
+                    raise ValueError(f"state of param group {gi} parameter {pi} lacks {missing}")
+                for name in ("exp_avg", "exp_avg_sq"):
+                    t = st[name]
+                    if not torch.is_tensor(t) or t.shape != p.shape:
+                        shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                        raise ValueError(
+                            f"state_dict does not match the parameters: param group {gi} parameter {pi} has "
+                            f"shape {tuple(p.shape)} but its {name} has shape {shape}"
+                        )
+                step = st["step"]
+                if torch.is_tensor(step) and step.numel() != 1:
+                    raise ValueError(f"state of param group {gi} parameter {pi} has a step with {step.numel()} elements")
+
+    # ------------------------------------------------------------------ step
+    def _check_before_step(self) -> None:
+        """Everything that can make a step fail is checked for all groups before any tensor changes."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"ADOPT does not support sparse gradients (param group {gi} parameter {pi}); "
+                        "use dense gradients, e.g. nn.Embedding(sparse=False)"
+                    )
+                st = self.state.get(p)
+                if st and (st["exp_avg"].shape != p.shape or st["exp_avg_sq"].shape != p.shape):
+                    raise RuntimeError(
+                        f"state of param group {gi} parameter {pi} does not match it: parameter shape "
+                        f"{tuple(p.shape)}, exp_avg {tuple(st['exp_avg'].shape)}, "
+                        f"exp_avg_sq {tuple(st['exp_avg_sq'].shape)}"
+                    )
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                # Steps live on the host unless capturable: reading them there costs no device sync.
+                device = p.device if group["capturable"] else "cpu"
+                state["step"] = torch.zeros((), dtype=V.scalar_dtype(), device=device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_before_step()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            adopt(
+                params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                foreach=group["foreach"], capturable=group["capturable"],
+                differentiable=group["differentiable"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"],
+            )
+        return loss
+
+
+class ADOPTW(ADOPT):
+    """ADOPT with decoupled weight decay (as AdamW is to Adam); ``weight_decay`` defaults to 1e-2."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 1e-2,
+        *,
+        clip_exponent: float | None = 0.25,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
+            clip_exponent=clip_exponent, maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable,
+        )
