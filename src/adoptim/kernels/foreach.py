@@ -149,7 +149,7 @@ def _capturable_update(
     del denom
     torch._foreach_mul_(normed, nf)
     if clip_exponent is not None:
-        bounds = [(t**clip_exponent).to(x.dtype) for t, x in zip(s, p)]
+        bounds = [(t.double() ** clip_exponent).to(x.dtype) for t, x in zip(s, p)]
         torch._foreach_maximum_(normed, torch._foreach_neg(bounds))
         torch._foreach_minimum_(normed, bounds)
     torch._foreach_lerp_(m, normed, 1 - beta1)

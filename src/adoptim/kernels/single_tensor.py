@@ -110,7 +110,8 @@ def _capturable_update(
     normed = grad / torch.clamp(exp_avg_sq.sqrt(), min=eps)
     normed = normed * nf  # the first call leaves m (and so p) untouched
     if clip_exponent is not None:
-        bound = (step_t**clip_exponent).to(param.dtype)
+        # The bound in float64, as the eager form computes it on the host, then in the parameter's dtype.
+        bound = (step_t.double() ** clip_exponent).to(param.dtype)
         normed = torch.minimum(torch.maximum(normed, -bound), bound)
     exp_avg.lerp_(normed, 1 - beta1)
     _scale_sub_(param, exp_avg, lr)
