@@ -107,7 +107,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a data file") from None
+            raise pickle.UnpicklingError(f"refusing global {module}.{name} in a data file") from None
 
 
 def safe_unpickle(data: bytes, encoding: str = "bytes") -> Any:
