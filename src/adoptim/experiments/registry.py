@@ -1,0 +1,37 @@
+"""The experiments ``adoptim`` knows: each is a module ``adoptim.experiments.<name>`` with ``EXPERIMENT``."""
+
+from __future__ import annotations
+
+import importlib
+
+from .runner import Experiment
+
+# The order ``adoptim list`` shows. A name whose module is not there yet is skipped.
+EXPERIMENT_MODULES = ("toy", "mnist", "vae", "gpt", "llama", "cifar10", "imagenet", "rl")
+
+
+def load(name: str) -> Experiment:
+    """The experiment called ``name``; KeyError if there is none, ImportError if it cannot import."""
+    if name not in EXPERIMENT_MODULES:
+        raise KeyError(name)
+    modname = f"{__package__}.{name}"
+    try:
+        module = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name == modname:
+            raise KeyError(name) from None
+        raise
+    return module.EXPERIMENT
+
+
+def available() -> dict[str, Experiment | Exception]:
+    """Every registered experiment, or the import error that keeps it from loading."""
+    out: dict[str, Experiment | Exception] = {}
+    for name in EXPERIMENT_MODULES:
+        try:
+            out[name] = load(name)
+        except KeyError:
+            continue
+        except ImportError as e:
+            out[name] = e
+    return out

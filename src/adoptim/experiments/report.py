@@ -1,0 +1,74 @@
+"""Summaries and plots shared by the experiments: mean and 95% interval over seeds, Markdown tables,
+and a matplotlib figure that works without a display."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond that, the normal's).
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval of the mean (0 for a single value)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, 0.0
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.960
+    return mean, t * statistics.stdev(values) / math.sqrt(n)
+
+
+def group(records: Iterable[dict[str, Any]], *keys: str) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """Records grouped by the values of ``keys``, in first-seen order."""
+    out: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_cell(x) for x in v)
+    return str(v)
+
+
+def markdown(title: str, rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of ``rows`` (columns in first-seen order) under a heading."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (4.0, 3.0)) -> tuple[Any, Any]:
+    """A matplotlib figure with a ``nrows x ncols`` grid of axes (always a 2-D array), off-screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    return fig, axes
+
+
+def save(fig: Any, path: Path) -> None:
+    """Save ``fig`` as a small PNG (written beside and renamed, like every result) and close it."""
+    import matplotlib.pyplot as plt
+
+    from . import _io
+
+    path = Path(path)
+    fig.tight_layout()
+    _io._atomic(path, lambda f: fig.savefig(f, format="png", dpi=80), "wb")
+    plt.close(fig)
