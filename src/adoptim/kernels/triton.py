@@ -1,0 +1,387 @@
+"""The fused CUDA kernel: one Triton launch updates every parameter of a (device, dtype) group.
+
+Multi-tensor layout: a table with one row per tensor (addresses of p, g, m, v and of the step counter,
+and the element count) and a list of chunks (tensor index, first element). Each Triton program takes one
+chunk and walks it block by block, so any number of tensors of any sizes costs one launch, and every
+element is read once (p, g, m, v) and written once (p, m, v). The tables hold addresses only; they are
+built on the host once per set of tensors and kept in a small cache, so a steady training loop (and a
+CUDA graph replaying it) copies nothing from the host.
+
+The arithmetic is the for-loop kernel's, in float32 (float64 for float64 parameters), rounded once to the
+parameter's dtype at the end; the state is kept in the parameter's dtype. The first call of each
+parameter (its step counter is 0) is a select inside the kernel, not a host branch, so the same launch
+serves parameters on their first and later steps and the kernel never reads a device value on the host.
+
+``grad_scale`` divides the gradients (they are not written back); a nonzero ``found_inf`` masks every
+store and the step increment, so a step with an inf or NaN in the gradients changes nothing.
+
+Tested on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``) and on CUDA when present.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, defaultdict
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["triton_adopt"]
+
+# Elements per block and blocks per chunk: a chunk of 16k elements keeps a 124M-parameter model at
+# about 8k programs (enough to fill a large GPU) while a small tensor costs one short program.
+_BLOCK = 2048
+_BLOCKS_PER_CHUNK = 8
+_CHUNK = _BLOCK * _BLOCKS_PER_CHUNK
+_ROW = 6  # table columns: p, g, m, v, step addresses, numel
+_CACHE_SIZE = 32
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+# Address tables keyed by the addresses and sizes they hold (a cache, not a switch: a miss rebuilds).
+_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, int]] = OrderedDict()
+
+
+@triton.jit
+def _sqrt(x, F64: tl.constexpr):
+    # IEEE (correctly rounded) like torch: Triton's plain float32 sqrt and division are approximations,
+    # while float64 ones are always IEEE.
+    if F64:
+        y = tl.sqrt(x)
+    else:
+        y = tl.sqrt_rn(x)
+    return y
+
+
+@triton.jit
+def _div(x, y, F64: tl.constexpr):
+    if F64:
+        z = x / y
+    else:
+        z = tl.div_rn(x, y)
+    return z
+
+
+@triton.jit
+def _adopt_kernel(
+    table_ptr,
+    chunks_ptr,
+    host_steps_ptr,
+    lr_ptr,
+    lr_hi,
+    lr_lo,
+    lrwd_hi,
+    lrwd_lo,
+    scale_ptr,
+    inf_ptr,
+    DTYPE: tl.constexpr,
+    STEP_DTYPE: tl.constexpr,
+    F64: tl.constexpr,
+    HOST_STEPS: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    LERP_REST: tl.constexpr,
+    ONE_MINUS_BETA1: tl.constexpr,
+    BETA2: tl.constexpr,
+    ONE_MINUS_BETA2: tl.constexpr,
+    EPS: tl.constexpr,
+    WD: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    CLIP: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid = tl.program_id(0)
+    tid = tl.load(chunks_ptr + 2 * pid)
+    start = tl.load(chunks_ptr + 2 * pid + 1)
+    row = table_ptr + tid * 6
+    p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE))
+    numel = tl.load(row + 5)
+
+    if HOST_STEPS:
+        step = tl.load(host_steps_ptr + tid).to(CT)
+    else:
+        step = tl.load(tl.load(row + 4).to(tl.pointer_type(STEP_DTYPE))).to(CT)
+    # t counts real updates (1 at the first one); the first call itself (step 0) only sets v.
+    first = step == 0
+    t = tl.maximum(step, 1.0)
+
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr).to(CT)
+        lrwd = lr * WD
+    elif F64:
+        # Triton passes Python floats as float32: a float64 lr travels as a float32 pair.
+        lr = tl.cast(lr_hi, CT) + tl.cast(lr_lo, CT)
+        lrwd = tl.cast(lrwd_hi, CT) + tl.cast(lrwd_lo, CT)
+    else:
+        lr = tl.cast(lr_hi, CT)
+        lrwd = tl.cast(lrwd_hi, CT)
+
+    if HAS_CLIP:
+        if CLIP == 0.25:  # the default: two correctly rounded square roots beat exp2(log2)
+            bound = _sqrt(_sqrt(t, F64), F64)
+        elif CLIP == 0.5:
+            bound = _sqrt(t, F64)
+        else:
+            bound = tl.exp2(CLIP * tl.log2(t))
+
+    keep = True
+    if HAS_INF:
+        keep = tl.load(inf_ptr) == 0
+    if HAS_SCALE:
+        inv_scale = tl.load(scale_ptr).to(CT)
+
+    end = tl.minimum(numel - start, CHUNK)
+    for k in range(0, tl.cdiv(end, BLOCK)):
+        offs = start + k * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < start + end
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(CT)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(CT)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(CT)
+        if HAS_SCALE:
+            g = _div(g, inv_scale, F64)
+        if MAXIMIZE:
+            g = -g
+        if WD != 0.0 and not DECOUPLED:
+            g = g + WD * p
+
+        new_p = p
+        if WD != 0.0 and DECOUPLED:
+            new_p = p - lrwd * p
+        # v still holds v_{t-1}: the normaliser excludes the current gradient.
+        n = _div(g, tl.maximum(_sqrt(v, F64), EPS), F64)
+        if HAS_CLIP:
+            n = tl.minimum(tl.maximum(n, -bound), bound)
+        # torch.lerp's two forms, so the momentum matches the for-loop kernel's lerp_ exactly.
+        if ONE_MINUS_BETA1 < 0.5:
+            new_m = m + ONE_MINUS_BETA1 * (n - m)
+        else:
+            new_m = n - (n - m) * LERP_REST
+        new_p = new_p - lr * new_m
+        new_v = v * BETA2 + ONE_MINUS_BETA2 * g * g
+
+        new_p = tl.where(first, p, new_p)
+        new_m = tl.where(first, m, new_m)
+        new_v = tl.where(first, g * g, new_v)
+        store = mask & keep
+        tl.store(p_ptr + offs, new_p.to(DTYPE), mask=store)
+        tl.store(m_ptr + offs, new_m.to(DTYPE), mask=store)
+        tl.store(v_ptr + offs, new_v.to(DTYPE), mask=store)
+
+
+@triton.jit
+def _bump_steps_kernel(table_ptr, n, inf_ptr, STEP_DTYPE: tl.constexpr, HAS_INF: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    ptrs = tl.load(table_ptr + offs * 6 + 4, mask=mask, other=0).to(tl.pointer_type(STEP_DTYPE))
+    step = tl.load(ptrs, mask=mask, other=0.0)
+    if HAS_INF:
+        mask = mask & (tl.load(inf_ptr) == 0)
+    tl.store(ptrs, step + 1.0, mask=mask)
+
+
+def _f32_pair(x: float) -> tuple[float, float]:
+    """``x`` as ``hi + lo`` with both exactly representable in float32 (about 48 bits together)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if torch.is_complex(t) else t
+
+
+def _tables(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
+            s: list[Tensor] | None) -> tuple[Tensor, Tensor, int]:
+    """The (cached) address table, chunk list and chunk count of one group of tensors."""
+    device = p[0].device
+    rows = [
+        (pi.data_ptr(), gi.data_ptr(), mi.data_ptr(), vi.data_ptr(), 0 if s is None else s[i].data_ptr(),
+         pi.numel())
+        for i, (pi, gi, mi, vi) in enumerate(zip(p, g, m, v))
+    ]
+    key = (str(device), tuple(rows))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the fused ADOPT kernel met a new set of tensors while a CUDA graph was being captured; "
+            "run one step eagerly before capturing (a warm-up step), with the same parameters and gradients"
+        )
+    chunks = [(i, start) for i, r in enumerate(rows) for start in range(0, r[5], _CHUNK)]
+    host = torch.tensor([x for r in rows for x in r] + [x for c in chunks for x in c], dtype=torch.int64)
+    if device.type == "cuda":
+        # Pinned memory makes the copy asynchronous; the cache keeps the host buffer alive.
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    table, chunk_list = flat[: len(rows) * _ROW], flat[len(rows) * _ROW:]
+    entry = (table, chunk_list, len(chunks))
+    _TABLES[key] = entry
+    if len(_TABLES) > _CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return entry
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers exactly ``numel`` consecutive elements (any dimension order, no gaps)."""
+    expected = 1
+    dims = sorted(((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense_like(g: Tensor, p: Tensor) -> Tensor:
+    """``g`` with the memory layout of ``p`` (a copy only when the layouts differ)."""
+    if g.stride() == p.stride():
+        return g
+    return torch.empty_like(p).copy_(g)
+
+
+def _check_group(device: torch.device, p: list[Tensor], m: list[Tensor], v: list[Tensor],
+                 s: list[Tensor], capturable: bool) -> bool:
+    """Checks one group; returns whether its step counters live on the host."""
+    for i, (pi, mi, vi) in enumerate(zip(p, m, v)):
+        if not _is_dense(pi):
+            raise ValueError(f"fused ADOPT needs dense parameters; parameter {i} has strides {pi.stride()}")
+        if mi.stride() != pi.stride() or vi.stride() != pi.stride() or mi.device != device or vi.device != device:
+            raise ValueError(
+                f"fused ADOPT needs exp_avg and exp_avg_sq with the parameter's device and layout (parameter {i})"
+            )
+    on_host = [t.device.type == "cpu" for t in s]
+    if device.type != "cpu" and any(on_host) and not all(on_host):
+        raise ValueError("state_steps must be all on the host or all on the parameters' device")
+    host_steps = device.type != "cpu" and all(on_host)
+    if capturable and host_steps:
+        raise ValueError("capturable=True needs the step counters on the parameters' device, not the host")
+    if len({t.dtype for t in s}) > 1:
+        raise ValueError(f"state_steps of one device and dtype must share a dtype, got {sorted({str(t.dtype) for t in s})}")
+    return host_steps
+
+
+def _on(device: torch.device, t: Tensor | None, name: str) -> Tensor | None:
+    if t is None:
+        return None
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    return t if t.device == device else t.to(device)
+
+
+def triton_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    clip_exponent: float | None,
+    eps: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+) -> None:
+    """One ADOPT step for every parameter, one Triton launch per (device, dtype) group.
+
+    Same arguments as the other kernels, plus AMP's ``grad_scale`` (gradients are divided by it) and
+    ``found_inf`` (nonzero: nothing changes, steps included). With device step counters and a device or
+    float ``lr`` it never synchronises with the host, so it can be captured in a CUDA graph.
+    """
+    if differentiable:
+        raise ValueError("differentiable=True needs the for-loop kernel (fused=False, foreach=False)")
+    lists = (grads, exp_avgs, exp_avg_sqs, state_steps)
+    if any(len(x) != len(params) for x in lists):
+        raise ValueError(
+            "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got "
+            f"{[len(params)] + [len(x) for x in lists]}"
+        )
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        dtype = _real(p).dtype
+        if dtype not in _TL_DTYPES:
+            raise ValueError(f"fused ADOPT supports {sorted(str(d) for d in _TL_DTYPES)} parameters, got {p.dtype}")
+        if grads[i].device != p.device or grads[i].dtype != p.dtype:
+            raise ValueError(
+                f"gradient {i} must match its parameter: {grads[i].dtype} on {grads[i].device} vs "
+                f"{p.dtype} on {p.device}"
+            )
+        groups[(p.device, dtype)].append(i)
+
+    for (device, dtype), idx in groups.items():
+        p = [_real(params[i]) for i in idx]
+        g = [_dense_like(_real(grads[i]), pi) for i, pi in zip(idx, p)]
+        m = [_real(exp_avgs[i]) for i in idx]
+        v = [_real(exp_avg_sqs[i]) for i in idx]
+        s = [state_steps[i] for i in idx]
+        host_steps = _check_group(device, p, m, v, s, capturable)
+        _launch(device, dtype, p, g, m, v, s, host_steps, grad_scale=grad_scale, found_inf=found_inf,
+                beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent, eps=eps,
+                maximize=maximize)
+
+
+def _launch(device: torch.device, dtype: torch.dtype, p: list[Tensor], g: list[Tensor], m: list[Tensor],
+            v: list[Tensor], s: list[Tensor], host_steps: bool, *, grad_scale: Tensor | None,
+            found_inf: Tensor | None, beta1: float, beta2: float, lr: float | Tensor, weight_decay: float,
+            decoupled_weight_decay: bool, clip_exponent: float | None, eps: float, maximize: bool) -> None:
+    table, chunks, n_chunks = _tables(p, g, m, v, None if host_steps else s)
+    scale = _on(device, grad_scale, "grad_scale")
+    inf = _on(device, found_inf, "found_inf")
+    if isinstance(lr, Tensor) and lr.device.type == "cpu" and device.type != "cpu":
+        lr = float(lr)  # a host tensor is read without a device synchronisation
+    lr_tensor = _on(device, lr, "lr") if isinstance(lr, Tensor) else None
+    lr_f = 0.0 if lr_tensor is not None else float(lr)
+    lr_hi, lr_lo = _f32_pair(lr_f)
+    lrwd_hi, lrwd_lo = _f32_pair(lr_f * weight_decay)
+    step_values = None
+    if host_steps:
+        step_values = torch.tensor([float(t) for t in s], dtype=torch.float64).to(device, non_blocking=True)
+    dummy = table  # any tensor on the device stands in for an absent pointer argument
+    if n_chunks:
+        _adopt_kernel[(n_chunks,)](
+            table, chunks, dummy if step_values is None else step_values,
+            dummy if lr_tensor is None else lr_tensor, lr_hi, lr_lo, lrwd_hi, lrwd_lo,
+            dummy if scale is None else scale, dummy if inf is None else inf,
+            DTYPE=_TL_DTYPES[dtype], STEP_DTYPE=_TL_DTYPES.get(s[0].dtype, tl.float32),
+            F64=dtype == torch.float64, HOST_STEPS=host_steps, LR_TENSOR=lr_tensor is not None,
+            HAS_SCALE=scale is not None, HAS_INF=inf is not None,
+            LERP_REST=1.0 - (1.0 - beta1), ONE_MINUS_BETA1=1.0 - beta1, BETA2=float(beta2), ONE_MINUS_BETA2=1.0 - beta2,
+            EPS=float(eps), WD=float(weight_decay), DECOUPLED=bool(decoupled_weight_decay),
+            HAS_CLIP=clip_exponent is not None, CLIP=0.0 if clip_exponent is None else float(clip_exponent),
+            MAXIMIZE=bool(maximize), BLOCK=_BLOCK, CHUNK=_CHUNK,
+        )
+    if host_steps:
+        # The host counters need the host to know found_inf: one read (a synchronisation) with AMP.
+        if inf is None or not bool(inf.item()):
+            torch._foreach_add_(s, 1)
+        return
+    n = len(s)
+    _bump_steps_kernel[(triton.cdiv(n, 256),)](
+        table, n, dummy if inf is None else inf, STEP_DTYPE=_TL_DTYPES[s[0].dtype], HAS_INF=inf is not None,
+        BLOCK=256,
+    )
