@@ -1,0 +1,92 @@
+"""Bad input: a ValueError naming the argument and the value; sparse gradients refused with nothing changed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import adoptim
+
+
+def _p() -> list[torch.Tensor]:
+    return [torch.zeros(2, requires_grad=True)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(lr=-1e-3), r"Invalid lr: -0\.001"),
+        (dict(lr=math.nan), r"Invalid lr: nan"),
+        (dict(lr=math.inf), r"Invalid lr: inf"),
+        (dict(lr="0.1"), r"Invalid lr: '0\.1'"),
+        (dict(lr=torch.tensor([0.1, 0.2])), r"Invalid lr: a tensor lr must be a one-element"),
+        (dict(lr=torch.tensor(-0.1)), r"Invalid lr: -0\.1"),
+        (dict(betas=(1.0, 0.9)), r"beta parameter at index 0: 1\.0"),
+        (dict(betas=(0.9, -0.1)), r"beta parameter at index 1: -0\.1"),
+        (dict(betas=(0.9, 1.5)), r"beta parameter at index 1: 1\.5"),
+        (dict(betas=(0.9,)), r"Invalid betas: \(0\.9,\)"),
+        (dict(betas=0.9), r"Invalid betas: 0\.9"),
+        (dict(eps=0.0), r"Invalid eps: 0\.0"),
+        (dict(eps=-1e-8), r"Invalid eps: -1e-08"),
+        (dict(weight_decay=-0.1), r"Invalid weight_decay: -0\.1"),
+        (dict(weight_decay=math.nan), r"Invalid weight_decay: nan"),
+        (dict(clip_exponent=-0.25), r"Invalid clip_exponent: -0\.25"),
+        (dict(clip_exponent="1/4"), r"Invalid clip_exponent: '1/4'"),
+        (dict(maximize="yes"), r"Invalid maximize: 'yes'"),
+        (dict(foreach=1), r"Invalid foreach: 1"),
+        (dict(decoupled_weight_decay=None), r"Invalid decoupled_weight_decay: None"),
+        (dict(foreach=True, differentiable=True), r"Invalid foreach: True together with differentiable=True"),
+    ],
+)
+def test_invalid_hyperparameters_raise_value_error_naming_them(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        adoptim.ADOPT(_p(), **kwargs)
+
+
+def test_invalid_group_in_add_param_group() -> None:
+    opt = adoptim.ADOPT(_p())
+    with pytest.raises(ValueError, match=r"Invalid lr: -2"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": -2})
+    assert len(opt.param_groups) == 1
+
+
+def test_adoptw_validates_too() -> None:
+    with pytest.raises(ValueError, match=r"Invalid weight_decay: -1"):
+        adoptim.ADOPTW(_p(), weight_decay=-1)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sparse_gradient_is_refused_before_anything_changes(foreach: bool) -> None:
+    dense = torch.ones(3, requires_grad=True)
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = adoptim.ADOPT([{"params": [dense]}, {"params": emb.parameters()}], foreach=foreach)
+    dense.grad = torch.ones(3)
+    emb(torch.tensor([1, 3])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"sparse gradients \(param group 1 parameter 0\)"):
+        opt.step()
+    assert torch.equal(dense.detach(), torch.ones(3)) and torch.equal(emb.weight.detach(), before)
+    assert len(opt.state) == 0  # not even the first group's state was created
+
+
+def test_state_that_no_longer_matches_its_parameter_is_refused_at_step() -> None:
+    a, b = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    opt = adoptim.ADOPT([a, b])
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.step()
+    opt.state[b]["exp_avg"] = torch.zeros(5)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    with pytest.raises(RuntimeError, match=r"parameter 1 does not match it"):
+        opt.step()
+    assert float(opt.state[a]["step"]) == 1 and torch.equal(a.detach(), torch.ones(3))
+
+
+def test_functional_form_checks_list_lengths() -> None:
+    with pytest.raises(ValueError, match="same length"):
+        adoptim.adopt(
+            [torch.zeros(1)], [], [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(())],
+            beta1=0.9, beta2=0.9, lr=0.1, weight_decay=0.0, decoupled_weight_decay=False,
+            clip_exponent=0.25, eps=1e-6, maximize=False,
+        )
