@@ -16,6 +16,10 @@ from .migration import translate_group
 
 __all__ = ["ADOPT", "ADOPTW"]
 
+_FUSED_DTYPES = (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+)
+
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
 
@@ -34,6 +38,26 @@ def _use_grad_for_differentiable(step: Callable) -> Callable:
             torch.set_grad_enabled(prev)
 
     return wrapper
+
+
+def _check_fused(group: dict[str, Any], params: Iterable[Any] = ()) -> None:
+    """Check the ``fused`` flag of a group (and, for a param group, its parameters) at construction."""
+    fused = V.check_flag("fused", group["fused"], allow_none=True)
+    if not fused:
+        return
+    if group["foreach"]:
+        raise ValueError("Invalid fused: True together with foreach=True (choose one kernel)")
+    if group["differentiable"]:
+        raise ValueError("Invalid fused: True together with differentiable=True (needs the for-loop kernel)")
+    params = [params] if isinstance(params, Tensor) else params
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            continue
+        if p.dtype not in _FUSED_DTYPES or p.device.type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"Invalid fused: True for parameter {i} of dtype {p.dtype} on {p.device.type}: the fused "
+                "kernels take float16, bfloat16, float32, float64 and complex parameters on cpu or cuda"
+            )
 
 
 class ADOPT(Optimizer):
@@ -75,6 +99,11 @@ class ADOPT(Optimizer):
         capturable: never synchronise with the host, so the step can be captured in a CUDA graph;
             step counters then live on the parameters' device.
         differentiable: let autograd run through the step (for-loop kernel only).
+        fused: use the fused kernel of the parameters' device (a C kernel on the CPU, a Triton kernel on
+            CUDA): one pass over memory for all parameters; supports AMP's ``GradScaler``. With neither
+            ``foreach`` nor ``fused`` set, the fused kernel is chosen when all parameters are on the CPU
+            and the compiled kernel is installed; ``fused=True`` with ``foreach=True`` or
+            ``differentiable=True`` is an error.
 
     Example::
 
@@ -98,17 +127,25 @@ class ADOPT(Optimizer):
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+            fused=fused,
         )
+        _check_fused(defaults)
         V.check_group(defaults)
         super().__init__(params, defaults)
+        if fused:
+            # GradScaler then hands this optimizer `grad_scale` and `found_inf` instead of unscaling
+            # the gradients itself (torch.optim's protocol for fused optimizers).
+            self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_fused(merged, param_group["params"])
         V.check_group(merged)
         for key in self.defaults:
             if key in param_group:
@@ -125,13 +162,17 @@ class ADOPT(Optimizer):
                 p_state = self.state.get(p, {})
                 if p_state and not torch.is_tensor(p_state.get("step")):
                     device = p.device if group["capturable"] else "cpu"
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=V.scalar_dtype(), device=device)
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]), dtype=V.scalar_dtype(), device=device
+                    )
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict of adoptim, torch-adopt or timm's ``Adopt``; nothing changes if it is invalid."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())")
+            raise ValueError(
+                "state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())"
+            )
         groups = [translate_group(g, i) for i, g in enumerate(state_dict["param_groups"])]
         self._check_state_matches(state_dict["state"], groups)
         super().load_state_dict({**state_dict, "param_groups": groups})
@@ -139,15 +180,16 @@ class ADOPT(Optimizer):
     def _check_state_matches(self, saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]) -> None:
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups but the optimizer has {len(self.param_groups)}"
+                f"state_dict has {len(saved_groups)} param groups but the optimizer has "
+                f"{len(self.param_groups)}"
             )
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"param group {gi} of the state_dict has {len(saved['params'])} parameters but the "
                     f"optimizer's has {len(group['params'])}"
                 )
-            for pi, (key, p) in enumerate(zip(saved["params"], group["params"])):
+            for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
                 st = saved_state.get(key)
                 if not st:
                     continue
@@ -164,7 +206,9 @@ class ADOPT(Optimizer):
                         )
                 step = st["step"]
                 if torch.is_tensor(step) and step.numel() != 1:
-                    raise ValueError(f"state of param group {gi} parameter {pi} has a step with {step.numel()} elements")
+                    raise ValueError(
+                        f"state of param group {gi} parameter {pi} has a step with {step.numel()} elements"
+                    )
 
     # ------------------------------------------------------------------ step
     def _check_before_step(self) -> None:
@@ -233,7 +277,8 @@ class ADOPT(Optimizer):
             beta1, beta2 = group["betas"]
             adopt(
                 params, grads, exp_avgs, exp_avg_sqs, state_steps,
-                foreach=group["foreach"], capturable=group["capturable"],
+                foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
+                grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
                 differentiable=group["differentiable"], beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                 clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"],
@@ -257,9 +302,10 @@ class ADOPTW(ADOPT):
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
             clip_exponent=clip_exponent, maximize=maximize, foreach=foreach, capturable=capturable,
-            differentiable=differentiable,
+            differentiable=differentiable, fused=fused,
         )

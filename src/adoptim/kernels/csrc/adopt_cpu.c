@@ -1,0 +1,345 @@
+/*
+ * The fused CPU ADOPT step: one pass over memory per element (read p, g, m, v; write p, m, v),
+ * split over threads and auto-vectorised. Plain C with no torch or Python headers beyond the module
+ * stub in module.c; Python calls the two exported functions through ctypes on raw data pointers.
+ *
+ * Arithmetic (see adoptim/reference.py): per tensor with step t (calls so far),
+ *   t == 0:  v = g*g                                   (no parameter or momentum change)
+ *   t >= 1:  p = p - lr*wd*p (decoupled only); n = clamp(g / max(sqrt(v), eps), -t^c, t^c);
+ *            m = lerp(m, n, 1 - beta1); p = p - lr*m; v = beta2*v + (1 - beta2)*g*g
+ * with g = g / grad_scale (the gradient itself is left as it is), negated when maximising, plus
+ * wd*p with coupled decay. The operations and their order follow the for-loop kernel, so float32 and
+ * float64 results differ from it only where the compiler fuses a multiply-add. bfloat16 and float16
+ * values are widened to float32, updated, and rounded once when stored.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* One binary for every x86-64 machine: the loader picks the widest vector ISA the CPU has. */
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+#ifdef _WIN32
+#define EXPORT __declspec(dllexport)
+#else
+#define EXPORT __attribute__((visibility("default")))
+#endif
+
+enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
+
+/* Hyper-parameters of one call, already in the precision of the math (float or double). */
+typedef struct {
+    double lr, beta1, beta2, eps, wd, grad_scale, clip_exponent;
+    int decoupled, has_clip, maximize, has_scale;
+} hyper_t;
+
+/* Tensor table laid out by the caller: 7 rows of n int64 each. */
+typedef struct {
+    int64_t n;
+    const int64_t *p, *g, *m, *v, *step, *numel, *codes;
+    const int64_t *offsets; /* prefix sums of numel, n + 1 entries */
+    const double *t;        /* step count of each tensor before this call */
+    const hyper_t *h;
+} table_t;
+
+/* ------------------------------------------------------------------ bfloat16 / float16 */
+
+static inline float bf16_load(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_store(float f) {
+    /* Round to nearest even; any NaN becomes the canonical quiet NaN (as torch rounds). */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (f != f) ? (uint16_t)0x7fc0 : (uint16_t)rounded;
+}
+
+/*
+ * float16 by integer arithmetic, so the loops vectorise on every ISA (the compiler does not vectorise
+ * _Float16 conversions without AVX512-FP16). Both directions are exact / round to nearest even.
+ */
+/* cond ? a : b without a branch (nested conditionals would stop the vectoriser). */
+static inline uint32_t pick(int cond, uint32_t a, uint32_t b) {
+    uint32_t mask = 0u - (uint32_t)(cond != 0);
+    return (a & mask) | (b & ~mask);
+}
+
+static inline float f16_load(uint16_t x) {
+    uint32_t sign = (uint32_t)(x & 0x8000u) << 16, em = x & 0x7fffu;
+    uint32_t normal = (em << 13) + (112u << 23);   /* rebias the exponent from 15 to 127 */
+    uint32_t inf_nan = (em << 13) | 0x7f800000u;
+    float sub = (float)em * 0x1p-24f;             /* zero and subnormals: mantissa * 2^-24 */
+    uint32_t sub_bits;
+    memcpy(&sub_bits, &sub, sizeof sub_bits);
+    uint32_t u = sign | pick(em >= 0x7c00u, inf_nan, pick(em >= 0x0400u, normal, sub_bits));
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    float af;
+    memcpy(&af, &a, sizeof af);
+    /* Below 2^-14 the result is a multiple of 2^-24: adding 0.5 (whose ulp is 2^-24) rounds to it. */
+    float shifted = af + 0.5f;
+    uint32_t sub;
+    memcpy(&sub, &shifted, sizeof sub);
+    sub -= 0x3f000000u;
+    /* Normal range: drop 13 mantissa bits with round to nearest even, rebias 127 -> 15. */
+    uint32_t normal = ((a - (112u << 23)) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    uint32_t h = pick(a > 0x7f800000u, 0x7e00u,                  /* NaN */
+                      pick(a >= 0x477ff000u, 0x7c00u,            /* rounds to 65536 or more: inf */
+                           pick(a < 0x38800000u, sub, normal)));
+    return (uint16_t)(sign | h);
+}
+
+/* ------------------------------------------------------------------ element loops */
+
+/*
+ * One loop per (storage type, math type); the flags are arguments of an always-inlined body so each
+ * call site below is specialised and the loop has no branch left but the ones the vectoriser turns
+ * into selects. `first` selects the first-call form.
+ */
+#define DEFINE_LOOPS(NAME, STORE_T, MATH_T, LOAD, STORE, SQRT)                                           \
+    static inline __attribute__((always_inline)) void NAME##_body(                                       \
+        STORE_T *restrict p, const STORE_T *restrict g, STORE_T *restrict m, STORE_T *restrict v, int64_t n,   \
+        const hyper_t *h, double t, int first, int coupled, int decoupled, int scaled) {                 \
+        const MATH_T sign = h->maximize ? (MATH_T)-1 : (MATH_T)1;                                         \
+        const MATH_T scale = (MATH_T)h->grad_scale;                                                      \
+        const MATH_T wd = (MATH_T)h->wd;                                                                 \
+        const MATH_T decay = (MATH_T)(-h->lr * h->wd);                                                   \
+        const MATH_T neg_lr = (MATH_T)(-h->lr);                                                          \
+        const MATH_T eps = (MATH_T)h->eps;                                                               \
+        const MATH_T bound = h->has_clip ? (MATH_T)pow(t, h->clip_exponent) : (MATH_T)INFINITY;          \
+        const MATH_T w = (MATH_T)(1.0 - h->beta1);                                                       \
+        const int small_w = w < (MATH_T)0.5;                                                             \
+        const MATH_T lerp_coeff = small_w ? w : w - (MATH_T)1;                                           \
+        const MATH_T b2 = (MATH_T)h->beta2;                                                              \
+        const MATH_T c2 = (MATH_T)(1.0 - h->beta2);                                                      \
+        for (int64_t i = 0; i < n; i++) {                                                                \
+            MATH_T gi = LOAD(g[i]);                                                                      \
+            if (scaled) gi = gi / scale;                                                                 \
+            gi = gi * sign;                                                                              \
+            MATH_T pi = LOAD(p[i]);                                                                      \
+            if (coupled) gi = gi + wd * pi;                                                              \
+            if (first) {                                                                                 \
+                v[i] = STORE(gi * gi);                                                                   \
+                continue;                                                                                \
+            }                                                                                            \
+            if (decoupled) pi = pi + decay * pi;                                                         \
+            MATH_T vi = LOAD(v[i]);                                                                      \
+            MATH_T den = SQRT(vi);                                                                       \
+            den = den < eps ? eps : den; /* NaN stays NaN, as torch.clamp keeps it */                   \
+            MATH_T ni = gi / den;                                                                        \
+            ni = ni < -bound ? -bound : ni;                                                              \
+            ni = ni > bound ? bound : ni;                                                                \
+            MATH_T mi = LOAD(m[i]);                                                                      \
+            mi = (small_w ? mi : ni) + lerp_coeff * (ni - mi); /* torch's lerp, both weight ranges */   \
+            pi = pi + neg_lr * mi;                                                                       \
+            vi = vi * b2;                                                                                \
+            vi = vi + c2 * gi * gi;                                                                      \
+            p[i] = STORE(pi);                                                                            \
+            m[i] = STORE(mi);                                                                            \
+            v[i] = STORE(vi);                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    MULTIVERSION static void NAME##_segment(STORE_T *p, const STORE_T *g, STORE_T *m, STORE_T *v, int64_t n,   \
+                                            const hyper_t *h, double t) {                                \
+        const int first = t == 0.0, c = h->wd != 0.0 && !h->decoupled;                                   \
+        const int d = h->wd != 0.0 && h->decoupled, s = h->has_scale;                                    \
+        /* Eight specialisations of the update, four of the first call (decoupled decay is inert). */   \
+        if (first) {                                                                                     \
+            if (c && s) NAME##_body(p, g, m, v, n, h, t, 1, 1, 0, 1);                                    \
+            else if (c) NAME##_body(p, g, m, v, n, h, t, 1, 1, 0, 0);                                    \
+            else if (s) NAME##_body(p, g, m, v, n, h, t, 1, 0, 0, 1);                                    \
+            else NAME##_body(p, g, m, v, n, h, t, 1, 0, 0, 0);                                           \
+        } else if (c) {                                                                                  \
+            if (s) NAME##_body(p, g, m, v, n, h, t, 0, 1, 0, 1);                                         \
+            else NAME##_body(p, g, m, v, n, h, t, 0, 1, 0, 0);                                           \
+        } else if (d) {                                                                                  \
+            if (s) NAME##_body(p, g, m, v, n, h, t, 0, 0, 1, 1);                                         \
+            else NAME##_body(p, g, m, v, n, h, t, 0, 0, 1, 0);                                           \
+        } else {                                                                                         \
+            if (s) NAME##_body(p, g, m, v, n, h, t, 0, 0, 0, 1);                                         \
+            else NAME##_body(p, g, m, v, n, h, t, 0, 0, 0, 0);                                           \
+        }                                                                                                \
+    }
+
+#define IDENT(x) (x)
+#define TO_F32(x) ((float)(x))
+DEFINE_LOOPS(f32, float, float, IDENT, IDENT, sqrtf)
+DEFINE_LOOPS(f64, double, double, IDENT, IDENT, sqrt)
+DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf)
+DEFINE_LOOPS(f16, uint16_t, float, f16_load, f16_store, sqrtf)
+
+/* ------------------------------------------------------------------ threads */
+
+typedef struct {
+    const table_t *tab;
+    int64_t lo, hi; /* global element range [lo, hi) over the concatenated tensors */
+} task_t;
+
+static void run_segment(const table_t *tab, int64_t i, int64_t off, int64_t len) {
+    const int code = (int)(tab->codes[i] & 0xff);
+    const double t = tab->t[i];
+#define ARGS(T) (T *)(intptr_t)tab->p[i] + off, (T *)(intptr_t)tab->g[i] + off, \
+                (T *)(intptr_t)tab->m[i] + off, (T *)(intptr_t)tab->v[i] + off, len, tab->h, t
+    switch (code) {
+    case DT_F32: f32_segment(ARGS(float)); break;
+    case DT_F64: f64_segment(ARGS(double)); break;
+    case DT_BF16: bf16_segment(ARGS(uint16_t)); break;
+    case DT_F16: f16_segment(ARGS(uint16_t)); break;
+    default: break;
+    }
+#undef ARGS
+}
+
+static void *run_task(void *arg) {
+    const task_t *task = (const task_t *)arg;
+    const table_t *tab = task->tab;
+    /* First tensor that ends after lo (binary search over the prefix sums). */
+    int64_t a = 0, b = tab->n;
+    while (a < b) {
+        int64_t mid = (a + b) / 2;
+        if (tab->offsets[mid + 1] <= task->lo) a = mid + 1;
+        else b = mid;
+    }
+    for (int64_t i = a; i < tab->n && tab->offsets[i] < task->hi; i++) {
+        int64_t start = tab->offsets[i] > task->lo ? tab->offsets[i] : task->lo;
+        int64_t end = tab->offsets[i + 1] < task->hi ? tab->offsets[i + 1] : task->hi;
+        if (end > start) run_segment(tab, i, start - tab->offsets[i], end - start);
+    }
+    return NULL;
+}
+
+/* Below this many elements per thread, starting a thread costs more than it saves. */
+#define MIN_PER_THREAD 65536
+
+static void run_parallel(const table_t *tab, int64_t total, int nthreads) {
+    int64_t max_threads = total / MIN_PER_THREAD;
+    if (nthreads > max_threads) nthreads = (int)(max_threads > 1 ? max_threads : 1);
+    if (nthreads > 256) nthreads = 256;
+    task_t tasks[256];
+    pthread_t threads[256];
+    int started[256];
+    /* Equal shares, cut at multiples of 64 elements so threads do not share cache lines. */
+    int64_t share = (total / nthreads + 63) / 64 * 64;
+    for (int k = 0; k < nthreads; k++) {
+        tasks[k].tab = tab;
+        tasks[k].lo = share * k < total ? share * k : total;
+        tasks[k].hi = share * (k + 1) < total && k + 1 < nthreads ? share * (k + 1) : total;
+    }
+    for (int k = 1; k < nthreads; k++)
+        started[k] = pthread_create(&threads[k], NULL, run_task, &tasks[k]) == 0;
+    run_task(&tasks[0]);
+    for (int k = 1; k < nthreads; k++) {
+        if (started[k]) pthread_join(threads[k], NULL);
+        else run_task(&tasks[k]); /* could not start a thread: do its share here */
+    }
+}
+
+/* ------------------------------------------------------------------ exported */
+
+/*
+ * One ADOPT step over n tensors. `table` holds 7 rows of n int64: data pointers of p, g, m, v, the
+ * step tensors, then numel, then codes (parameter dtype | step dtype << 8; step dtype 0 = float32,
+ * 1 = float64). Every tensor must be dense and laid out alike in p, g, m and v. Steps are read, used,
+ * and incremented here. Returns 0, or -1 when memory for the bookkeeping could not be allocated
+ * (nothing has changed then).
+ */
+EXPORT int adopt_cpu_step(int64_t n, const int64_t *table, double lr, double beta1, double beta2,
+                          double eps, double weight_decay, int decoupled, int has_clip,
+                          double clip_exponent, int maximize, int has_scale, double grad_scale,
+                          int nthreads) {
+    if (n <= 0) return 0;
+    hyper_t h = {lr, beta1, beta2, eps, weight_decay, grad_scale, clip_exponent,
+                 decoupled, has_clip, maximize, has_scale};
+    int64_t *offsets = (int64_t *)malloc((size_t)(n + 1) * sizeof(int64_t));
+    double *t = (double *)malloc((size_t)n * sizeof(double));
+    if (!offsets || !t) {
+        free(offsets);
+        free(t);
+        return -1;
+    }
+    table_t tab = {n, table, table + n, table + 2 * n, table + 3 * n, table + 4 * n, table + 5 * n,
+                   table + 6 * n, offsets, t, &h};
+    offsets[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        offsets[i + 1] = offsets[i] + tab.numel[i];
+        void *s = (void *)(intptr_t)tab.step[i];
+        t[i] = (tab.codes[i] >> 8) & 1 ? *(double *)s : (double)*(float *)s;
+    }
+    run_parallel(&tab, offsets[n], nthreads < 1 ? 1 : nthreads);
+    for (int64_t i = 0; i < n; i++) {
+        void *s = (void *)(intptr_t)tab.step[i];
+        if ((tab.codes[i] >> 8) & 1) *(double *)s += 1.0;
+        else *(float *)s += 1.0f;
+    }
+    free(offsets);
+    free(t);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ bandwidth bound (benchmarks) */
+
+typedef struct {
+    float *p, *g, *m, *v;
+    int64_t lo, hi;
+} bound_task_t;
+
+MULTIVERSION static void bound_range(float *restrict p, const float *restrict g, float *restrict m,
+                                     float *restrict v, int64_t lo, int64_t hi) {
+    /* The access pattern of the step (read p, g, m, v; write p, m, v) with trivial arithmetic. */
+    for (int64_t i = lo; i < hi; i++) {
+        float gi = g[i];
+        m[i] = 0.5f * m[i] + gi;
+        v[i] = 0.5f * v[i] + gi;
+        p[i] = p[i] - 1e-3f * gi;
+    }
+}
+
+static void *bound_task(void *arg) {
+    bound_task_t *b = (bound_task_t *)arg;
+    bound_range(b->p, b->g, b->m, b->v, b->lo, b->hi);
+    return NULL;
+}
+
+/*
+ * A STREAM-like kernel with the step's memory traffic (28 bytes per float32 element), threaded as the
+ * step is: the time it takes is the memory-bandwidth bound of a step over the same number of elements.
+ */
+EXPORT void adopt_cpu_bound(float *p, float *g, float *m, float *v, int64_t n, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 256) nthreads = 256;
+    bound_task_t tasks[256];
+    pthread_t threads[256];
+    int started[256];
+    int64_t share = (n / nthreads + 63) / 64 * 64;
+    for (int k = 0; k < nthreads; k++) {
+        int64_t lo = share * k < n ? share * k : n;
+        int64_t hi = share * (k + 1) < n && k + 1 < nthreads ? share * (k + 1) : n;
+        bound_task_t bt = {p, g, m, v, lo, hi};
+        tasks[k] = bt;
+    }
+    for (int k = 1; k < nthreads; k++)
+        started[k] = pthread_create(&threads[k], NULL, bound_task, &tasks[k]) == 0;
+    bound_task(&tasks[0]);
+    for (int k = 1; k < nthreads; k++) {
+        if (started[k]) pthread_join(threads[k], NULL);
+        else bound_task(&tasks[k]);
+    }
+}

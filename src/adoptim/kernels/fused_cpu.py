@@ -1,0 +1,210 @@
+"""The fused CPU kernel: a whole ADOPT step over every tensor in one pass over memory.
+
+The arithmetic lives in ``csrc/adopt_cpu.c``, a small C library built at install time and called here
+through ctypes on raw data pointers. One call updates all tensors: the elements of all of them are cut
+into equal shares, one per torch thread, and each element is read and written once (read p, g, m, v;
+write p, m, v). float32 and float64 are computed in their own precision; bfloat16 and float16 are
+widened to float32 and rounded once when stored, and their state stays in the parameter's dtype.
+
+Tensors the C loops cannot take (not on the CPU, an unsupported dtype, parameter and state laid out
+differently) are updated by the for-loop kernel in the same call. When the library was not built, the
+foreach kernel runs instead, after one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import warnings
+from array import array
+
+import torch
+from torch import Tensor
+
+from .foreach import foreach_adopt
+from .single_tensor import single_tensor_adopt
+
+__all__ = ["fused_cpu_adopt", "is_available", "bound_kernel"]
+
+# Parameter dtype -> code of the C loops (complex tensors are viewed as their real dtype first).
+_PARAM_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_STEP_CODES = {torch.float32: 0, torch.float64: 1}
+SUPPORTED_DTYPES = (*_PARAM_CODES, torch.complex64, torch.complex128)
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled kernel, or ``None`` and why not."""
+    spec = importlib.util.find_spec("adoptim.kernels._adopt_cpu")
+    error = "the compiled library is missing (no C compiler when adoptim was installed?)"
+    if spec is not None and spec.origin:
+        try:
+            lib = ctypes.CDLL(spec.origin)
+            lib.adopt_cpu_step.restype = ctypes.c_int
+            lib.adopt_cpu_step.argtypes = [
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_double, ctypes.c_double,
+                ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int,
+                ctypes.c_int, ctypes.c_double, ctypes.c_int,
+            ]
+            lib.adopt_cpu_bound.restype = None
+            lib.adopt_cpu_bound.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
+            return lib, ""
+        except (OSError, AttributeError) as exc:
+            error = f"the compiled library could not be loaded ({exc})"
+    return None, error
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, or ``None`` after one warning when the installation could not build it."""
+    lib, error = _load()
+    if lib is not None:
+        return lib
+    warnings.warn(
+        f"adoptim's fused CPU kernel is unavailable: {error}. The foreach kernel runs instead; "
+        "reinstall adoptim with a C compiler present to get the fused kernel.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return None
+
+
+def is_available() -> bool:
+    """Whether the compiled kernel is installed and loads (silently: used to pick the default kernel)."""
+    return _load()[0] is not None
+
+
+def _fits(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor) -> bool:
+    """Whether the C loops can take this tensor: CPU, a supported dtype, all four laid out alike."""
+    if p.device.type != "cpu" or p.dtype not in _PARAM_CODES or g.dtype != p.dtype:
+        return False
+    if m.dtype != p.dtype or v.dtype != p.dtype or g.device.type != "cpu":
+        return False
+    if s.dtype not in _STEP_CODES or s.device.type != "cpu" or s.numel() != 1:
+        return False
+    if p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous():
+        return True
+    # Other dense layouts (channels_last) are fine as long as all four share the same strides.
+    stride = p.stride()
+    return (
+        p.is_contiguous(memory_format=torch.channels_last) if p.dim() == 4 else False
+    ) and g.stride() == stride and m.stride() == stride and v.stride() == stride
+
+
+def _check_shapes(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]
+) -> None:
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        if not (p.shape == g.shape == m.shape == v.shape):
+            raise ValueError(
+                f"tensor {i}: parameter {tuple(p.shape)}, gradient {tuple(g.shape)}, exp_avg "
+                f"{tuple(m.shape)} and exp_avg_sq {tuple(v.shape)} must have the same shape"
+            )
+
+
+def fused_cpu_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    clip_exponent: float | None,
+    eps: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+) -> None:
+    """One ADOPT step on CPU tensors, in place; the arguments are those of :func:`adoptim.adopt`.
+
+    ``grad_scale``: the gradients are divided by it first (the gradient tensors are left as they are,
+    as in the Triton kernel). ``found_inf``: when nonzero the whole call changes nothing, steps
+    included. ``capturable`` has no effect on the CPU, where reading a step costs no synchronisation.
+    """
+    if differentiable:
+        raise ValueError("differentiable=True needs the for-loop kernel (foreach=False, fused=False)")
+    if not params:
+        return
+    _check_shapes(params, grads, exp_avgs, exp_avg_sqs)
+    if found_inf is not None and float(found_inf) != 0.0:
+        return
+    hyper = dict(
+        beta1=beta1, beta2=beta2, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+        clip_exponent=clip_exponent, eps=eps, maximize=maximize,
+    )
+    lib = _library()
+    if lib is None:
+        if grad_scale is not None:
+            grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
+        foreach_adopt(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, capturable=capturable,
+            differentiable=False, **hyper,
+        )
+        return
+
+    n = len(params)
+    fast: list[int] = []
+    rows: list[list[int]] = [[], [], [], [], [], [], []]
+    rp, rg, rm, rv, rs, rn, rc = rows
+    for i in range(n):
+        p, g, m, v, s = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        if p.is_complex():
+            p, g, m, v = (torch.view_as_real(x) for x in (p, g, m, v))
+        if not _fits(p, g, m, v, s):
+            continue
+        fast.append(i)
+        rp.append(p.data_ptr())
+        rg.append(g.data_ptr())
+        rm.append(m.data_ptr())
+        rv.append(v.data_ptr())
+        rs.append(s.data_ptr())
+        rn.append(p.numel())
+        rc.append(_PARAM_CODES[p.dtype] | _STEP_CODES[s.dtype] << 8)
+
+    if len(fast) < n:
+        slow = sorted(set(range(n)) - set(fast))
+        pick = lambda xs: [xs[i] for i in slow]
+        slow_grads = pick(grads)
+        if grad_scale is not None:
+            slow_grads = [g / grad_scale.to(g.device) for g in slow_grads]
+        single_tensor_adopt(
+            pick(params), slow_grads, pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), lr=lr,
+            capturable=capturable, differentiable=False, **hyper,
+        )
+    if not fast:
+        return
+
+    table = array("q", rp + rg + rm + rv + rs + rn + rc)
+    address, _ = table.buffer_info()
+    status = lib.adopt_cpu_step(
+        len(fast), address, float(lr), beta1, beta2, eps, weight_decay, int(decoupled_weight_decay),
+        int(clip_exponent is not None), 0.0 if clip_exponent is None else float(clip_exponent),
+        int(maximize), int(grad_scale is not None), 1.0 if grad_scale is None else float(grad_scale),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the fused CPU kernel could not allocate its bookkeeping; nothing was changed")
+
+
+def bound_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> None:
+    """A STREAM-like kernel with the step's memory traffic, for benchmarks: float32, contiguous, CPU.
+
+    It reads p, g, m and v and writes p, m and v (28 bytes per element) with trivial arithmetic, on
+    ``torch.get_num_threads()`` threads as the step does; its time is the memory-bandwidth bound.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the fused CPU kernel is not built, so its bandwidth bound cannot be measured")
+    for x in (p, g, m, v):
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.shape != p.shape:
+            raise ValueError("bound_kernel takes four contiguous float32 CPU tensors of one shape")
+    ptrs = (x.data_ptr() for x in (p, g, m, v))
+    lib.adopt_cpu_bound(*ptrs, p.numel(), torch.get_num_threads())
