@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from capabilities import KERNELS
 
 import adoptim
-from capabilities import KERNELS
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

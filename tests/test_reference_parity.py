@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from adoptim.reference import adopt_step
-
 from capabilities import FLAG_COMBOS, KERNELS
 from optim_helpers import hard_grads, hard_params, run_adopt, run_reference
+
+from adoptim.reference import adopt_step
 
 STEPS = 32
 BETAS = (0.9, 0.99)

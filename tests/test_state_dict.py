@@ -7,9 +7,9 @@ import io
 
 import pytest
 import torch
+from capabilities import KERNELS
 
 import adoptim
-from capabilities import KERNELS
 
 
 def _model() -> torch.nn.Module:
@@ -32,7 +32,9 @@ def _steps(model: torch.nn.Module, opt: torch.optim.Optimizer, start: int, stop:
 def test_resume_is_bit_identical_and_loads_weights_only(kernel: str, tensor_lr: bool) -> None:
     def make(model):
         lr = torch.tensor(0.01) if tensor_lr else 0.01
-        opt = adoptim.ADOPT(model.parameters(), lr=lr, weight_decay=0.01, decoupled_weight_decay=True, **KERNELS[kernel])
+        opt = adoptim.ADOPT(
+            model.parameters(), lr=lr, weight_decay=0.01, decoupled_weight_decay=True, **KERNELS[kernel]
+        )
         return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
 
     straight = _model()

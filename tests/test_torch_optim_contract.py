@@ -7,11 +7,11 @@ import doctest
 
 import pytest
 import torch
+from capabilities import KERNELS
 from torch.optim import lr_scheduler as S
 
 import adoptim
 from adoptim.reference import ReferenceADOPT
-from capabilities import KERNELS
 
 
 def _quadratic_grads(params: list[torch.Tensor]) -> None:
@@ -23,7 +23,9 @@ def test_param_groups_have_their_own_hyperparameters() -> None:
     a0, b0 = torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
     h_a = dict(lr=0.05, betas=(0.8, 0.5), eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, clip_exponent=None)
-    h_b = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.2, decoupled_weight_decay=False, clip_exponent=0.25)
+    h_b = dict(
+        lr=0.01, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.2, decoupled_weight_decay=False, clip_exponent=0.25
+    )
     opt = adoptim.ADOPT([{"params": [a], **h_a}, {"params": [b], **h_b}])
     refs = []
     for p0, h in ((a0, h_a), (b0, h_b)):
@@ -73,7 +75,7 @@ def test_every_lr_scheduler(name: str, tensor_lr: bool) -> None:
     sched, adam_sched = SCHEDULERS[name](opt), SCHEDULERS[name](adam)
     ref = ReferenceADOPT([p0], lr=lr0, beta1=0.9, beta2=0.99, eps=1e-6)
     lrs = []
-    for t in range(12):
+    for _ in range(12):
         lr_now = float(opt.param_groups[0]["lr"])
         assert lr_now == pytest.approx(adam.param_groups[0]["lr"], rel=1e-6)
         lrs.append(lr_now)
@@ -195,7 +197,9 @@ def test_differentiable_step_passes_gradcheck() -> None:
         p = p.clone()  # a non-leaf, so the optimizer may update it in place under autograd
         p.grad = g
         opt = adoptim.ADOPT([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1, differentiable=True)
-        opt.state[p] = {"step": torch.tensor(3.0, dtype=torch.float64), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v.clone()}
+        opt.state[p] = {
+            "step": torch.tensor(3.0, dtype=torch.float64), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v.clone()
+        }
         opt.step()
         return p
 
