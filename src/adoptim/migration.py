@@ -18,6 +18,7 @@ exponent of the optimizer it is loaded into (0.25 by default, the same as torch-
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 _RENAMED = {"decouple": "decoupled_weight_decay", "decoupled": "decoupled_weight_decay", "clip_exp": "clip_exponent"}
@@ -26,16 +27,20 @@ _RENAMED = {"decouple": "decoupled_weight_decay", "decoupled": "decoupled_weight
 _INERT = {"caution": (False,), "corrected_weight_decay": (False,), "max_lr_snapshot": None, "fused": (None, False)}
 
 
-def translate_group(group: dict[str, Any], index: int) -> dict[str, Any]:
-    """Return a copy of a saved param group with other ports' keys renamed to adoptim's."""
+def translate_group(group: dict[str, Any], index: int, own_keys: Iterable[str] = ()) -> dict[str, Any]:
+    """Return a copy of a saved param group with other ports' keys renamed to adoptim's.
+
+    ``own_keys`` are adoptim's own group keys (a flag such as ``fused`` is adoptim's, not foreign).
+    """
     out = dict(group)
+    own = set(own_keys)
     for old, new in _RENAMED.items():
         if old in out:
             value = out.pop(old)
             if new not in out:
                 out[new] = value
     for key, allowed in _INERT.items():
-        if key not in out:
+        if key not in out or key in own:
             continue
         value = out.pop(key)
         if allowed is not None and value not in allowed:

@@ -173,7 +173,7 @@ class ADOPT(Optimizer):
             raise ValueError(
                 "state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())"
             )
-        groups = [translate_group(g, i) for i, g in enumerate(state_dict["param_groups"])]
+        groups = [translate_group(g, i, self.defaults) for i, g in enumerate(state_dict["param_groups"])]
         self._check_state_matches(state_dict["state"], groups)
         super().load_state_dict({**state_dict, "param_groups": groups})
 
