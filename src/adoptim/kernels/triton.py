@@ -70,6 +70,19 @@ def _div(x, y, F64: tl.constexpr):
 
 
 @triton.jit
+def _round(x, DTYPE: tl.constexpr, BF16: tl.constexpr):
+    if BF16:
+        # Round to nearest even in integer arithmetic, as torch does: the GPU's conversion does so too,
+        # but Triton's interpreter truncates, and the tests run there. NaN is kept as it is.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(DTYPE)
+    else:
+        y = x.to(DTYPE)
+    return y
+
+
+@triton.jit
 def _adopt_kernel(
     table_ptr,
     chunks_ptr,
@@ -82,6 +95,7 @@ def _adopt_kernel(
     scale_ptr,
     inf_ptr,
     DTYPE: tl.constexpr,
+    BF16: tl.constexpr,
     STEP_DTYPE: tl.constexpr,
     F64: tl.constexpr,
     HOST_STEPS: tl.constexpr,
@@ -139,15 +153,18 @@ def _adopt_kernel(
         else:
             bound = tl.exp2(CLIP * tl.log2(t))
 
-    keep = True
+    # found_inf as a vector: a scalar mask does not combine with a vector one in Triton's interpreter.
+    lanes = tl.arange(0, BLOCK)
     if HAS_INF:
-        keep = tl.load(inf_ptr) == 0
+        keep = tl.load(inf_ptr + lanes * 0) == 0
+    else:
+        keep = lanes >= 0
     if HAS_SCALE:
         inv_scale = tl.load(scale_ptr).to(CT)
 
     end = tl.minimum(numel - start, CHUNK)
-    for k in range(0, tl.cdiv(end, BLOCK)):
-        offs = start + k * BLOCK + tl.arange(0, BLOCK)
+    for k in range(0, (end + BLOCK - 1) // BLOCK):
+        offs = start + k * BLOCK + lanes
         mask = offs < start + end
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(CT)
@@ -179,9 +196,9 @@ def _adopt_kernel(
         new_m = tl.where(first, m, new_m)
         new_v = tl.where(first, g * g, new_v)
         store = mask & keep
-        tl.store(p_ptr + offs, new_p.to(DTYPE), mask=store)
-        tl.store(m_ptr + offs, new_m.to(DTYPE), mask=store)
-        tl.store(v_ptr + offs, new_v.to(DTYPE), mask=store)
+        tl.store(p_ptr + offs, _round(new_p, DTYPE, BF16), mask=store)
+        tl.store(m_ptr + offs, _round(new_m, DTYPE, BF16), mask=store)
+        tl.store(v_ptr + offs, _round(new_v, DTYPE, BF16), mask=store)
 
 
 @triton.jit
@@ -192,7 +209,7 @@ def _bump_steps_kernel(table_ptr, n, inf_ptr, STEP_DTYPE: tl.constexpr, HAS_INF:
     ptrs = tl.load(table_ptr + offs * 6 + 4, mask=mask, other=0).to(tl.pointer_type(STEP_DTYPE))
     step = tl.load(ptrs, mask=mask, other=0.0)
     if HAS_INF:
-        mask = mask & (tl.load(inf_ptr) == 0)
+        mask = mask & (tl.load(inf_ptr + offs * 0) == 0)
     tl.store(ptrs, step + 1.0, mask=mask)
 
 
@@ -367,7 +384,8 @@ def _launch(device: torch.device, dtype: torch.dtype, p: list[Tensor], g: list[T
             table, chunks, dummy if step_values is None else step_values,
             dummy if lr_tensor is None else lr_tensor, lr_hi, lr_lo, lrwd_hi, lrwd_lo,
             dummy if scale is None else scale, dummy if inf is None else inf,
-            DTYPE=_TL_DTYPES[dtype], STEP_DTYPE=_TL_DTYPES.get(s[0].dtype, tl.float32),
+            DTYPE=_TL_DTYPES[dtype], BF16=dtype == torch.bfloat16,
+            STEP_DTYPE=_TL_DTYPES.get(s[0].dtype, tl.float32),
             F64=dtype == torch.float64, HOST_STEPS=host_steps, LR_TENSOR=lr_tensor is not None,
             HAS_SCALE=scale is not None, HAS_INF=inf is not None,
             LERP_REST=1.0 - (1.0 - beta1), ONE_MINUS_BETA1=1.0 - beta1, BETA2=float(beta2), ONE_MINUS_BETA2=1.0 - beta2,

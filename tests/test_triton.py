@@ -1,0 +1,263 @@
+"""The Triton kernel run on CPU tensors through Triton's interpreter, against the float64 reference.
+
+Triton picks the interpreter when a kernel is decorated (and again when the interpreter first runs a
+helper it calls), so this module loads its own copy of ``adoptim.kernels.triton`` with
+``TRITON_INTERPRET=1`` set for that import and, through a fixture, for each of its tests only: other
+tests in the same worker (the CUDA and compile tests) keep the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import pytest
+import torch
+from capabilities import FLAG_COMBOS
+from optim_helpers import hard_grads, hard_params, run_reference
+
+import adoptim.kernels
+from adoptim.kernels.single_tensor import single_tensor_adopt
+
+triton = pytest.importorskip("triton")
+
+HYPER = dict(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-6)
+
+
+def _load_interpreted() -> ModuleType:
+    path = os.path.join(os.path.dirname(adoptim.kernels.__file__), "triton.py")
+    spec = importlib.util.spec_from_file_location("_adoptim_triton_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return module
+
+
+K = _load_interpreted()
+_ENV_AFTER_LOAD = os.environ.get("TRITON_INTERPRET")
+
+
+class State:
+    """Parameters and ADOPT state kept by a test, stepped by any kernel with the functional signature."""
+
+    def __init__(self, params: list[torch.Tensor], step_dtype: torch.dtype = torch.float32) -> None:
+        self.p = [p.clone() for p in params]
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.s = [torch.zeros((), dtype=step_dtype) for _ in params]
+
+    def step(self, kernel, grads: list[torch.Tensor | None], **kw: object) -> None:
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        pick = lambda xs: [xs[i] for i in idx]
+        kernel(pick(self.p), pick(grads), pick(self.m), pick(self.v), pick(self.s), **kw)
+
+
+def _fused(**hyper: object) -> dict[str, object]:
+    return dict(grad_scale=None, found_inf=None, capturable=False, differentiable=False, **hyper)
+
+
+def _plain(**hyper: object) -> dict[str, object]:
+    return dict(capturable=False, differentiable=False, **hyper)
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_the_interpreter_does_not_leak() -> None:
+    assert type(K._adopt_kernel).__name__ == "InterpretedFunction"
+    assert _ENV_AFTER_LOAD != "1"
+
+
+@pytest.mark.parametrize("flags", FLAG_COMBOS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_float64_matches_reference_on_hard_cases(flags: dict) -> None:
+    params = hard_params(torch.float64)
+    grads = hard_grads(params, steps=8)
+    hyper = {**HYPER, **flags}
+    ref = run_reference(params, grads, **hyper)
+    st = State(params)
+    for row in grads:
+        st.step(K.triton_adopt, row, **_fused(**hyper))
+    # The same float64 operations as the reference, up to fused multiply-adds and the order of two
+    # roundings: a few ulps after 8 steps of values of order 1.
+    for i, p in enumerate(st.p):
+        torch.testing.assert_close(p, ref.params()[i], rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(st.m[i], ref.exp_avg(i), rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(st.v[i], ref.exp_avg_sq(i), rtol=1e-13, atol=1e-14)
+    assert [int(s) for s in st.s] == ref.steps() == [8, 8, 4, 8, 8]
+
+
+@pytest.mark.parametrize("flags", FLAG_COMBOS[::3], ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_float32_matches_forloop_kernel(flags: dict) -> None:
+    params = hard_params(torch.float32)
+    grads = hard_grads(params, steps=8)
+    hyper = {**HYPER, **flags}
+    fused, loop = State(params), State(params)
+    for row in grads:
+        fused.step(K.triton_adopt, row, **_fused(**hyper))
+        loop.step(single_tensor_adopt, row, **_plain(**hyper))
+    # float32 arithmetic in both; the for-loop kernel rounds after each tensor op while the fused one
+    # keeps g + wd*p, the decay and lr*m in registers, so they differ by a few float32 ulps per step.
+    for a, b, ma, mb, va, vb in zip(fused.p, loop.p, fused.m, loop.m, fused.v, loop.v):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ma, mb, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(va, vb, rtol=1e-6, atol=1e-7)
+    assert [int(s) for s in fused.s] == [int(s) for s in loop.s]
+
+
+def _random_state(dtype: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, generator=g, dtype=torch.float64)
+    grad = torch.randn(n, generator=g, dtype=torch.float64) * torch.randn(n, generator=g, dtype=torch.float64).exp()
+    m = torch.randn(n, generator=g, dtype=torch.float64) * 0.3
+    v = torch.rand(n, generator=g, dtype=torch.float64) * 2
+    return tuple(x.to(dtype) for x in (p, grad, m, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("step", [0, 1, 7])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_low_precision_step_is_the_reference_rounded_once(dtype: torch.dtype, step: int, decoupled: bool) -> None:
+    from adoptim.reference import adopt_step
+
+    p, g, m, v = _random_state(dtype, 3000, seed=step)
+    hyper = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=decoupled, clip_exponent=0.25, maximize=False)
+    pp, mm, vv = p.clone(), m.clone(), v.clone()
+    s = torch.tensor(float(step))
+    K.triton_adopt([pp], [g], [mm], [vv], [s], **_fused(**hyper))
+    flat = lambda t: t.double().tolist()
+    rp, rm, rv, _ = adopt_step(flat(p), flat(g), flat(m), flat(v), step, **hyper)
+    # The kernel computes in float32 and rounds once to the parameter's dtype. float32 differs from the
+    # float64 reference by ~1e-7 relative, far below the dtype's half-ulp, so the result is the correctly
+    # rounded reference except where it lies within that distance of a rounding boundary: one ulp.
+    ulp = torch.finfo(dtype).eps
+    for out, ref in ((pp, rp), (mm, rm), (vv, rv)):
+        ref_t = torch.tensor(ref, dtype=torch.float64)
+        torch.testing.assert_close(out.double(), ref_t.to(dtype).double(), rtol=ulp, atol=0)
+        exact = (out == ref_t.to(dtype)).double().mean().item()
+        assert exact > 0.99, f"only {exact:.3f} of the elements are the correctly rounded reference"
+    assert float(s) == step + 1
+
+
+def _count_launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    grids: list[int] = []
+    kernel = K._adopt_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return kernel[grid]
+
+    monkeypatch.setattr(K, "_adopt_kernel", Counting())
+    return grids
+
+
+def test_many_tensors_of_many_sizes_take_one_launch_per_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(3)
+    sizes = [1, 7, 2047, 2048, 2049, K._CHUNK - 1, K._CHUNK, K._CHUNK + 5, 2 * K._CHUNK + 300, 0, 33] * 3
+    params = [torch.randn(n, generator=gen, dtype=torch.float32) for n in sizes]
+    params += [torch.randn(n, generator=gen, dtype=torch.float64) for n in (5, K._CHUNK + 1)]
+    grads = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(3)]
+    fused, loop = State(params), State(params)
+    grids = _count_launches(monkeypatch)
+    for row in grads:
+        fused.step(K.triton_adopt, row, **_fused(**HYPER, weight_decay=0.0, decoupled_weight_decay=False,
+                                                  clip_exponent=0.25, maximize=False))
+        loop.step(single_tensor_adopt, row, **_plain(**HYPER, weight_decay=0.0, decoupled_weight_decay=False,
+                                                     clip_exponent=0.25, maximize=False))
+    chunks32 = sum(-(-n // K._CHUNK) for n in sizes)
+    assert grids == [chunks32, 3] * 3  # one launch per dtype and step, one program per chunk
+    for a, b in zip(fused.p, loop.p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert all(float(s) == 3 for s in fused.s)
+
+
+def test_address_tables_are_built_once_per_set_of_tensors() -> None:
+    params = [torch.randn(10), torch.randn(5)]
+    st = State(params)
+    grads = [torch.randn(10), torch.randn(5)]
+    kw = _fused(**HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
+    st.step(K.triton_adopt, grads, **kw)
+    before = dict(K._TABLES)
+    st.step(K.triton_adopt, grads, **kw)
+    assert dict(K._TABLES) == before  # same tensors: the cached tables are reused
+    st.step(K.triton_adopt, [g.clone() for g in grads], **kw)  # new gradient tensors: a new table
+    assert len(K._TABLES) == min(len(before) + 1, K._CACHE_SIZE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_found_inf_changes_nothing_and_grad_scale_unscales(dtype: torch.dtype) -> None:
+    params = hard_params(dtype)
+    grads = hard_grads(params, steps=4)
+    hyper = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
+    ref = run_reference(params, grads, **hyper)
+    st = State(params)
+    scale = torch.tensor(1024.0)  # a power of two: scaling and unscaling are exact
+    for row in grads:
+        before = [x.clone() for x in st.p + st.m + st.v + st.s]
+        poisoned = [None if g is None else g * scale for g in row]
+        if poisoned[1] is not None:
+            poisoned[1] = poisoned[1].clone()
+            poisoned[1].view(-1)[0] = float("inf")
+        st.step(K.triton_adopt, poisoned, **_fused(**hyper) | dict(grad_scale=scale, found_inf=torch.tensor(1.0)))
+        after = st.p + st.m + st.v + st.s
+        for x, y in zip(before, after):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=False)
+        scaled = [None if g is None else g * scale for g in row]
+        st.step(K.triton_adopt, scaled, **_fused(**hyper) | dict(grad_scale=scale, found_inf=torch.tensor(0.0)))
+    for i, p in enumerate(st.p):
+        tol = dict(rtol=1e-13, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.to(torch.float64 if not p.is_complex() else torch.complex128),
+                                   ref.params()[i], **tol)
+    assert [int(s) for s in st.s] == ref.steps()
+
+
+def test_tensor_lr_equals_float_lr() -> None:
+    params = hard_params(torch.float64)
+    grads = hard_grads(params, steps=5)
+    hyper = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=True, clip_exponent=None, maximize=True)
+    a, b = State(params), State(params)
+    for row in grads:
+        a.step(K.triton_adopt, row, **_fused(**hyper))
+        b.step(K.triton_adopt, row, **_fused(**hyper) | dict(lr=torch.tensor(hyper["lr"], dtype=torch.float64)))
+    for x, y in zip(a.p, b.p):
+        torch.testing.assert_close(x, y, rtol=1e-15, atol=1e-16)
+
+
+def test_channels_last_parameter_and_gradient_of_another_layout() -> None:
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last)
+    grads = [torch.randn(2, 3, 4, 5, generator=gen) for _ in range(3)]  # contiguous, unlike p
+    hyper = dict(HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
+    fused, loop = State([p]), State([p.contiguous()])
+    for g in grads:
+        fused.step(K.triton_adopt, [g], **_fused(**hyper))
+        loop.step(single_tensor_adopt, [g], **_plain(**hyper))
+    assert fused.p[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused.p[0], loop.p[0], rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input_is_named() -> None:
+    kw = _fused(**HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
+    p, g, m, v, s = torch.zeros(4), torch.ones(4), torch.zeros(4), torch.zeros(4), torch.zeros(())
+    with pytest.raises(ValueError, match="differentiable"):
+        K.triton_adopt([p], [g], [m], [v], [s], **kw | dict(differentiable=True))
+    with pytest.raises(ValueError, match="same length"):
+        K.triton_adopt([p], [g], [m, m], [v], [s], **kw)
+    with pytest.raises(ValueError, match="int64"):
+        K.triton_adopt([p.long()], [g.long()], [m], [v], [s], **kw)
+    with pytest.raises(ValueError, match="gradient 0"):
+        K.triton_adopt([p], [g.double()], [m], [v], [s], **kw)
+    strided = torch.zeros(4, 2)[:, 0]
+    with pytest.raises(ValueError, match="dense"):
+        K.triton_adopt([strided], [g], [m], [v], [s], **kw)
+    assert float(s) == 0 and torch.equal(p, torch.zeros(4))  # nothing ran
