@@ -207,8 +207,8 @@ def run(cfg: Cifar10Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += torch.tensor([float(loss), 1.0], dtype=torch.float64)
-            ctx.update(step, loss=float(loss))
+            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            ctx.update(step, loss=loss.item())
         epoch += 1
         acc = evaluate(model, x_test, y_test, ctx.rank, ctx.world_size)
         ctx.log(step, epoch=epoch, train_loss=float(loss_sum[0] / loss_sum[1]), test_acc=acc)

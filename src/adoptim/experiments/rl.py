@@ -7,7 +7,7 @@ Stable-Baselines3's MuJoCo defaults), gymnasium's ``HalfCheetah-v5`` by default,
 ``--quick``. The metric is the mean undiscounted return of deterministic evaluation episodes at the
 end of training (frozen observation statistics), reported as mean and 95% interval over seeds.
 
-Scale: the paper trains for 1M environment steps; the default here trains 150k per run (three seeds of
+Scale: a full-length MuJoCo PPO run is 1M environment steps; the default here trains 150k per run (three seeds of
 two optimizers fit in 30 minutes on two CPU cores), where PPO on HalfCheetah is still early in learning.
 
 Distributed: under ``torchrun`` each process steps its share of the ``envs`` parallel environments and
@@ -381,8 +381,8 @@ EXPERIMENT = Experiment(
     name="rl",
     summary=("PPO (own, CleanRL style) on MuJoCo HalfCheetah-v5, adam vs adopt, eval return over seeds; "
              "scaled down: 150k steps per run (--quick: Pendulum-v1)"),
-    paper_scale="paper: HalfCheetah and Ant, 1M steps per run; here --set total_steps=1000000 "
-                "--set env=Ant-v5 (about 15-30 min per run on one CPU core)",
+    paper_scale="paper: HalfCheetah and Ant at full length: --set total_steps=1000000 "
+                "(--set env=Ant-v5); about 15-30 min per run on one CPU core",
     config=RLConfig,
     quick={"env": "Pendulum-v1", "total_steps": 8192, "seeds": 2, "eval_episodes": 2},
     units=units,
