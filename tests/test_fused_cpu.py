@@ -1,0 +1,339 @@
+"""The fused CPU kernel (``fused=True`` on the CPU) against the float64 reference and the for-loop kernel.
+
+Low-precision parity is checked one step at a time: from the kernel's own (rounded) state, the float64
+reference computes the step, and its result rounded once to the storage dtype is what a kernel that
+computes in float32 and rounds once must produce, up to one unit in the last place (a float32 result
+next to a rounding tie may land on the other side) and float32's own cancellation error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from capabilities import FLAG_COMBOS
+from optim_helpers import hard_grads, hard_params, run_adopt, run_reference
+
+import adoptim
+from adoptim import functional
+from adoptim.kernels import fused_cpu
+from adoptim.reference import adopt_step
+
+ROOT = Path(__file__).resolve().parents[1]
+BETAS = (0.9, 0.99)
+needs_kernel = pytest.mark.skipif(not fused_cpu.is_available(), reason="fused CPU kernel not built")
+
+
+def _ids(c: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in c.items())
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return _real(t).detach().double().reshape(-1).tolist()
+
+
+def _expected(p, g, m, v, step: int, hyper: dict) -> list[torch.Tensor]:
+    """One reference step from the given state, rounded once to the storage dtype (real view)."""
+    pf, mf, vf, _ = adopt_step(_floats(p), _floats(g), _floats(m), _floats(v), step, **hyper)
+    like = _real(p)
+    return [torch.tensor(x, dtype=torch.float64).reshape(like.shape).to(like.dtype) for x in (pf, mf, vf)]
+
+
+def _tolerance(dtype: torch.dtype, want: torch.Tensor) -> dict:
+    # One ulp of the storage dtype (rounding ties), plus float32 cancellation in lerp and the coupled
+    # decay, which is bounded by float32's epsilon times the size of the terms (the tensor's maximum).
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    eps = torch.finfo(dtype).eps
+    math_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return dict(rtol=max(eps, 8 * math_eps), atol=16 * math_eps * scale + torch.finfo(dtype).tiny)
+
+
+def _check_stepwise(params, grads, hyper: dict, **opt_kwargs) -> None:
+    """Run ``fused=True`` and compare every step with the reference started from the kernel's state."""
+    ps = [p.clone().requires_grad_(True) for p in params]
+    opt = adoptim.ADOPT(ps, fused=True, **opt_kwargs)
+    for t, row in enumerate(grads):
+        before = {}
+        for i, (p, g) in enumerate(zip(ps, row, strict=True)):
+            p.grad = None if g is None else g.clone()
+            if g is None:
+                continue
+            st = opt.state.get(p)
+            m = st["exp_avg"].clone() if st else torch.zeros_like(p)
+            v = st["exp_avg_sq"].clone() if st else torch.zeros_like(p)
+            step = int(st["step"]) if st else 0
+            before[i] = (p.detach().clone(), g, m, v, step)
+        opt.step()
+        for i, (p0, g, m, v, step) in before.items():
+            want = _expected(p0, g, m, v, step, hyper)
+            st = opt.state[ps[i]]
+            got = [_real(x.detach()) for x in (ps[i], st["exp_avg"], st["exp_avg_sq"])]
+            for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), got, want, strict=True):
+                tol = _tolerance(a.dtype, b)
+                where = f"step {t} {name} {i}"
+                torch.testing.assert_close(a, b, **tol, msg=lambda e, where=where: f"{where}: {e}")
+            assert float(st["step"]) == step + 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("flags", FLAG_COMBOS, ids=_ids)
+def test_each_step_matches_reference(dtype: torch.dtype, flags: dict) -> None:
+    params = hard_params(dtype)  # zero first gradient, late gradients, complex, zero-size last
+    grads = hard_grads(params, 12)
+    # With eps=1e-6 the first update of a zero-initialised v is 1e6 times the gradient unclipped:
+    # beyond float16's range (65504), where lerp's inf - inf differs from the reference's sum.
+    eps = 1e-3 if dtype == torch.float16 else 1e-6
+    hyper = dict(lr=0.01, beta1=BETAS[0], beta2=BETAS[1], eps=eps, **flags)
+    _check_stepwise(params, grads, hyper, lr=0.01, betas=BETAS, eps=eps, **flags)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", FLAG_COMBOS, ids=_ids)
+def test_float64_trajectory_matches_forloop(flags: dict) -> None:
+    params = hard_params(torch.float64)
+    grads = hard_grads(params, 32)
+    kw = dict(lr=0.01, betas=BETAS, eps=1e-6, **flags)
+    fused, fopt = run_adopt(params, grads, fused=True, **kw)
+    loop, lopt = run_adopt(params, grads, foreach=False, **kw)
+    # Same operations in float64; they differ only where the compiler fuses a multiply-add (one
+    # rounding instead of two), a few ulps a step: 32 steps stay far below 1e-12 relative.
+    for a, b in zip(fused, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(fopt.state[a][key], lopt.state[b][key], rtol=1e-12, atol=1e-14)
+
+
+@needs_kernel
+def test_float32_trajectory_matches_forloop_and_reference() -> None:
+    params = hard_params(torch.float32)
+    grads = hard_grads(params, 32)
+    kw = dict(lr=0.01, betas=BETAS, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True)
+    fused, _ = run_adopt(params, grads, fused=True, **kw)
+    loop, _ = run_adopt(params, grads, foreach=False, **kw)
+    ref = run_reference(params, grads, lr=0.01, beta1=BETAS[0], beta2=BETAS[1], eps=1e-6,
+                        weight_decay=0.1, decoupled_weight_decay=True).params()
+    # Both compute in float32 with the same operations; each step adds an error of a few float32 ulps
+    # to v (and so to the normalised gradient) that persists for 1/(1-beta2) = 100 steps: after 32
+    # steps that is at most ~32 * 4 ulps = 1.5e-5 relative in the update, times lr in the parameter.
+    for a, b, r in zip(fused, loop, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        err_fused = (_real(a.detach()).double() - _real(r)).abs().max() if a.numel() else 0.0
+        err_loop = (_real(b.detach()).double() - _real(r)).abs().max() if a.numel() else 0.0
+        assert err_fused <= 2 * err_loop + 1e-7  # no less accurate than the for-loop kernel
+
+
+@needs_kernel
+def test_mixed_dtypes_in_one_call_and_frozen_layer() -> None:
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(n, generator=g).to(dt) for n, dt in
+              [(7, torch.float32), (5, torch.float64), (9, torch.bfloat16), (6, torch.float16)]]
+    params.append(torch.randn(4, generator=g, dtype=torch.complex64))
+    frozen = torch.randn(3, requires_grad=False)
+    grads = hard_grads(params, 6, seed=4)
+    hyper = dict(lr=0.05, beta1=BETAS[0], beta2=BETAS[1], eps=1e-6)
+    _check_stepwise(params, grads, hyper, lr=0.05, betas=BETAS, eps=1e-6)
+    opt = adoptim.ADOPT([frozen], fused=True)
+    opt.step()
+    assert frozen.grad is None and len(opt.state) == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_tensors_identically(threads: int) -> None:
+    # Sizes that put share boundaries inside tensors and tensors inside shares, and many tiny ones.
+    sizes = [70_001, 3, 130_000, 0, 65_536, 1] + [17] * 50
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=g) for n in sizes]
+    grads = [[torch.randn(n, generator=g) for n in sizes] for _ in range(3)]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = run_adopt(params, grads, fused=True)
+        torch.set_num_threads(threads)
+        many, _ = run_adopt(params, grads, fused=True)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, many, strict=True):
+        assert torch.equal(a, b)  # elementwise arithmetic: the split cannot change a single bit
+
+
+@needs_kernel
+def test_strided_layouts() -> None:
+    g = torch.Generator().manual_seed(6)
+    cl = torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last)
+    tr = torch.randn(6, 4, generator=g).t()  # not dense-contiguous: the for-loop kernel takes it
+    params = [cl, tr]
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
+    grads = [[row[0].contiguous(memory_format=torch.channels_last), row[1]] for row in grads]
+    ref = run_reference(params, grads, lr=0.01, beta1=0.9, beta2=0.9999, eps=1e-6).params()
+    got, opt = run_adopt(params, grads, fused=True, lr=0.01)
+    assert opt.state[got[0]]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.detach().double(), r, rtol=1e-5, atol=1e-6)
+
+
+def _functional_step(params, grads, state, **kw) -> None:
+    m, v, s = state
+    adoptim.adopt(params, grads, m, v, s, fused=True, beta1=0.9, beta2=0.999, lr=0.1, weight_decay=0.0,
+                  decoupled_weight_decay=False, clip_exponent=0.25, eps=1e-6, maximize=False, **kw)
+
+
+@needs_kernel
+def test_grad_scale_divides_and_found_inf_skips() -> None:
+    g = torch.Generator().manual_seed(7)
+    p0 = [torch.randn(10, generator=g), torch.randn(3, generator=g, dtype=torch.float64)]
+    grads = [[torch.randn(x.shape, generator=g, dtype=x.dtype) for x in p0] for _ in range(3)]
+    fresh = lambda: ([x.clone() for x in p0], ([torch.zeros_like(x) for x in p0],
+                     [torch.zeros_like(x) for x in p0], [torch.tensor(0.0) for _ in p0]))
+    plain, plain_state = fresh()
+    scaled, scaled_state = fresh()
+    scale = torch.tensor(1024.0)  # a power of two: scaling and unscaling are exact
+    for row in grads:
+        _functional_step(plain, row, plain_state)
+        big = [x * scale for x in row]
+        _functional_step(scaled, big, scaled_state, grad_scale=scale, found_inf=torch.tensor(0.0))
+        assert all(torch.equal(a, b * scale) for a, b in zip(big, row, strict=True))  # grads untouched
+    for a, b in zip(plain + sum(plain_state, []), scaled + sum(scaled_state, []), strict=True):
+        assert torch.equal(a, b)
+    before = [x.clone() for x in scaled + sum(scaled_state, [])]
+    _functional_step(scaled, grads[0], scaled_state, grad_scale=scale, found_inf=torch.tensor(1.0))
+    for a, b in zip(before, scaled + sum(scaled_state, []), strict=True):
+        assert torch.equal(a, b)  # an inf anywhere: nothing changes, steps included
+
+
+@needs_kernel
+def test_grad_scaler_end_to_end() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def run(use_scaler: bool, poison_step: int | None = None) -> tuple[torch.nn.Linear, adoptim.ADOPT, list]:
+        torch.manual_seed(1)
+        model = torch.nn.Linear(4, 1)
+        opt = adoptim.ADOPT(model.parameters(), lr=0.01, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=use_scaler)
+        scales = []
+        for t in range(4):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            if t == poison_step:
+                model.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale() if use_scaler else 1.0)
+        return model, opt, scales
+
+    assert adoptim.ADOPT([torch.zeros(1, requires_grad=True)], fused=True)._step_supports_amp_scaling
+    assert not getattr(adoptim.ADOPT([torch.zeros(1, requires_grad=True)]), "_step_supports_amp_scaling", False)
+    plain, _, _ = run(False)
+    scaled, _, _ = run(True)
+    for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.equal(a, b)  # power-of-two scale: the unscaled gradients are bit-identical
+    poisoned, opt, scales = run(True, poison_step=2)
+    assert scales[2] == scales[1] / 2  # the scaler saw the inf
+    assert float(opt.state[poisoned.weight]["step"]) == 3  # and the optimizer skipped that step
+
+
+def test_construction_errors() -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="fused.*foreach"):
+        adoptim.ADOPT(p, fused=True, foreach=True)
+    with pytest.raises(ValueError, match="fused.*differentiable"):
+        adoptim.ADOPT(p, fused=True, differentiable=True)
+    with pytest.raises(ValueError, match="Invalid fused: 1"):
+        adoptim.ADOPT(p, fused=1)
+    with pytest.raises(ValueError, match="meta"):
+        adoptim.ADOPT([torch.zeros(2, device="meta", requires_grad=True)], fused=True)
+    opt = adoptim.ADOPT(p, foreach=True)
+    with pytest.raises(ValueError, match="fused.*foreach"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "fused": True})
+    with pytest.raises(ValueError, match="differentiable"):
+        fused_cpu.fused_cpu_adopt(p, p, p, p, [torch.tensor(0.0)], grad_scale=None, found_inf=None,
+                                  beta1=0.9, beta2=0.9, lr=0.1, weight_decay=0.0, eps=1e-6,
+                                  decoupled_weight_decay=False, clip_exponent=None, maximize=False,
+                                  capturable=False, differentiable=True)
+    with pytest.raises(ValueError, match="same shape"):
+        fused_cpu.fused_cpu_adopt([torch.zeros(2)], [torch.zeros(3)], [torch.zeros(2)], [torch.zeros(2)],
+                                  [torch.tensor(0.0)], grad_scale=None, found_inf=None, beta1=0.9,
+                                  beta2=0.9, lr=0.1, weight_decay=0.0, eps=1e-6, maximize=False,
+                                  decoupled_weight_decay=False, clip_exponent=None, capturable=False,
+                                  differentiable=False)
+
+
+@needs_kernel
+def test_default_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = fused_cpu.fused_cpu_adopt
+    monkeypatch.setattr(fused_cpu, "fused_cpu_adopt", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def used_fused(**kw) -> bool:
+        calls.clear()
+        p = torch.zeros(3, requires_grad=True)
+        p.grad = torch.ones(3)
+        adoptim.ADOPT([p], **kw).step()
+        return bool(calls)
+
+    assert used_fused()  # neither flag: fused on the CPU
+    assert used_fused(fused=True)
+    assert not used_fused(foreach=False) and not used_fused(foreach=True)
+    assert not used_fused(fused=False) and not used_fused(differentiable=True)
+
+
+def test_fallback_without_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused_cpu, "_load", lambda: (None, "the compiled library is missing"))
+    fused_cpu._library.cache_clear()
+    try:
+        assert not functional.default_fused([torch.zeros(1)], differentiable=False)
+        params = hard_params(torch.float64)
+        grads = hard_grads(params, 5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, _ = run_adopt(params, grads, fused=True, lr=0.01)
+        assert len([w for w in caught if "fused CPU kernel is unavailable" in str(w.message)]) == 1
+        want, _ = run_adopt(params, grads, foreach=True, lr=0.01)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        fused_cpu._library.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_extension_is_built() -> None:
+    # With a compiler present the installation must have built the kernel (else every fused test
+    # above would silently skip); the warning path is the one tested just above.
+    assert fused_cpu.is_available()
+
+
+@pytest.mark.slow
+def test_failed_build_still_installs(tmp_path: Path) -> None:
+    env = {**os.environ, "CC": "false", "LDSHARED": "false"}  # a compiler that always fails
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "setup.py"), "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "fused CPU kernel was not built" in out.stderr
+    assert not list((tmp_path / "lib").rglob("_adopt_cpu*"))
+
+
+@needs_kernel
+def test_bound_kernel_arithmetic() -> None:
+    g = torch.Generator().manual_seed(8)
+    p, gr, m, v = (torch.randn(1000, generator=g) for _ in range(4))
+    want = (p - 1e-3 * gr, 0.5 * m + gr, 0.5 * v + gr)
+    fused_cpu.bound_kernel(p, gr, m, v)
+    for a, b in zip((p, m, v), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        fused_cpu.bound_kernel(p.double(), gr, m, v)
