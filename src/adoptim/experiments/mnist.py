@@ -1,0 +1,139 @@
+"""MNIST classification with an MLP (ADOPT, Section 5: "MNIST classification").
+
+Claim: on a one-hidden-layer MLP (784 hidden units) trained on real MNIST with weight decay 1e-4 and the
+step size alpha/sqrt(t) for 10,000 iterations, ADOPT trains at least as well as Adam and AMSGrad: its
+training loss falls as fast and its test accuracy is as high. Three seeds; mean and 95% interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import report
+from .mnist_data import batch_indices, load_mnist
+from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
+from .runner import Experiment, RunContext, RunResult, Unit
+
+
+def _specs() -> dict[str, OptimSpec]:
+    return {name: OptimSpec(lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=1e-4)
+            for name, s in default_specs().items()}
+
+
+@dataclass
+class MnistConfig:
+    """The paper's MLP on MNIST; ``optim[NAME].lr`` is alpha of the schedule alpha/sqrt(t)."""
+
+    steps: int = 10_000
+    batch_size: int = 128
+    hidden: int = 784
+    seeds: int = 3
+    optimizers: tuple[str, ...] = ("adam", "amsgrad", "adopt")
+    optim: dict[str, OptimSpec] = field(default_factory=_specs)
+    eval_every: int = 1000
+    log_every: int = 100
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "hidden", "eval_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size > 60_000:
+            raise ValueError(f"config key 'batch_size' must be <= 60000 (the training set), got {self.batch_size}")
+
+
+def mlp(hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    correct = sum(int((model(x[i:i + 2000]).argmax(1) == y[i:i + 2000]).sum()) for i in range(0, len(x), 2000))
+    return correct / len(x)
+
+
+def units(cfg: MnistConfig) -> list[Unit]:
+    return [Unit(name, seed) for seed in range(cfg.seeds) for name in cfg.optimizers]
+
+
+def run(cfg: MnistConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
+    data = load_mnist(cfg.data_dir)
+    dev = ctx.device
+    train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
+    test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
+    torch.manual_seed(unit.seed)
+    model = mlp(cfg.hidden).to(dev)
+    net: nn.Module = model
+    if ctx.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    spec = cfg.optim[unit.optimizer]
+    opt = make_optimizer(unit.optimizer, model.parameters(), spec)
+    step, window = 0, []
+    saved = ctx.resume()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        step, window = saved["step"], saved["window"]
+    ctx.progress(cfg.steps, step)
+    while step < cfg.steps:
+        idx = batch_indices(len(train_x), cfg.batch_size, unit.seed, step)
+        idx = idx[ctx.rank::ctx.world_size].to(dev)  # each rank its share of the global batch
+        set_lr(opt, spec.lr / math.sqrt(step + 1))
+        loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        window = (window + [loss.item()])[-cfg.log_every:]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics: dict[str, Any] = {"train_loss": sum(window) / len(window)}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics["test_accuracy"] = accuracy(model, test_x, test_y)
+            ctx.log(step, **metrics)
+            ctx.checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                            "window": window})
+    return {"test_accuracy": accuracy(model, test_x, test_y), "train_loss_final": sum(window) / len(window)}
+
+
+def summarize(cfg: MnistConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for (name,), rs in report.group(records, "optimizer").items():
+        acc, ci = report.mean_ci95([r["test_accuracy"] for r in rs])
+        rows.append({"optimizer": name, "test_accuracy_mean": acc, "test_accuracy_ci95": ci,
+                     "train_loss_final": sum(r["train_loss_final"] for r in rs) / len(rs), "seeds": len(rs)})
+    return rows
+
+
+def plot(cfg: MnistConfig, results: list[RunResult], out: Path) -> None:
+    """Training loss and test accuracy over steps, mean over seeds."""
+    fig, axes = report.figure(1, 2, size=(4.2, 3.0))
+    for name in cfg.optimizers:
+        hists = [r.history for r in results if r.unit.optimizer == name]
+        for ax, key in zip(axes[0], ("train_loss", "test_accuracy"), strict=True):
+            steps, vals = report.mean_curve(hists, key)
+            ax.plot(steps, vals, label=name, lw=1.2)
+            ax.set_xlabel("step")
+            ax.set_ylabel(key.replace("_", " "))
+    axes[0][0].set_yscale("log")
+    axes[0][1].legend(fontsize=8)
+    axes[0][1].set_title(f"MLP on MNIST, mean of {cfg.seeds} seed(s)", fontsize=9)
+    report.save(fig, out / "mnist.png")
+
+
+EXPERIMENT = Experiment(
+    name="mnist",
+    summary="MLP (784 hidden) on real MNIST, weight decay 1e-4, lr alpha/sqrt(t): adam, amsgrad, adopt",
+    paper_scale="10,000 iterations x 3 seeds x 3 optimizers (the default): ~20 min on 2 CPU cores",
+    config=MnistConfig,
+    quick={"steps": 400, "seeds": 2, "eval_every": 200, "log_every": 50},
+    units=units,
+    run=run,
+    summarize=summarize,
+    plot=plot,
+)
