@@ -47,6 +47,8 @@ _TL_DTYPES = {
 
 # Address tables keyed by the addresses and sizes they hold (a cache, not a switch: a miss rebuilds).
 _TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, int]] = OrderedDict()
+# Host buffers read by captured CUDA graphs; kept for the life of the process.
+_GRAPH_BUFFERS: list[tuple[Tensor, Tensor]] = []
 
 
 @triton.jit
@@ -237,19 +239,18 @@ def _tables(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
     if hit is not None:
         _TABLES.move_to_end(key)
         return hit
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "the fused ADOPT kernel met a new set of tensors while a CUDA graph was being captured; "
-            "run one step eagerly before capturing (a warm-up step), with the same parameters and gradients"
-        )
     chunks = [(i, start) for i, r in enumerate(rows) for start in range(0, r[5], _CHUNK)]
     host = torch.tensor([x for r in rows for x in r] + [x for c in chunks for x in c], dtype=torch.int64)
     if device.type == "cuda":
-        # Pinned memory makes the copy asynchronous; the cache keeps the host buffer alive.
+        # Pinned memory makes the copy asynchronous (and capturable in a CUDA graph).
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
     table, chunk_list = flat[: len(rows) * _ROW], flat[len(rows) * _ROW:]
     entry = (table, chunk_list, len(chunks))
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Gradients first allocated inside a captured step get their table there: the graph copies it
+        # from this pinned buffer at every replay, so the buffer must outlive the graph.
+        _GRAPH_BUFFERS.append((host, flat))
     _TABLES[key] = entry
     if len(_TABLES) > _CACHE_SIZE:
         _TABLES.popitem(last=False)

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# GPU checks in one run: the CUDA tests, the Triton and compile tests on CUDA, and the CUDA step-time
+# benchmark. Usage: scripts/gpu_check.sh OUTDIR   (from the repository root; PYTHON overrides python3)
+# Every part runs under its own time limit and records its exit code in OUTDIR/summary.txt; nothing
+# stops the script early. The whole run stays under six minutes on one GPU.
+set -u
+OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR}
+mkdir -p "$OUTDIR"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+SUMMARY="$OUTDIR/summary.txt"
+: >"$SUMMARY"
+failed=0
+
+# Used until benchmarks/step_time.py has a CUDA mode: the same layouts and columns, fewer rows.
+BENCH=$(cat <<'PYEOF'
+import statistics, torch, triton, triton.language as tl
+import adoptim
+
+@triton.jit
+def _bound(p, g, m, v, n, BLOCK: tl.constexpr):
+    # The fused step's memory traffic with no arithmetic: read p, g, m, v; write p, m, v.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    k = offs < n
+    a, b, c, d = tl.load(p + offs, mask=k), tl.load(g + offs, mask=k), tl.load(m + offs, mask=k), tl.load(v + offs, mask=k)
+    tl.store(p + offs, a + b, mask=k)
+    tl.store(m + offs, c + b, mask=k)
+    tl.store(v + offs, d + b, mask=k)
+
+def gpt2():
+    s = [(50257, 768), (1024, 768)]
+    for _ in range(12):
+        s += [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,), (768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]
+    return s + [(768,), (768,)]
+
+LAYOUTS = {"a: GPT-2 small": gpt2(), "b: 100 x 100k": [(100_000,)] * 100, "c: 1000 x 1000": [(1000,)] * 1000}
+
+def timed(step, n=30):
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n + 1)]
+    ev[0][0].record(); step(); ev[0][1].record()
+    for _ in range(3): step()
+    for a, b in ev[1:]:
+        a.record(); step(); b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev[1:]), ev[0][0].elapsed_time(ev[0][1])
+
+class Functional:
+    """The Triton kernel called directly, with the state an optimizer would keep."""
+    def __init__(self, ps):
+        from adoptim.kernels.triton import triton_adopt
+        self.kernel, self.ps = triton_adopt, ps
+        self.m, self.v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+        self.s = [torch.zeros((), device="cuda") for _ in ps]
+    def step(self):
+        self.kernel(self.ps, [p.grad for p in self.ps], self.m, self.v, self.s, grad_scale=None, found_inf=None,
+                    beta1=0.9, beta2=0.9999, lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
+                    clip_exponent=0.25, eps=1e-6, maximize=False, capturable=False, differentiable=False)
+
+for name, shapes in LAYOUTS.items():
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    rows = []
+    flat = [torch.randn(numel, device="cuda") for _ in range(4)]
+    B = 4096
+    rows.append(("bound (copy, same traffic)",) + timed(lambda: _bound[(triton.cdiv(numel, B),)](*flat, numel, BLOCK=B)))
+    del flat
+    makers = {
+        "adoptim triton_adopt": Functional,
+        "adoptim ADOPT fused": lambda ps: adoptim.ADOPT(ps, fused=True),
+        "adoptim ADOPT foreach": lambda ps: adoptim.ADOPT(ps, foreach=True),
+        "adoptim ADOPT for-loop": lambda ps: adoptim.ADOPT(ps, foreach=False),
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
+    }
+    for label, make in makers.items():
+        ps = [torch.randn(s, device="cuda", requires_grad=True) for s in shapes]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        try:
+            opt = make(ps)
+        except (TypeError, ValueError) as e:
+            print(f"{label}: skipped ({e})")
+            continue
+        rows.append((label,) + timed(opt.step, n=10 if "for-loop" in label else 30))
+        del opt, ps
+        torch.cuda.empty_cache()
+    ref = dict((r[0], r[1]) for r in rows)
+    bound, fused = ref["bound (copy, same traffic)"], ref.get("torch AdamW fused")
+    print(f"\n{name}: {numel / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, {torch.cuda.get_device_name()}")
+    print(f"| {'row':28} | median ms | first ms | GB/s | of bound | vs AdamW fused |")
+    print("|" + "-" * 30 + "|-----------|----------|------|----------|----------------|")
+    for label, med, first in rows:
+        gbs = 28 * numel / med / 1e6
+        print(f"| {label:28} | {med:9.3f} | {first:8.1f} | {gbs:4.0f} | {bound / med:8.2f} | {med / fused if fused else float('nan'):14.2f} |")
+PYEOF
+)
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record rc
+    local name=$1 limit=$2 start rc
+    shift 2
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+    rc=$?
+    [ "$rc" -eq 0 ] || failed=1
+    printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(($(date +%s) - start))" "$*" | tee -a "$SUMMARY"
+}
+
+part env 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+part cuda_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+part compile_cuda 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_compile.py -k cuda
+part triton_interp 60 "$PY" -m pytest -q -rs -p no:cacheprovider -n 4 tests/test_triton.py
+if [ -f benchmarks/step_time.py ] && grep -q -- '--device' benchmarks/step_time.py; then
+    part bench 120 "$PY" benchmarks/step_time.py --device cuda
+else
+    part bench 120 "$PY" -c "$BENCH"
+fi
+cp "$OUTDIR/bench.log" "$OUTDIR/bench_table.txt" 2>/dev/null
+echo "overall: $([ $failed -eq 0 ] && echo all parts passed || echo some part failed)" | tee -a "$SUMMARY"
+exit $failed
