@@ -107,12 +107,12 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 part env 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 part cuda_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
-part compile_cuda 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_compile.py -k cuda
+part compile_cuda 100 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_compile.py -k cuda
 part triton_interp 60 "$PY" -m pytest -q -rs -p no:cacheprovider -n 4 tests/test_triton.py
 if [ -f benchmarks/step_time.py ] && grep -q -- '--device' benchmarks/step_time.py; then
-    part bench 120 "$PY" benchmarks/step_time.py --device cuda
+    part bench 100 "$PY" benchmarks/step_time.py --device cuda
 else
-    part bench 120 "$PY" -c "$BENCH"
+    part bench 100 "$PY" -c "$BENCH"
 fi
 cp "$OUTDIR/bench.log" "$OUTDIR/bench_table.txt" 2>/dev/null
 echo "overall: $([ $failed -eq 0 ] && echo all parts passed || echo some part failed)" | tee -a "$SUMMARY"

@@ -42,7 +42,7 @@ def _run(device: str, dtype: torch.dtype, flags: dict, backend: object | None, s
     from torch._dynamo.utils import counters
 
     model = _model(device, dtype)
-    opt = adoptim.ADOPT(model.parameters(), lr=torch.tensor(0.02), weight_decay=0.01, **flags)
+    opt = adoptim.ADOPT(model.parameters(), lr=torch.tensor(0.02, device=device), weight_decay=0.01, **flags)
     step = opt.step if backend is None else torch.compile(opt.step, fullgraph=True, backend=backend)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.8**e)
     gen = torch.Generator().manual_seed(1)
