@@ -212,11 +212,11 @@ class PPO:
         self.episodes: list[tuple[int, float]] = []  # (global step at its end, return), this process
         self._start_episodes()
 
-    def _start_episodes(self) -> None:
+    def _start_episodes(self, update: bool = True) -> None:
         first = self.rank * self.n_envs
         seeds = [self.seed * 100_003 + self.iteration * 1009 + first + k for k in range(self.n_envs)]
         self.raw = np.stack([e.reset(seed=s)[0] for e, s in zip(self.envs, seeds, strict=True)])
-        self.obs = self.norm.observation(self.raw, update=True)
+        self.obs = self.norm.observation(self.raw, update=update)
         self.ep_ret = np.zeros(self.n_envs)
 
     # -- resume -----------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ class PPO:
         self.norm.ret.load(st["ret_rms"])
         self.rng.bit_generator.state = st["rng"]
         self.episodes = [tuple(e) for e in st["episodes"]]
-        self._start_episodes()
+        self._start_episodes(update=False)  # the statistics stay exactly as saved
 
     # -- one iteration: a rollout and the PPO update ------------------------------------------------
     def _rollout(self) -> tuple[np.ndarray, ...]:
