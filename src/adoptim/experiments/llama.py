@@ -330,10 +330,13 @@ def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
                     label=f"{res.unit.optimizer} held-out")
     axes[0, 0].set_title("pretrain: Shakespeare (bytes)")
     axes[0, 1].set_title("finetune: KJV as Alpaca records" if cfg.data is None else "finetune")
+    if cfg.model is not None:
+        axes[0, 0].set_title("no pretraining (checkpoint given)")
     for ax in axes[0]:
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     report.save(fig, out / "llama_loss.png")
 
 
