@@ -123,3 +123,57 @@ def test_quick_run_writes_results(tmp_path):
     assert (out / "gpt_loss.png").stat().st_size > 1000
     lines = (out / "metrics" / "adamw-s0-batch2.jsonl").read_text().splitlines()
     assert len(lines) == 30
+
+
+# -- resume --------------------------------------------------------------------------------------------
+class _Ctx:
+    """The runner's context, reduced to what the loop calls; ``stop_at`` simulates a kill."""
+
+    def __init__(self, saved=None, stop_at=None):
+        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
+        self.saved, self.stop_at, self.logged = saved, stop_at, []
+
+    def resume(self):
+        return self.saved
+
+    def progress(self, total, initial=0):
+        pass
+
+    def log(self, step, **metrics):
+        self.logged.append((step, metrics["loss"]))
+        if step == self.stop_at:
+            raise KeyboardInterrupt
+
+    def checkpoint(self, state, force=False):
+        import copy
+
+        self.saved = copy.deepcopy(state)
+        return True
+
+
+def _tiny_run(ctx):
+    from adoptim.experiments.gpt_model import decay_groups
+    from adoptim.experiments.lm_train import LoopSettings, train_loop
+    from adoptim.optimizer import ADOPT
+
+    data = text_data.shakespeare_splits().train[:20000]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    opt = ADOPT(decay_groups(model, 0.1), lr=3e-3, decoupled_weight_decay=True)
+
+    def batches(step):
+        return [text_data.sample_batch(data, 4, 16, torch.Generator().manual_seed(step))]
+
+    settings = LoopSettings(steps=12, lr=lambda s: cosine_lr(s, 12, 3e-3, 2, 0.1), save_every=5)
+    return train_loop(model, opt, batches, lambda m, x: m(x)[0], None, settings, ctx)
+
+
+def test_an_interrupted_run_resumes_to_the_same_losses():
+    whole = _tiny_run(_Ctx())["train_loss"]
+    killed = _Ctx(stop_at=7)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(killed)
+    assert killed.saved["step"] == 5  # the last checkpoint before the kill
+    resumed = _tiny_run(_Ctx(saved=killed.saved))["train_loss"]
+    # batches are a function of the step alone, so the resumed run repeats the uninterrupted one exactly
+    assert resumed == whole and len(whole) == 12
