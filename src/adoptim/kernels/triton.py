@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,8 +46,10 @@ _TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
 }
 
-# Address tables keyed by the addresses and sizes they hold (a cache, not a switch: a miss rebuilds).
-_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, int]] = OrderedDict()
+# Launch plans keyed by the addresses and sizes they hold (a cache, not a switch: a miss rebuilds).
+_PLANS: OrderedDict[tuple, list[_Group]] = OrderedDict()
+# Gradient copies made for the launch in progress (a gradient of another layout than its parameter).
+_KEEP_ALIVE: list[Tensor] = []
 # Host buffers read by captured CUDA graphs; kept for the life of the process.
 _GRAPH_BUFFERS: list[tuple[Tensor, Tensor]] = []
 
@@ -164,8 +167,13 @@ def _adopt_kernel(
     if HAS_SCALE:
         inv_scale = tl.load(scale_ptr).to(CT)
 
+    # eps as a tensor of the compute type: a bare Python float in tl.maximum may become a float32
+    # constant (it does in Triton 3.6), which would move a float64 result by 2.5e-9 relative.
+    eps = tl.full([BLOCK], 0, CT) + EPS
     end = tl.minimum(numel - start, CHUNK)
-    for k in range(0, (end + BLOCK - 1) // BLOCK):
+    # A fixed trip count (blocks past the end are fully masked): a loop bound read from memory trips
+    # older Triton interpreters, and the idle blocks of a short tensor cost no memory traffic.
+    for k in range(0, CHUNK // BLOCK):
         offs = start + k * BLOCK + lanes
         mask = offs < start + end
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
@@ -183,7 +191,7 @@ def _adopt_kernel(
         if WD != 0.0 and DECOUPLED:
             new_p = p - lrwd * p
         # v still holds v_{t-1}: the normaliser excludes the current gradient.
-        n = _div(g, tl.maximum(_sqrt(v, F64), EPS), F64)
+        n = _div(g, tl.maximum(_sqrt(v, F64), eps), F64)
         if HAS_CLIP:
             n = tl.minimum(tl.maximum(n, -bound), bound)
         # torch.lerp's two forms, so the momentum matches the for-loop kernel's lerp_ exactly.
@@ -222,78 +230,96 @@ def _f32_pair(x: float) -> tuple[float, float]:
 
 
 def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if torch.is_complex(t) else t
-
-
-def _tables(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
-            s: list[Tensor] | None) -> tuple[Tensor, Tensor, int]:
-    """The (cached) address table, chunk list and chunk count of one group of tensors."""
-    device = p[0].device
-    rows = [
-        (pi.data_ptr(), gi.data_ptr(), mi.data_ptr(), vi.data_ptr(), 0 if s is None else s[i].data_ptr(),
-         pi.numel())
-        for i, (pi, gi, mi, vi) in enumerate(zip(p, g, m, v))
-    ]
-    key = (str(device), tuple(rows))
-    hit = _TABLES.get(key)
-    if hit is not None:
-        _TABLES.move_to_end(key)
-        return hit
-    chunks = [(i, start) for i, r in enumerate(rows) for start in range(0, r[5], _CHUNK)]
-    host = torch.tensor([x for r in rows for x in r] + [x for c in chunks for x in c], dtype=torch.int64)
-    if device.type == "cuda":
-        # Pinned memory makes the copy asynchronous (and capturable in a CUDA graph).
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
-    table, chunk_list = flat[: len(rows) * _ROW], flat[len(rows) * _ROW:]
-    entry = (table, chunk_list, len(chunks))
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # Gradients first allocated inside a captured step get their table there: the graph copies it
-        # from this pinned buffer at every replay, so the buffer must outlive the graph.
-        _GRAPH_BUFFERS.append((host, flat))
-    _TABLES[key] = entry
-    if len(_TABLES) > _CACHE_SIZE:
-        _TABLES.popitem(last=False)
-    return entry
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _is_dense(t: Tensor) -> bool:
     """Whether ``t`` covers exactly ``numel`` consecutive elements (any dimension order, no gaps)."""
     expected = 1
-    dims = sorted(((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1))
-    for stride, size in dims:
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
         if stride != expected:
             return False
         expected *= size
     return True
 
 
-def _dense_like(g: Tensor, p: Tensor) -> Tensor:
-    """``g`` with the memory layout of ``p`` (a copy only when the layouts differ)."""
-    if g.stride() == p.stride():
-        return g
-    return torch.empty_like(p).copy_(g)
+@dataclass
+class _Group:
+    """One launch: the tensors of one (device, dtype), their address table and chunk list."""
+
+    device: torch.device
+    dtype: torch.dtype
+    steps: list[Tensor]
+    host_steps: bool
+    table: Tensor
+    chunks: Tensor
+    n_chunks: int
 
 
-def _check_group(device: torch.device, p: list[Tensor], m: list[Tensor], v: list[Tensor],
-                 s: list[Tensor], capturable: bool) -> bool:
-    """Checks one group; returns whether its step counters live on the host."""
-    for i, (pi, mi, vi) in enumerate(zip(p, m, v)):
-        if not _is_dense(pi):
-            raise ValueError(f"fused ADOPT needs dense parameters; parameter {i} has strides {pi.stride()}")
-        if mi.stride() != pi.stride() or vi.stride() != pi.stride() or mi.device != device or vi.device != device:
+def _upload(rows: list[tuple[int, ...]], chunks: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    host = torch.tensor([x for r in rows for x in r] + [x for c in chunks for x in c], dtype=torch.int64)
+    if device.type == "cuda":
+        # Pinned memory makes the copy asynchronous, and capturable in a CUDA graph.
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Gradients first allocated inside a captured step get their table there: the graph copies it
+        # from this pinned buffer at every replay, so the buffer must outlive the graph.
+        _GRAPH_BUFFERS.append((host, flat))
+    return flat[: len(rows) * _ROW], flat[len(rows) * _ROW:]
+
+
+def _plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+          state_steps: list[Tensor], capturable: bool) -> tuple[list[_Group], bool]:
+    """Checks the tensors and builds one group per (device, dtype); returns the groups and whether they
+    may be reused for the same tensors (not when a gradient had to be copied to its parameter's layout)."""
+    by_key: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        g, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
+        dtype = _real(p).dtype
+        if dtype not in _TL_DTYPES:
+            names = sorted(str(d) for d in _TL_DTYPES)
+            raise ValueError(f"fused ADOPT supports {names} parameters, got {p.dtype} (parameter {i})")
+        if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
             raise ValueError(
-                f"fused ADOPT needs exp_avg and exp_avg_sq with the parameter's device and layout (parameter {i})"
+                f"gradient {i} must match its parameter: {g.dtype} {tuple(g.shape)} on {g.device} vs "
+                f"{p.dtype} {tuple(p.shape)} on {p.device}"
             )
-    on_host = [t.device.type == "cpu" for t in s]
-    if device.type != "cpu" and any(on_host) and not all(on_host):
-        raise ValueError("state_steps must be all on the host or all on the parameters' device")
-    host_steps = device.type != "cpu" and all(on_host)
-    if capturable and host_steps:
-        raise ValueError("capturable=True needs the step counters on the parameters' device, not the host")
-    if len({t.dtype for t in s}) > 1:
-        raise ValueError(f"state_steps of one device and dtype must share a dtype, got {sorted({str(t.dtype) for t in s})}")
-    return host_steps
+        if not _is_dense(p):
+            raise ValueError(f"fused ADOPT needs dense parameters; parameter {i} has strides {p.stride()}")
+        for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
+            if t.stride() != p.stride() or t.device != p.device or t.dtype != p.dtype:
+                raise ValueError(f"{name} of parameter {i} must have its parameter's device, dtype and layout")
+        if state_steps[i].dtype not in (torch.float32, torch.float64) or state_steps[i].numel() != 1:
+            raise ValueError(f"state_steps[{i}] must be a one-element float32 or float64 tensor")
+        by_key[(p.device, dtype)].append(i)
+
+    groups, reusable = [], True
+    for (device, dtype), idx in by_key.items():
+        steps = [state_steps[i] for i in idx]
+        on_host = [t.device.type == "cpu" for t in steps]
+        host_steps = device.type != "cpu" and all(on_host)
+        if not host_steps and any(t.device != device for t in steps):
+            raise ValueError(f"state_steps of the parameters on {device} must be all on {device} or all on the host")
+        if capturable and host_steps:
+            raise ValueError("capturable=True needs the step counters on the parameters' device, not the host")
+        if len({t.dtype for t in steps}) > 1:
+            raise ValueError("state_steps of parameters of one device and dtype must share a dtype")
+        rows, chunks = [], []
+        for j, i in enumerate(idx):
+            p = _real(params[i])
+            g = _real(grads[i])
+            if g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)  # a copy in the parameter's layout, for this call only
+                reusable = False
+                _KEEP_ALIVE.append(g)
+            s_ptr = 0 if host_steps else steps[j].data_ptr()
+            rows.append((p.data_ptr(), g.data_ptr(), _real(exp_avgs[i]).data_ptr(),
+                         _real(exp_avg_sqs[i]).data_ptr(), s_ptr, p.numel()))
+            chunks.extend((j, start) for start in range(0, p.numel(), _CHUNK))
+        table, chunk_list = _upload(rows, chunks, device)
+        groups.append(_Group(device, dtype, steps, host_steps, table, chunk_list, len(chunks)))
+    return groups, reusable
 
 
 def _on(device: torch.device, t: Tensor | None, name: str) -> Tensor | None:
@@ -328,7 +354,8 @@ def triton_adopt(
 
     Same arguments as the other kernels, plus AMP's ``grad_scale`` (gradients are divided by it) and
     ``found_inf`` (nonzero: nothing changes, steps included). With device step counters and a device or
-    float ``lr`` it never synchronises with the host, so it can be captured in a CUDA graph.
+    float ``lr`` it never synchronises with the host, so it can be captured in a CUDA graph. Step
+    counters on the host work too (the host then increments them, and reads ``found_inf`` to do so).
     """
     if differentiable:
         raise ValueError("differentiable=True needs the for-loop kernel (fused=False, foreach=False)")
@@ -338,36 +365,36 @@ def triton_adopt(
             "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got "
             f"{[len(params)] + [len(x) for x in lists]}"
         )
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        dtype = _real(p).dtype
-        if dtype not in _TL_DTYPES:
-            raise ValueError(f"fused ADOPT supports {sorted(str(d) for d in _TL_DTYPES)} parameters, got {p.dtype}")
-        if grads[i].device != p.device or grads[i].dtype != p.dtype:
-            raise ValueError(
-                f"gradient {i} must match its parameter: {grads[i].dtype} on {grads[i].device} vs "
-                f"{p.dtype} on {p.device}"
-            )
-        groups[(p.device, dtype)].append(i)
+    if not params:
+        return
+    # The plan (checks, grouping, address tables) is reused while the same tensors come back: the key
+    # holds every address and size, so memory reused by other tensors never meets a stale table.
+    ptr = Tensor.data_ptr
+    key = (tuple(map(ptr, params)), tuple(map(ptr, grads)), tuple(map(ptr, exp_avgs)),
+           tuple(map(ptr, exp_avg_sqs)), tuple(map(ptr, state_steps)), tuple(map(Tensor.numel, params)),
+           tuple(p.dtype for p in params), state_steps[0].device, capturable)
+    groups = _PLANS.get(key)
+    if groups is None:
+        groups, reusable = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
+        if reusable:
+            _PLANS[key] = groups
+            if len(_PLANS) > _CACHE_SIZE:
+                _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    try:
+        for group in groups:
+            _launch(group, grad_scale=grad_scale, found_inf=found_inf, beta1=beta1, beta2=beta2, lr=lr,
+                    weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                    clip_exponent=clip_exponent, eps=eps, maximize=maximize)
+    finally:
+        _KEEP_ALIVE.clear()
 
-    for (device, dtype), idx in groups.items():
-        p = [_real(params[i]) for i in idx]
-        g = [_dense_like(_real(grads[i]), pi) for i, pi in zip(idx, p)]
-        m = [_real(exp_avgs[i]) for i in idx]
-        v = [_real(exp_avg_sqs[i]) for i in idx]
-        s = [state_steps[i] for i in idx]
-        host_steps = _check_group(device, p, m, v, s, capturable)
-        _launch(device, dtype, p, g, m, v, s, host_steps, grad_scale=grad_scale, found_inf=found_inf,
-                beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
-                decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent, eps=eps,
-                maximize=maximize)
 
-
-def _launch(device: torch.device, dtype: torch.dtype, p: list[Tensor], g: list[Tensor], m: list[Tensor],
-            v: list[Tensor], s: list[Tensor], host_steps: bool, *, grad_scale: Tensor | None,
-            found_inf: Tensor | None, beta1: float, beta2: float, lr: float | Tensor, weight_decay: float,
-            decoupled_weight_decay: bool, clip_exponent: float | None, eps: float, maximize: bool) -> None:
-    table, chunks, n_chunks = _tables(p, g, m, v, None if host_steps else s)
+def _launch(group: _Group, *, grad_scale: Tensor | None, found_inf: Tensor | None, beta1: float, beta2: float,
+            lr: float | Tensor, weight_decay: float, decoupled_weight_decay: bool, clip_exponent: float | None,
+            eps: float, maximize: bool) -> None:
+    device, dtype, s = group.device, group.dtype, group.steps
     scale = _on(device, grad_scale, "grad_scale")
     inf = _on(device, found_inf, "found_inf")
     if isinstance(lr, Tensor) and lr.device.type == "cpu" and device.type != "cpu":
@@ -377,30 +404,30 @@ def _launch(device: torch.device, dtype: torch.dtype, p: list[Tensor], g: list[T
     lr_hi, lr_lo = _f32_pair(lr_f)
     lrwd_hi, lrwd_lo = _f32_pair(lr_f * weight_decay)
     step_values = None
-    if host_steps:
-        step_values = torch.tensor([float(t) for t in s], dtype=torch.float64).to(device, non_blocking=True)
-    dummy = table  # any tensor on the device stands in for an absent pointer argument
-    if n_chunks:
-        _adopt_kernel[(n_chunks,)](
-            table, chunks, dummy if step_values is None else step_values,
+    if group.host_steps:
+        host = torch.tensor([float(t) for t in s], dtype=torch.float64)
+        step_values = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    dummy = group.table  # any tensor on the device stands in for an absent pointer argument
+    if group.n_chunks:
+        _adopt_kernel[(group.n_chunks,)](
+            group.table, group.chunks, dummy if step_values is None else step_values,
             dummy if lr_tensor is None else lr_tensor, lr_hi, lr_lo, lrwd_hi, lrwd_lo,
             dummy if scale is None else scale, dummy if inf is None else inf,
-            DTYPE=_TL_DTYPES[dtype], BF16=dtype == torch.bfloat16,
-            STEP_DTYPE=_TL_DTYPES.get(s[0].dtype, tl.float32),
-            F64=dtype == torch.float64, HOST_STEPS=host_steps, LR_TENSOR=lr_tensor is not None,
+            DTYPE=_TL_DTYPES[dtype], BF16=dtype == torch.bfloat16, STEP_DTYPE=_TL_DTYPES[s[0].dtype],
+            F64=dtype == torch.float64, HOST_STEPS=group.host_steps, LR_TENSOR=lr_tensor is not None,
             HAS_SCALE=scale is not None, HAS_INF=inf is not None,
-            LERP_REST=1.0 - (1.0 - beta1), ONE_MINUS_BETA1=1.0 - beta1, BETA2=float(beta2), ONE_MINUS_BETA2=1.0 - beta2,
-            EPS=float(eps), WD=float(weight_decay), DECOUPLED=bool(decoupled_weight_decay),
-            HAS_CLIP=clip_exponent is not None, CLIP=0.0 if clip_exponent is None else float(clip_exponent),
-            MAXIMIZE=bool(maximize), BLOCK=_BLOCK, CHUNK=_CHUNK,
+            LERP_REST=1.0 - (1.0 - beta1), ONE_MINUS_BETA1=1.0 - beta1,
+            BETA2=float(beta2), ONE_MINUS_BETA2=1.0 - beta2, EPS=float(eps), WD=float(weight_decay),
+            DECOUPLED=bool(decoupled_weight_decay), HAS_CLIP=clip_exponent is not None,
+            CLIP=0.0 if clip_exponent is None else float(clip_exponent), MAXIMIZE=bool(maximize),
+            BLOCK=_BLOCK, CHUNK=_CHUNK,
         )
-    if host_steps:
+    if group.host_steps:
         # The host counters need the host to know found_inf: one read (a synchronisation) with AMP.
         if inf is None or not bool(inf.item()):
             torch._foreach_add_(s, 1)
         return
-    n = len(s)
-    _bump_steps_kernel[(triton.cdiv(n, 256),)](
-        table, n, dummy if inf is None else inf, STEP_DTYPE=_TL_DTYPES[s[0].dtype], HAS_INF=inf is not None,
-        BLOCK=256,
+    _bump_steps_kernel[(triton.cdiv(len(s), 256),)](
+        group.table, len(s), dummy if inf is None else inf, STEP_DTYPE=_TL_DTYPES[s[0].dtype],
+        HAS_INF=inf is not None, BLOCK=256,
     )
