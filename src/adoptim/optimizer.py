@@ -161,7 +161,7 @@ class ADOPT(Optimizer):
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if p_state and not torch.is_tensor(p_state.get("step")):
-                    device = p.device if group["capturable"] else "cpu"
+                    device = p.device if group["capturable"] or group["fused"] else "cpu"
                     p_state["step"] = torch.tensor(
                         float(p_state["step"]), dtype=V.scalar_dtype(), device=device
                     )
@@ -244,8 +244,9 @@ class ADOPT(Optimizer):
                 continue
             state = self.state[p]
             if len(state) == 0:
-                # Steps live on the host unless capturable: reading them there costs no device sync.
-                device = p.device if group["capturable"] else "cpu"
+                # Steps live on the host unless capturable or fused (reading them there costs no device
+                # sync); the fused CUDA kernel keeps them on the device so it never waits for the host.
+                device = p.device if group["capturable"] or group["fused"] else "cpu"
                 state["step"] = torch.zeros((), dtype=V.scalar_dtype(), device=device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
