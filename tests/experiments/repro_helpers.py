@@ -1,0 +1,37 @@
+"""Shared helpers for the experiment tests: a tiny synthetic MNIST in IDX files, running the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from adoptim.experiments.cli import main
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_mnist(root: Path, n_train: int = 512, n_test: int = 128, seed: int = 0) -> Path:
+    """IDX files of a learnable 10-class problem: class c lights a 4-pixel-wide column block, plus noise."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n)
+        x = (rng.random((n, 28, 28)) < 0.1) * 255
+        for i, c in enumerate(y):
+            x[i, 4:24, 2 + 2 * c:6 + 2 * c] = 255
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", y)
+    return root
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
