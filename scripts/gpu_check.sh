@@ -13,7 +13,8 @@ SUMMARY="$OUTDIR/summary.txt"
 failed=0
 
 # The Triton kernel called directly, against a Triton kernel with the same memory traffic (the bound).
-BENCH=$(cat <<'PYEOF'
+BENCH_PY="$(mktemp -d)/bench_kernel.py"
+cat >"$BENCH_PY" <<'PYEOF'
 import statistics, torch, triton, triton.language as tl
 import adoptim
 
@@ -44,6 +45,9 @@ def timed(step, n=30):
     torch.cuda.synchronize()
     return statistics.median(a.elapsed_time(b) for a, b in ev[1:]), ev[0][0].elapsed_time(ev[0][1])
 
+GRAPHED = ("adoptim triton_adopt", "torch AdamW fused capturable")
+
+
 class Functional:
     """The Triton kernel called directly, with the state an optimizer would keep."""
     def __init__(self, ps):
@@ -51,6 +55,7 @@ class Functional:
         self.kernel, self.ps = triton_adopt, ps
         self.m, self.v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
         self.s = [torch.zeros((), device="cuda") for _ in ps]
+
     def step(self):
         self.kernel(self.ps, [p.grad for p in self.ps], self.m, self.v, self.s, grad_scale=None, found_inf=None,
                     beta1=0.9, beta2=0.9999, lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
@@ -69,6 +74,7 @@ for name, shapes in LAYOUTS.items():
         "adoptim ADOPT foreach": lambda ps: adoptim.ADOPT(ps, foreach=True),
         "adoptim ADOPT for-loop": lambda ps: adoptim.ADOPT(ps, foreach=False),
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+        "torch AdamW fused capturable": lambda ps: torch.optim.AdamW(ps, fused=True, capturable=True),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     }
     for label, make in makers.items():
@@ -81,18 +87,22 @@ for name, shapes in LAYOUTS.items():
             print(f"{label}: skipped ({e})")
             continue
         rows.append((label,) + timed(opt.step, n=10 if "for-loop" in label else 30))
+        if label in GRAPHED:  # the same step replayed from a CUDA graph: device time, no host work
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+            rows.append((label + " (graph)",) + timed(graph.replay))
         del opt, ps
         torch.cuda.empty_cache()
     ref = dict((r[0], r[1]) for r in rows)
     bound, fused = ref["bound (copy, same traffic)"], ref.get("torch AdamW fused")
     print(f"\n{name}: {numel / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, {torch.cuda.get_device_name()}")
-    print(f"| {'row':28} | median ms | first ms | GB/s | of bound | vs AdamW fused |")
-    print("|" + "-" * 30 + "|-----------|----------|------|----------|----------------|")
+    print(f"| {'row':36} | median ms | first ms | GB/s | of bound | vs AdamW fused |")
+    print("|" + "-" * 38 + "|-----------|----------|------|----------|----------------|")
     for label, med, first in rows:
         gbs = 28 * numel / med / 1e6
-        print(f"| {label:28} | {med:9.3f} | {first:8.1f} | {gbs:4.0f} | {bound / med:8.2f} | {med / fused if fused else float('nan'):14.2f} |")
+        print(f"| {label:36} | {med:9.3f} | {first:8.1f} | {gbs:4.0f} | {bound / med:8.2f} | {med / fused if fused else float('nan'):14.2f} |")
 PYEOF
-)
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record rc
     local name=$1 limit=$2 start rc
@@ -101,7 +111,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
     timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
     rc=$?
     [ "$rc" -eq 0 ] || failed=1
-    printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(($(date +%s) - start))" "$*" | tee -a "$SUMMARY"
+    printf '%-14s rc=%-3s %4ss  %.90s\n' "$name" "$rc" "$(($(date +%s) - start))" "$*" | tee -a "$SUMMARY"
 }
 
 part env 30 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
@@ -110,6 +120,6 @@ part cuda_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.p
 part compile_cuda 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_compile.py -k cuda
 part triton_interp 45 "$PY" -m pytest -q -rs -p no:cacheprovider -n 4 tests/test_triton.py
 part bench 90 "$PY" benchmarks/step_time.py --device cuda --json "$OUTDIR/step_time.json"
-part bench_kernel 45 "$PY" -c "$BENCH"
+part bench_kernel 60 "$PY" "$BENCH_PY"
 echo "overall: $([ $failed -eq 0 ] && echo all parts passed || echo some part failed)" | tee -a "$SUMMARY"
 exit $failed
