@@ -264,7 +264,7 @@ EXPERIMENT = Experiment(
     paper_scale="paper: CIFAR-10, full ResNet-18: --set data_dir=PATH --set width=1 --set epochs=200 "
                 "--set train_subset=none (GPU hours)",
     config=Cifar10Config,
-    quick={"width": 0.0625, "epochs": 2, "train_subset": 1024, "test_subset": 1000, "seeds": 2},
+    quick={"width": 0.0625, "epochs": 2, "train_subset": 4096, "test_subset": 2000, "seeds": 2},
     units=units,
     run=run,
     summarize=summarize,
