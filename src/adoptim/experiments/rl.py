@@ -193,8 +193,11 @@ class PPO:
     """One PPO training run of one process: its environments, agent, optimizer and statistics."""
 
     def __init__(self, cfg: RLConfig, opt_name: str, seed: int, rank: int = 0, world: int = 1) -> None:
-        if cfg.envs % world or cfg.minibatches * world > cfg.rollout_steps:
+        if cfg.envs % world:
             raise ValueError(f"config key 'envs' ({cfg.envs}) must split evenly over {world} processes")
+        if (cfg.rollout_steps // world) % cfg.minibatches:
+            raise ValueError(f"config key 'minibatches' ({cfg.minibatches}) must divide each process's "
+                             f"{cfg.rollout_steps // world} transitions")
         self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world
         self.n_envs = cfg.envs // world
         self.envs = [_make_env(cfg.env) for _ in range(self.n_envs)]
