@@ -70,7 +70,8 @@ class _Payload:
 
 def test_pickle_with_anything_but_arrays_is_refused_without_running_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for i, obj in enumerate([_Payload(), {"a": np.zeros(2), "b": _Payload()}, [np.zeros(1), os.getcwd], collections.OrderedDict(a=1)]):
+    evil = [_Payload(), {"a": np.zeros(2), "b": _Payload()}, [np.zeros(1), os.getcwd], collections.OrderedDict(a=1)]
+    for i, obj in enumerate(evil):
         path = tmp_path / f"evil{i}.pkl"
         path.write_bytes(pickle.dumps(obj, protocol=2))
         with pytest.raises(UnsafePickleError, match="only numpy arrays are allowed"):
