@@ -31,6 +31,8 @@ __all__ = ["fused_cpu_adopt", "is_available", "bound_kernel"]
 _PARAM_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _STEP_CODES = {torch.float32: 0, torch.float64: 1}
 SUPPORTED_DTYPES = (*_PARAM_CODES, torch.complex64, torch.complex128)
+# (p, g, m, v, step) dtypes -> the code passed to C: parameter code | step code << 8.
+_CODES = {(d, d, d, d, sd): c | sc << 8 for d, c in _PARAM_CODES.items() for sd, sc in _STEP_CODES.items()}
 
 
 @functools.cache
@@ -75,32 +77,27 @@ def is_available() -> bool:
     return _load()[0] is not None
 
 
-def _fits(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor) -> bool:
-    """Whether the C loops can take this tensor: CPU, a supported dtype, all four laid out alike."""
-    if p.device.type != "cpu" or p.dtype not in _PARAM_CODES or g.dtype != p.dtype:
-        return False
-    if m.dtype != p.dtype or v.dtype != p.dtype or g.device.type != "cpu":
-        return False
-    if s.dtype not in _STEP_CODES or s.device.type != "cpu" or s.numel() != 1:
-        return False
+def _code(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor) -> int | None:
+    """The C loops' code for this tensor, or ``None`` when they cannot take it.
+
+    They take CPU tensors of a supported dtype (the same in p, g, m and v) laid out alike: all
+    contiguous, or another dense layout (channels_last) with the same strides in all four.
+    """
+    code = _CODES.get((p.dtype, g.dtype, m.dtype, v.dtype, s.dtype))
+    if code is None or not (p.is_cpu and g.is_cpu and m.is_cpu and v.is_cpu and s.is_cpu) or s.numel() != 1:
+        return None
     if p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous():
-        return True
-    # Other dense layouts (channels_last) are fine as long as all four share the same strides.
+        return code
     stride = p.stride()
-    return (
-        p.is_contiguous(memory_format=torch.channels_last) if p.dim() == 4 else False
-    ) and g.stride() == stride and m.stride() == stride and v.stride() == stride
+    dense = p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+    return code if dense and g.stride() == stride and m.stride() == stride and v.stride() == stride else None
 
 
-def _check_shapes(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]
-) -> None:
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
-        if not (p.shape == g.shape == m.shape == v.shape):
-            raise ValueError(
-                f"tensor {i}: parameter {tuple(p.shape)}, gradient {tuple(g.shape)}, exp_avg "
-                f"{tuple(m.shape)} and exp_avg_sq {tuple(v.shape)} must have the same shape"
-            )
+def _shape_error(i: int, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> ValueError:
+    return ValueError(
+        f"tensor {i}: parameter {tuple(p.shape)}, gradient {tuple(g.shape)}, exp_avg "
+        f"{tuple(m.shape)} and exp_avg_sq {tuple(v.shape)} must have the same shape"
+    )
 
 
 def fused_cpu_adopt(
@@ -133,7 +130,6 @@ def fused_cpu_adopt(
         raise ValueError("differentiable=True needs the for-loop kernel (foreach=False, fused=False)")
     if not params:
         return
-    _check_shapes(params, grads, exp_avgs, exp_avg_sqs)
     if found_inf is not None and float(found_inf) != 0.0:
         return
     hyper = dict(
@@ -142,6 +138,9 @@ def fused_cpu_adopt(
     )
     lib = _library()
     if lib is None:
+        for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+            if not (p.shape == g.shape == m.shape == v.shape):
+                raise _shape_error(i, p, g, m, v)
         if grad_scale is not None:
             grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
         foreach_adopt(
@@ -154,11 +153,16 @@ def fused_cpu_adopt(
     fast: list[int] = []
     rows: list[list[int]] = [[], [], [], [], [], [], []]
     rp, rg, rm, rv, rs, rn, rc = rows
+    # This loop is the only per-tensor cost on the host: for many small tensors it is most of the step.
     for i in range(n):
         p, g, m, v, s = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        shape = p.shape
+        if g.shape != shape or m.shape != shape or v.shape != shape:
+            raise _shape_error(i, p, g, m, v)
         if p.is_complex():
             p, g, m, v = (torch.view_as_real(x) for x in (p, g, m, v))
-        if not _fits(p, g, m, v, s):
+        code = _code(p, g, m, v, s)
+        if code is None:
             continue
         fast.append(i)
         rp.append(p.data_ptr())
@@ -167,7 +171,7 @@ def fused_cpu_adopt(
         rv.append(v.data_ptr())
         rs.append(s.data_ptr())
         rn.append(p.numel())
-        rc.append(_PARAM_CODES[p.dtype] | _STEP_CODES[s.dtype] << 8)
+        rc.append(code)
 
     if len(fast) < n:
         slow = sorted(set(range(n)) - set(fast))
