@@ -126,3 +126,38 @@ def test_quick_run_writes_results(tmp_path):
     assert (tmp_path / "rl.png").stat().st_size > 1000
     assert len((tmp_path / "metrics" / "adam-s0.jsonl").read_text().splitlines()) == 2
     assert math.isfinite(rows["adopt"]["eval_return"])
+
+
+def _rl_rank(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        cfg = resolve(RLConfig, list(TINY.items()))
+        ppo = PPO(cfg, "adopt", seed=0, rank=rank, world=world)
+        first = torch.cat([p.detach().flatten() for p in ppo.agent.parameters()]).clone()
+        ppo.iterate()
+        after = torch.cat([p.detach().flatten() for p in ppo.agent.parameters()])
+        torch.save({"first": first, "after": after, "obs_mean": ppo.norm.obs.mean.copy()}, f"{out}/rank{rank}.pt")
+        ppo.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_average_gradients_and_stay_identical(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False)
+    mp.start_processes(_rl_rank, args=(2, store.port, str(tmp_path)), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert torch.equal(r0["first"], r1["first"])  # the same initial agent everywhere
+    # Each process stepped different environments (its observation statistics differ), yet the averaged
+    # gradients keep the agents identical; without averaging they would drift apart after one update.
+    assert not np.allclose(r0["obs_mean"], r1["obs_mean"])
+    assert torch.equal(r0["after"], r1["after"]) and not torch.equal(r0["after"], r0["first"])
