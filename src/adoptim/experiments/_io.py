@@ -22,6 +22,7 @@ def _atomic(path: Path, write: Any, mode: str) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
