@@ -177,3 +177,23 @@ def test_an_interrupted_run_resumes_to_the_same_losses():
     resumed = _tiny_run(_Ctx(saved=killed.saved))["train_loss"]
     # batches are a function of the step alone, so the resumed run repeats the uninterrupted one exactly
     assert resumed == whole and len(whole) == 12
+
+
+@pytest.mark.slow
+def test_token_file_path_reads_gpt2_tokens(tmp_path):
+    """``data_file=train.bin``: uniformly random GPT-2 ids cannot be learned, so the held-out loss stays
+    at the closed form ln(50257) (the head has 50304 outputs; the 47 unused ones fall towards zero)."""
+    from adoptim.experiments.cli import main
+
+    rng = np.random.default_rng(0)
+    rng.integers(0, 50257, 20000).astype(np.uint16).tofile(tmp_path / "train.bin")
+    rng.integers(0, 50257, 5000).astype(np.uint16).tofile(tmp_path / "val.bin")
+    out = tmp_path / "out"
+    sets = [f"data_file={tmp_path / 'train.bin'}", "steps=3", "batch_sizes=2", "optimizers=adamw",
+            "eval_every=3", "spike_window=1", "final_window=1"]
+    assert main(["gpt", "--quick", "--out", str(out), *[a for s in sets for a in ("--set", s)]]) == 0
+    (row,) = json.loads((out / "summary.json").read_text())["final"]
+    assert abs(row["val_loss"] - math.log(50257)) < 0.02
+    (tmp_path / "val.bin").unlink()
+    with pytest.raises(ConfigError, match="needs val.bin beside it"):
+        resolve(Config, [("data_file", str(tmp_path / "train.bin"))])

@@ -91,6 +91,8 @@ class Config:
                              f"{self.spike_window}")
         if self.data_file is not None and not Path(self.data_file).is_file():
             raise ValueError(f"key 'data_file': no such file {self.data_file!r}")
+        if self.data_file is not None and not Path(self.data_file).with_name("val.bin").is_file():
+            raise ValueError(f"key 'data_file': {self.data_file!r} needs val.bin beside it (nanoGPT's layout)")
         if self.model == "gpt2-124m" and self.data_file is None:
             raise ValueError("key 'model'=gpt2-124m needs GPT-2 tokens: give --set data_file=PATH/train.bin")
 
