@@ -1,8 +1,10 @@
 """Shared pieces of the multi-process tests: the kernels, a bounded launcher, and the problem.
 
-Workers are forked (not spawned) from the test process: torch is already imported there, so a
-2-process run starts in about a second instead of re-importing torch in every child. Rendezvous uses a
-TCPStore that the test process opens on a free port (port 0), so parallel test workers never collide.
+Workers start from a fork server that imported torch, FSDP2 and adoptim once: a 2-process run then
+starts in well under a second instead of re-importing torch in every child, and, unlike forking the
+test process itself (which has other threads, e.g. pytest-xdist's), no child inherits a lock that
+some other thread held at the fork. Rendezvous uses a TCPStore that the test process opens on a free
+port (port 0), so parallel test workers never collide.
 
 The problem is a small float64 MLP whose layers have first dimensions 5 and 1: with two processes,
 FSDP2 shards them unevenly (3 + 2 rows) and gives the second process an empty shard of the last layer.
@@ -13,6 +15,7 @@ data-parallel run is the gradient of the whole global batch, which the single-pr
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import pickle
 import tempfile
@@ -23,7 +26,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  # FSDP2 and the optimizer import it lazily: once here, not per worker
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -69,6 +71,14 @@ needs_gloo = pytest.mark.skipif(
 )
 
 
+# Imported once by the fork server (FSDP2 imports torch._dynamo lazily, which alone takes seconds).
+# Only modules on the default path: the fork server of Python 3.11 ignores this process's sys.path.
+mp.get_context("forkserver").set_forkserver_preload(
+    ["pytest", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.distributed.optim"]
+    + ["adoptim"]
+)
+
+
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -76,12 +86,11 @@ def make_model() -> torch.nn.Module:
     ).to(torch.float64)
 
 
-def batches(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``steps`` global batches of inputs and targets (the same in every process)."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(steps, GLOBAL_BATCH, IN, generator=g, dtype=torch.float64)
-    y = torch.randn(steps, GLOBAL_BATCH, OUT, generator=g, dtype=torch.float64)
-    return x, y
+def batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of step ``t``: inputs and targets, the same in every process and every run."""
+    g = torch.Generator().manual_seed(1000 + t)
+    x = torch.randn(GLOBAL_BATCH, IN, generator=g, dtype=torch.float64)
+    return x, torch.randn(GLOBAL_BATCH, OUT, generator=g, dtype=torch.float64)
 
 
 def local_slice(rank: int, world_size: int) -> slice:
@@ -91,11 +100,11 @@ def local_slice(rank: int, world_size: int) -> slice:
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world_size: int = 1) -> None:
     """Run the given global steps; each process uses its slice of every global batch."""
-    x, y = batches(max(steps.stop, 1))
     part = local_slice(rank, world_size)
     for t in steps:
+        x, y = batch(t)
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(model(x[t, part]), y[t, part])
+        loss = torch.nn.functional.mse_loss(model(x[part]), y[part])
         loss.backward()
         opt.step()
 
@@ -114,13 +123,13 @@ def reference_run(steps: int) -> list[torch.Tensor]:
     params = list(model.parameters())
     hyper = {k: v for k, v in HYPER.items() if k != "betas"}
     ref = ReferenceADOPT(params, beta1=HYPER["betas"][0], beta2=HYPER["betas"][1], **hyper)
-    x, y = batches(steps)
     for t in range(steps):
         with torch.no_grad():
             for p, q in zip(params, ref.params()):
                 p.copy_(q)
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x[t]), y[t]).backward()
+        x, y = batch(t)
+        torch.nn.functional.mse_loss(model(x), y).backward()
         ref.step([p.grad for p in params])
     return ref.params()
 
@@ -131,7 +140,11 @@ def assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], what:
         torch.testing.assert_close(a, e, atol=ATOL, rtol=0, msg=lambda m, i=i: f"{what}, tensor {i}: {m}")
 
 
-def _entry(rank: int, fn: Callable[..., Any], port: int, world_size: int, out_dir: str, args: tuple) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], port: int, world_size: int, out_dir: str, timeout: float, args: tuple
+) -> None:
+    # A process that hangs prints where it hangs, then exits, so the test fails with a diagnosis.
+    faulthandler.dump_traceback_later(timeout, exit=True)
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False, timeout=datetime.timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
@@ -147,7 +160,7 @@ def _entry(rank: int, fn: Callable[..., Any], port: int, world_size: int, out_di
     os.replace(tmp, Path(out_dir) / f"rank{rank}.pkl")
 
 
-def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes; return their results.
 
     The processes share a gloo process group. A child's exception is re-raised here with its
@@ -156,8 +169,8 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float =
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
-            _entry, args=(fn, store.port, world_size, out_dir, args), nprocs=world_size, join=False,
-            start_method="fork",
+            _entry, args=(fn, store.port, world_size, out_dir, 0.8 * timeout, args), nprocs=world_size, join=False,
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout
         try:

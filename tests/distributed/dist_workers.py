@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from dist_harness import HYPER, make_model, train
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -14,7 +15,6 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from adoptim import ADOPT
-from dist_harness import HYPER, make_model, train
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

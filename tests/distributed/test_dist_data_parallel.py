@@ -7,12 +7,22 @@ this process on the global batch; that run is itself checked against the float64
 
 from __future__ import annotations
 
+import dist_workers as W
 import pytest
 import torch
+from dist_harness import (
+    ATOL,
+    HYPER,
+    KERNELS,
+    assert_close,
+    launch,
+    make_model,
+    needs_gloo,
+    reference_run,
+    single_process,
+)
 
-import dist_workers as W
 from adoptim import ADOPT
-from dist_harness import ATOL, HYPER, KERNELS, assert_close, launch, make_model, needs_gloo, reference_run, single_process
 
 STEPS = 6
 
@@ -38,7 +48,9 @@ def _assert_state(state: list[dict[str, torch.Tensor]], opt: ADOPT, what: str) -
     for i, (got, exp) in enumerate(zip(state, expected)):
         assert float(got["step"]) == float(exp["step"]) == STEPS, f"{what}: parameter {i} step"
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got[key], exp[key], atol=ATOL, rtol=0, msg=lambda m, i=i, k=key: f"{what}: {k} of {i}: {m}")
+            torch.testing.assert_close(
+                got[key], exp[key], atol=ATOL, rtol=0, msg=lambda m, i=i, k=key: f"{what}: {k} of {i}: {m}"
+            )
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
