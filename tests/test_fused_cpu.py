@@ -257,6 +257,11 @@ def test_construction_errors() -> None:
     opt = adoptim.ADOPT(p, foreach=True)
     with pytest.raises(ValueError, match="fused.*foreach"):
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "fused": True})
+    with pytest.raises(ValueError, match="meta"):
+        adoptim.ADOPT([("w", torch.zeros(2, device="meta", requires_grad=True))], fused=True)
+    fused = adoptim.ADOPT(p, fused=True)
+    fused.add_param_group({"params": (x for x in [torch.zeros(2, requires_grad=True)])})  # a generator
+    assert len(fused.param_groups[1]["params"]) == 1 and fused.param_groups[1]["fused"]
     with pytest.raises(ValueError, match="differentiable"):
         fused_cpu.fused_cpu_adopt(p, p, p, p, [torch.tensor(0.0)], grad_scale=None, found_inf=None,
                                   beta1=0.9, beta2=0.9, lr=0.1, weight_decay=0.0, eps=1e-6,

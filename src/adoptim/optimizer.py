@@ -51,6 +51,7 @@ def _check_fused(group: dict[str, Any], params: Iterable[Any] = ()) -> None:
         raise ValueError("Invalid fused: True together with differentiable=True (needs the for-loop kernel)")
     params = [params] if isinstance(params, Tensor) else params
     for i, p in enumerate(params):
+        p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # named parameters
         if not isinstance(p, Tensor):
             continue
         if p.dtype not in _FUSED_DTYPES or p.device.type not in ("cpu", "cuda"):
@@ -144,6 +145,8 @@ class ADOPT(Optimizer):
             self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group["params"], (Tensor, set)):
+            param_group["params"] = list(param_group["params"])  # a generator is read only once
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_fused(merged, param_group["params"])
         V.check_group(merged)
