@@ -102,6 +102,33 @@ for name, shapes in LAYOUTS.items():
     for label, med, first in rows:
         gbs = 28 * numel / med / 1e6
         print(f"| {label:36} | {med:9.3f} | {first:8.1f} | {gbs:4.0f} | {bound / med:8.2f} | {med / fused if fused else float('nan'):14.2f} |")
+
+# The launch configuration, swept on layout (a) (device time, CUDA-graph replay): the kernel's defaults
+# are the best of these.
+import adoptim.kernels.triton as K
+defaults = (K._BLOCK, K._CHUNK, K._NUM_WARPS)
+shapes = LAYOUTS["a: GPT-2 small"]
+numel = sum(torch.Size(s).numel() for s in shapes)
+print(f"\nlaunch configurations, layout a, CUDA-graph replay (defaults: block, chunk, warps = {defaults})")
+print("| block | chunk | warps | median ms | GB/s |")
+print("|------:|------:|------:|----------:|-----:|")
+for block, chunk, warps in [(2048, 2048, 4), (2048, 2048, 8), (4096, 4096, 4), (4096, 4096, 8),
+                            (8192, 8192, 8), (8192, 8192, 16), (2048, 16384, 4)]:
+    K._BLOCK, K._CHUNK, K._NUM_WARPS = block, chunk, warps
+    K._PLANS.clear()  # chunk lists depend on the chunk size
+    ps = [torch.randn(s, device="cuda", requires_grad=True) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = Functional(ps)
+    for _ in range(3):
+        opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    med, _ = timed(graph.replay)
+    print(f"| {block} | {chunk} | {warps} | {med:.3f} | {28 * numel / med / 1e6:.0f} |")
+    del opt, ps, graph
+K._BLOCK, K._CHUNK, K._NUM_WARPS = defaults
 PYEOF
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record rc

@@ -44,8 +44,8 @@ def _load_interpreted() -> ModuleType:
 
 
 K = _load_interpreted()
-# The interpreter runs every block of a chunk in numpy, masked or not: smaller chunks (still two blocks
-# each, so the loop inside a chunk is exercised) keep these tests fast.
+# Small blocks keep the interpreter fast; two blocks per chunk exercise the loop inside a chunk (the
+# GPU default has one).
 K._BLOCK, K._CHUNK = 512, 1024
 _ENV_AFTER_LOAD = os.environ.get("TRITON_INTERPRET")
 

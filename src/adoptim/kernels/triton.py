@@ -31,11 +31,12 @@ from torch import Tensor
 
 __all__ = ["triton_adopt"]
 
-# Elements per block and blocks per chunk: a chunk of 16k elements keeps a 124M-parameter model at
-# about 8k programs (enough to fill a large GPU) while a small tensor costs one short program.
-_BLOCK = 2048
-_BLOCKS_PER_CHUNK = 8
-_CHUNK = _BLOCK * _BLOCKS_PER_CHUNK
+# Elements per block, per chunk (one program each) and warps per program, chosen by measuring on an
+# H200 (scripts/gpu_check.sh sweeps them): one block per program streams best, and a short tensor
+# then costs one short program.
+_BLOCK = 4096
+_CHUNK = _BLOCK
+_NUM_WARPS = 8
 _ROW = 6  # table columns: p, g, m, v, step addresses, numel
 _CACHE_SIZE = 32
 
@@ -420,7 +421,7 @@ def _launch(group: _Group, *, grad_scale: Tensor | None, found_inf: Tensor | Non
             BETA2=float(beta2), ONE_MINUS_BETA2=1.0 - beta2, EPS=float(eps), WD=float(weight_decay),
             DECOUPLED=bool(decoupled_weight_decay), HAS_CLIP=clip_exponent is not None,
             CLIP=0.0 if clip_exponent is None else float(clip_exponent), MAXIMIZE=bool(maximize),
-            BLOCK=_BLOCK, CHUNK=_CHUNK,
+            BLOCK=_BLOCK, CHUNK=_CHUNK, num_warps=_NUM_WARPS,
         )
     if group.host_steps:
         # The host counters need the host to know found_inf: one read (a synchronisation) with AMP.
