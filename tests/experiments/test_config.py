@@ -26,6 +26,7 @@ BAD = [
     (["toy", "--seeds", "0"], "config key 'seeds' must be >= 1, got 0"),
     (["mnist", "--set", "batch_size=70000"], "config key 'batch_size' must be <= 60000"),
     (["vae", "--set", "latent=0"], "config key 'latent' must be >= 1, got 0"),
+    (["mnist", "--set", "data_dir=/no/such/dir"], "config key 'data_dir': '/no/such/dir' is not a directory"),
     (["nosuchexperiment"], "unknown experiment 'nosuchexperiment'"),
     (["toy", "--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
 ]
@@ -39,6 +40,12 @@ def test_bad_config_is_one_clear_line_and_nothing_runs(argv, message, tmp_path, 
     assert err.count("\n") == 0, err
     assert err.startswith("adoptim: error: ") and message in err, err
     assert not out.exists()
+
+
+def test_data_dir_without_idx_files_is_refused(tmp_path, capsys):
+    assert run_cli("vae", "--set", f"data_dir={tmp_path}", "--out", tmp_path / "out") == 2
+    assert "has no train-images-idx3-ubyte[.gz]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_values_parse_by_field_type():

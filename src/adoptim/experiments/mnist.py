@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import report
-from .mnist_data import batch_indices, load_mnist
+from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
 from .runner import Experiment, RunContext, RunResult, Unit
 
@@ -46,6 +46,7 @@ class MnistConfig:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
         if self.batch_size > 60_000:
             raise ValueError(f"config key 'batch_size' must be <= 60000 (the training set), got {self.batch_size}")
+        check_available(self.data_dir)
 
 
 def mlp(hidden: int) -> nn.Module:

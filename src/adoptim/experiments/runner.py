@@ -269,6 +269,8 @@ def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu",
         path = out / "runs" / f"{unit.key}.json"
         if path.exists():
             records = _io.read_json(path)["records"]
+            if dist.is_main:  # left behind when a kill came between the result and its cleanup
+                (out / "checkpoints" / f"{unit.key}.pt").unlink(missing_ok=True)
         else:
             if dist.is_main:
                 say(f"[{exp.name} {i}/{len(units)}] {unit.key}")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import report
-from .mnist_data import batch_indices, load_mnist
+from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer
 from .runner import Experiment, RunContext, RunResult, Unit
 
@@ -46,6 +46,7 @@ class VaeConfig:
         for key in ("steps", "batch_size", "latent", "channels", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        check_available(self.data_dir)
 
 
 class ConvVAE(nn.Module):
