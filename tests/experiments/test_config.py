@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from repro_helpers import run_cli
+from repro_helpers import run_cli, tiny_mnist
 
 from adoptim.experiments import toy
 from adoptim.experiments.config import ConfigError, resolve
@@ -56,11 +56,14 @@ def test_values_parse_by_field_type():
     assert cfg.optim["adam"].lr == toy.ToyConfig().optim["adam"].lr  # others untouched
 
 
-def test_optional_field_accepts_none():
+def test_optional_field_accepts_none(tmp_path, monkeypatch):
+    from adoptim.experiments import mnist_data
     from adoptim.experiments.mnist import MnistConfig
 
+    monkeypatch.setattr(mnist_data, "wheel_path", lambda: tmp_path)  # the wheel need not be installed
     assert resolve(MnistConfig, [("data_dir", "none")]).data_dir is None
-    assert resolve(MnistConfig, [("data_dir", "/data/mnist")]).data_dir == "/data/mnist"
+    data = str(tiny_mnist(tmp_path / "d", n_train=10, n_test=10))
+    assert resolve(MnistConfig, [("data_dir", data)]).data_dir == data
 
 
 def test_rerun_with_other_config_into_same_out_is_refused(tmp_path, capsys):
