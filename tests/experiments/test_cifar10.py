@@ -191,3 +191,11 @@ def test_quick_run_writes_labelled_results_and_resumes(tmp_path):
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
     again = run_experiment(EXPERIMENT, cfg, tmp_path, log=lambda s: None)  # every unit done: nothing reruns
     assert again["final"] == summary["final"]
+
+
+def test_cli_reports_a_wrong_data_dir_in_one_line(tmp_path, capsys):
+    from adoptim.experiments.cli import main
+
+    assert main(["cifar10", "--set", f"data_dir={tmp_path / 'nope'}", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data_dir" in err[0] and "CIFAR-10 python batches" in err[0]

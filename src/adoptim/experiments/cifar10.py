@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import image_data, report
+from .config import ConfigError
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
 from .runner import Experiment, RunContext, RunResult, Unit
 
@@ -126,7 +127,10 @@ def _load(dataset: str, data_dir: str | None) -> tuple[image_data.ImageSet, imag
 
 def load_data(cfg: Cifar10Config) -> tuple[image_data.ImageSet, image_data.ImageSet]:
     """The (subset) train and test sets the config names."""
-    train, test = _load(cfg.dataset_name, cfg.data_dir)
+    try:
+        train, test = _load(cfg.dataset_name, cfg.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key 'data_dir': {e}") from None
     return train.subset(cfg.train_subset, seed=0), test.subset(cfg.test_subset, seed=1)
 
 

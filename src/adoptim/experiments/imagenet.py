@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import image_data, report
+from .config import ConfigError
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
 from .runner import Experiment, RunContext, RunResult, Unit
 
@@ -87,7 +88,7 @@ def _timm() -> Any:
         import timm
         import timm.data
     except Exception as e:  # timm's import fails with several error types when torchvision is broken
-        raise RuntimeError(f"the imagenet experiment needs timm and torchvision importable ({e})") from None
+        raise ConfigError(f"the imagenet experiment needs timm and torchvision importable ({e})") from None
     return timm
 
 
@@ -179,7 +180,10 @@ def run(cfg: ImagenetConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     """Train one Swin with ``unit.optimizer``; return its top-1 validation accuracy."""
     timm = _timm()
     root = Path(cfg.data_dir) if cfg.data_dir else _smoke_root(cfg, ctx)
-    train_loader, val_loader, n_classes = _loaders(cfg, root, ctx, unit.seed)
+    try:
+        train_loader, val_loader, n_classes = _loaders(cfg, root, ctx, unit.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key 'data_dir': {e}") from None
     torch.manual_seed(unit.seed)
     model = build_model(cfg, n_classes).to(ctx.device)
     net: nn.Module = model

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import report
+from .config import ConfigError
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
 from .runner import Experiment, RunContext, RunResult, Unit
 
@@ -177,14 +178,16 @@ class RLConfig:
 
 
 def _make_env(name: str) -> Any:
-    import gymnasium as gym
-
+    try:
+        import gymnasium as gym
+    except ImportError:
+        raise ConfigError("the rl experiment needs gymnasium with MuJoCo: pip install 'gymnasium[mujoco]'") from None
     try:
         env = gym.make(name)
     except gym.error.Error as e:
-        raise ValueError(f"config key 'env': gymnasium cannot make {name!r} ({e})") from None
+        raise ConfigError(f"config key 'env': gymnasium cannot make {name!r} ({e})") from None
     if not isinstance(env.action_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
-        raise ValueError(f"config key 'env': {name!r} needs a continuous (Box) action space and flat "
+        raise ConfigError(f"config key 'env': {name!r} needs a continuous (Box) action space and flat "
                          "observations for this PPO")
     return env
 
