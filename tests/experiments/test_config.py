@@ -74,6 +74,11 @@ def test_rerun_with_other_config_into_same_out_is_refused(tmp_path, capsys):
     assert run_cli(*args, "--set", "runs=5", "--out", out) == 2
     err = capsys.readouterr().err
     assert "was made with runs=4, not 5" in err
+    # More seeds are more units next to the finished ones, not a different config.
+    before = (out / "runs" / "adam-s0.json").stat().st_mtime_ns
+    assert run_cli(*args, "--seeds", "2", "--out", out) == 0
+    assert (out / "runs" / "adam-s0.json").stat().st_mtime_ns == before
+    assert (out / "runs" / "adam-s1.json").exists()
 
 
 def test_preset_values_are_type_checked():

@@ -48,9 +48,10 @@ How to add an experiment (say ``foo``)
 8. ``summary``: the one line ``adoptim list`` prints; ``paper_scale``: what the paper's full setting
    needs (e.g. ``"paper: 10,000 iters x 3 seeds, ~12 min on 2 CPU cores"`` or ``"8 A100 x 2 days"``).
 
-Output directory (``--out``): ``config.json`` (experiment, resolved config, seeds; a rerun with a
-different config is refused), ``runs/``, ``metrics/``, ``checkpoints/`` (removed when a unit finishes),
-``summary.json`` = ``{"experiment", "config", "final": [...]}``, ``summary.md``, ``*.png``.
+Output directory (``--out``): ``config.json`` (experiment, resolved config; a rerun with a different
+config is refused, except for ``seeds``, which adds or leaves out units), ``runs/``, ``metrics/``,
+``checkpoints/`` (removed when a unit finishes), ``summary.json`` = ``{"experiment", "config",
+"final": [...]}``, ``summary.md``, ``*.png``.
 
 Launched as ``torchrun --nproc_per_node N -m adoptim foo`` (``WORLD_SIZE`` > 1) the runner initialises
 ``torch.distributed`` (gloo on CPU, nccl on CUDA) and sets each rank's CUDA device.
@@ -243,7 +244,8 @@ def _check_out(out: Path, meta: Record) -> None:
         raise ConfigError(f"{out} holds results of experiment {old.get('experiment')!r}; use another --out")
     new_cfg = json.loads(json.dumps(meta["config"]))
     for key in sorted(set(old["config"]) | set(new_cfg)):
-        if old["config"].get(key) != new_cfg.get(key):
+        # More (or fewer) seeds only add (or leave out) units: the finished ones stay valid.
+        if key != "seeds" and old["config"].get(key) != new_cfg.get(key):
             raise ConfigError(
                 f"{out} was made with {key}={old['config'].get(key)!r}, not {new_cfg.get(key)!r}; "
                 "rerun with the same config to resume, or use another --out")
