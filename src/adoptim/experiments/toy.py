@@ -225,7 +225,8 @@ def plot(cfg: ToyConfig, results: list[RunResult], out: Path) -> None:
 EXPERIMENT = Experiment(
     name="toy",
     summary="stochastic convex problem f(x)=x, k in {10,50}: Adam fails for small beta2, ADOPT converges",
-    paper_scale="2e6 steps x 1000 runs per setting (the default): ~6 min per optimizer on one CPU core",
+    paper_scale="2e6 steps x 1000 runs per setting, as the default: 3.5-5.5 min per optimizer on one "
+                "CPU core shared with other jobs (19 min for all four)",
     config=ToyConfig,
     quick={"steps": 100_000, "runs": 500, "compile": False},
     units=units,
