@@ -122,7 +122,7 @@ def _cifar_dir(data_dir: str | os.PathLike) -> Path:
         if (cand / "batches.meta").is_file():
             return cand
     raise FileNotFoundError(
-        f"data_dir={str(data_dir)!r} holds no CIFAR-10 python batches: expected "
+        f"{str(data_dir)!r} holds no CIFAR-10 python batches: expected "
         "'batches.meta', 'data_batch_1..5' and 'test_batch' in it or in its 'cifar-10-batches-py' folder")
 
 
