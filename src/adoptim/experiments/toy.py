@@ -86,14 +86,14 @@ BLOCK = 32  # calls fused into one compiled loop
 class _Runs:
     """One optimizer's state for every run and setting: tensors of shape ``(len(ks), len(beta2s), runs)``."""
 
-    def __init__(self, cfg: ToyConfig, name: str) -> None:
+    def __init__(self, cfg: ToyConfig, name: str, device: torch.device | str = "cpu") -> None:
         self.cfg, self.name, self.spec = cfg, name, cfg.optim[name]
         self.adam = name in ("adam", "amsgrad")
         dtype = getattr(torch, cfg.dtype)
         shape = (len(cfg.ks), len(cfg.beta2s), cfg.runs)
-        self.x, self.m, self.v, self.vmax = (torch.zeros(shape, dtype=dtype) for _ in range(4))
+        self.x, self.m, self.v, self.vmax = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(4))
         self.beta2 = torch.tensor(cfg.beta2s, dtype=torch.float64).view(1, -1, 1)
-        self.w2 = (1 - self.beta2).to(dtype)
+        self.w2 = (1 - self.beta2).to(device, dtype)
         rules = (toy_rules.adam_steps, toy_rules.adopt_steps)
         eager = rules[0] if self.adam else rules[1]
         self.eager, self.fast = eager, toy_rules.compiled(eager) if cfg.compile else eager
@@ -107,18 +107,19 @@ class _Runs:
     def advance(self, g: torch.Tensor, g2: torch.Tensor, first: int) -> None:
         """Apply the calls ``first .. first + len(g) - 1`` (0-based gradient calls) to every run."""
         if not self.adam and first == 0:  # ADOPT's first call only sets v = g^2
-            self.v = g2[0].expand_as(self.v).clone()
+            self.v = g2[0].to(self.v.device).expand_as(self.v).clone()
             g, g2, first = g[1:], g2[1:], 1
         n = g.shape[0]
         t = torch.arange(first, first + n, dtype=torch.float64)
         lr = (self.spec.lr / torch.sqrt(1 + self.cfg.lr_decay * t)).view(-1, 1, 1, 1)
-        dtype = self.x.dtype
+        dtype, dev = self.x.dtype, self.x.device
+        g, g2 = g.to(dev), g2.to(dev)
         if self.adam:
-            step_size = (lr / (1 - self.spec.betas[0] ** (t + 1)).view(-1, 1, 1, 1)).to(dtype)
-            sqrt_c2 = torch.sqrt(1 - self.beta2.unsqueeze(0) ** (t + 1).view(-1, 1, 1, 1)).to(dtype)
+            step_size = (lr / (1 - self.spec.betas[0] ** (t + 1)).view(-1, 1, 1, 1)).to(dev, dtype)
+            sqrt_c2 = torch.sqrt(1 - self.beta2.unsqueeze(0) ** (t + 1).view(-1, 1, 1, 1)).to(dev, dtype)
             per_call: tuple[torch.Tensor, ...] = (step_size, sqrt_c2)
         else:
-            per_call = (lr.to(dtype), (t**self.cfg.clip_exponent).view(-1, 1, 1, 1).to(dtype))
+            per_call = (lr.to(dev, dtype), (t**self.cfg.clip_exponent).view(-1, 1, 1, 1).to(dev, dtype))
         for a in range(0, n, BLOCK):
             b = min(a + BLOCK, n)
             fn = self.fast if b - a == BLOCK else self.eager
@@ -141,15 +142,15 @@ def units(cfg: ToyConfig) -> list[Unit]:
 
 
 def _quartiles(x: torch.Tensor) -> torch.Tensor:
-    return torch.quantile(x.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=-1)
+    return torch.quantile(x.double().cpu(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=-1)
 
 
 def run(cfg: ToyConfig, unit: Unit, ctx: RunContext) -> list[dict[str, Any]]:
-    runs = _Runs(cfg, unit.optimizer)
+    runs = _Runs(cfg, unit.optimizer, ctx.device)
     done, hit = 0, {}
     saved = ctx.resume()
     if saved is not None:
-        runs.load(saved["runs"])
+        runs.load({k: v.to(ctx.device) for k, v in saved["runs"].items()})
         done, hit = saved["done"], saved["hit"]
     logs = log_steps(cfg)
     ctx.progress(cfg.steps, done)
@@ -171,8 +172,8 @@ def run(cfg: ToyConfig, unit: Unit, ctx: RunContext) -> list[dict[str, Any]]:
                 ctx.log(done, q25=q[0].tolist(), median=q[1].tolist(), q75=q[2].tolist())
                 ctx.update(done, median=float(q[1].mean()))
             ctx.update(done)
-        ctx.checkpoint({"runs": runs.state(), "done": done, "hit": hit})
-    x, q = runs.x, _quartiles(runs.x)
+        ctx.checkpoint({"runs": {k: v.cpu() for k, v in runs.state().items()}, "done": done, "hit": hit})
+    x, q = runs.x.cpu(), _quartiles(runs.x)
     rows = []
     for a, k in enumerate(cfg.ks):
         for b, beta2 in enumerate(cfg.beta2s):
