@@ -132,8 +132,9 @@ def adopt(
             part = [[x[i] for i in idx] for x in lists]
             if device_type == "cpu" and not compiling:
                 fused_cpu.fused_cpu_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, **hyper)
-            elif device_type == "cpu":
-                # The C call cannot be traced; the compiled foreach step is fused by the compiler instead.
+            elif compiling and device_type in ("cpu", "cuda"):
+                # Neither the C call nor the Triton launch (its host code reads tensor addresses) can be
+                # traced; the compiled foreach step is fused by the compiler instead.
                 _unfused(foreach_adopt, part, grad_scale, found_inf, hyper)
             elif device_type == "cuda":
                 from .kernels.triton import triton_adopt  # imported lazily: Triton ships with CUDA torch
