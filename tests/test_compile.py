@@ -18,7 +18,8 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
 ]
-KERNELS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}}
+# fused=True traces as foreach (the fused kernels are opaque to the compiler, which fuses instead).
+KERNELS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 class CountingBackend:
