@@ -2,10 +2,11 @@
 
 Multi-tensor layout: a table with one row per tensor (addresses of p, g, m, v and of the step counter,
 and the element count) and a list of chunks (tensor index, first element). Each Triton program takes one
-chunk and walks it block by block, so any number of tensors of any sizes costs one launch, and every
-element is read once (p, g, m, v) and written once (p, m, v). The tables hold addresses only; they are
-built on the host once per set of tensors and kept in a small cache, so a steady training loop (and a
-CUDA graph replaying it) copies nothing from the host.
+chunk (one block of 2048 elements by default), so any number of tensors of any sizes costs one launch,
+and every element is read once (p, g, m, v) and written once (p, m, v). A second, tiny launch then adds
+one to every step counter. The tables hold addresses only; they are built on the host once per set of
+tensors and kept in a small cache, so a steady training loop (and a CUDA graph replaying it) copies
+nothing from the host.
 
 The arithmetic is the for-loop kernel's, in float32 (float64 for float64 parameters), rounded once to the
 parameter's dtype at the end; the state is kept in the parameter's dtype. The first call of each
@@ -373,7 +374,7 @@ def triton_adopt(
     ptr = Tensor.data_ptr
     key = (tuple(map(ptr, params)), tuple(map(ptr, grads)), tuple(map(ptr, exp_avgs)),
            tuple(map(ptr, exp_avg_sqs)), tuple(map(ptr, state_steps)), tuple(map(Tensor.numel, params)),
-           tuple(p.dtype for p in params), state_steps[0].device, capturable)
+           tuple(p.dtype for p in params), tuple(g.dtype for g in grads), state_steps[0].device, capturable)
     groups = _PLANS.get(key)
     if groups is None:
         groups, reusable = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
