@@ -119,27 +119,39 @@ def test_half_precision_is_the_reference_rounded_once(dtype: torch.dtype, step: 
         assert (out.cpu() == want).double().mean() > 0.99
 
 
-def test_found_inf_and_grad_scale_on_the_gpu() -> None:
+@pytest.mark.parametrize("device_steps", [True, False])
+def test_found_inf_and_grad_scale_on_the_gpu(device_steps: bool) -> None:
     kernel = _kernel()
     params = [p.cuda() for p in hard_params(torch.float32)]
     grads = _cuda(hard_grads(hard_params(torch.float32), steps=4))
     scale = torch.tensor(4096.0, device="cuda")
-    fused, loop = State(params), State(params)
+    fused, loop = State(params, capturable=device_steps), State(params)
     for row in grads:
         before = [x.clone() for x in fused.p + fused.m + fused.v + fused.s]
         bad = [None if g is None else g * scale for g in row]
         bad[1] = bad[1].clone()
         bad[1].view(-1)[3] = float("nan")
         inf = torch.ones((), device="cuda")
-        fused.step(kernel, bad, **_fused_kw(**FLAGS[0]) | dict(grad_scale=scale, found_inf=inf))
+        fused.step(kernel, bad, **_fused_kw(**FLAGS[0]) | dict(grad_scale=scale, found_inf=inf,
+                                                               capturable=device_steps))
         for x, y in zip(before, fused.p + fused.m + fused.v + fused.s):
             assert torch.equal(x, y)
         good = [None if g is None else g * scale for g in row]
         fine = torch.zeros((), device="cuda")
-        fused.step(kernel, good, **_fused_kw(**FLAGS[0]) | dict(grad_scale=scale, found_inf=fine))
+        fused.step(kernel, good, **_fused_kw(**FLAGS[0]) | dict(grad_scale=scale, found_inf=fine,
+                                                                capturable=device_steps))
         loop.step(single_tensor_adopt, row, capturable=False, differentiable=False, **HYPER, **FLAGS[0])
     for a, b in zip(fused.p, loop.p):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert [float(s) for s in fused.s] == [float(s) for s in loop.s] == [4, 4, 0, 4, 4]
+
+
+def test_capturable_needs_device_steps() -> None:
+    kernel = _kernel()
+    p = torch.zeros(3, device="cuda")
+    with pytest.raises(ValueError, match="capturable=True needs the step counters on the parameters' device"):
+        kernel([p], [torch.ones_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros(())],
+               **_fused_kw(**FLAGS[0]))
 
 
 def _mlp(seed: int = 0) -> torch.nn.Module:
