@@ -218,7 +218,8 @@ def summarize(cfg: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
-    """``gpt_loss.png``: training loss per step (one panel per batch size), held-out loss as dots."""
+    """``gpt_loss.png``: training loss per step (one panel per batch size), held-out loss as dots,
+    spikes as dotted vertical lines."""
     sizes = list(dict.fromkeys(res.unit.fields()["batch"] for res in results))
     fig, axes = report.figure(1, len(sizes), size=(4.2, 3.0))
     for ax, b in zip(axes[0], sizes, strict=True):
@@ -229,7 +230,8 @@ def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
             line = ax.plot(steps, [h["loss"] for h in res.history], lw=0.6, label=res.unit.optimizer)[0]
             ev = [(h["step"], h["val_loss"]) for h in res.history if "val_loss" in h]
             if ev:
-                ax.plot(*zip(*ev, strict=True), "o", ms=3, color=line.get_color())
+                ax.plot(*zip(*ev, strict=True), "o", ms=3, color=line.get_color(),
+                        label=f"{res.unit.optimizer} held-out")
             for s in res.records[0]["spike_steps"]:
                 ax.axvline(s + 1, color=line.get_color(), lw=0.5, ls=":")
         ax.set_title(f"batch {b} x {cfg.block_size} tokens")
