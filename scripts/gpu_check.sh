@@ -135,7 +135,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
     local name=$1 limit=$2 start rc
     shift 2
     start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
     rc=$?
     [ "$rc" -eq 0 ] || failed=1
     printf '%-14s rc=%-3s %4ss  %.90s\n' "$name" "$rc" "$(($(date +%s) - start))" "$*" | tee -a "$SUMMARY"
