@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ def test_oracle_takes_two_values_with_probability_one_over_k_and_mean_one(k):
     n, p = g.numel(), 1 / k
     freq = big.double().mean().item()
     assert abs(freq - p) < 5 * math.sqrt(p * (1 - p) / n)
-    # The oracle's mean is f'(x) = 1: k^2/k - k(1 - 1/k) = 1 exactly, and so within sampling error.
+    # The oracle is f_t(x) = g_t x, so its mean is f(x) = x exactly when E[g] = k^2/k - k(1 - 1/k) = 1;
+    # the sample mean agrees within sampling error.
     assert k * k * p - k * (1 - p) == pytest.approx(1.0)
     sd = math.sqrt(k**4 * p + k * k * (1 - p) - 1)
     assert abs(g.mean().item() - 1.0) < 5 * sd / math.sqrt(n)
@@ -101,3 +103,20 @@ def test_adam_with_small_beta2_goes_to_the_wrong_end_and_adopt_does_not(tmp_path
     final = {r["optimizer"]: r for r in json.loads((out / "summary.json").read_text())["final"]}
     assert final["adam"]["median"] > 0.9
     assert final["adopt-noclip"]["median"] < -0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["amsgrad", "adopt"])
+def test_compiled_blocks_match_the_eager_rules(name):
+    # The README's numbers come from the compiled path: it must be the same arithmetic as the tested one.
+    kw = dict(steps=40, runs=4, ks=(10,), beta2s=(0.1, 0.999), dtype="float64", chunk=1000)
+    eager, fast = toy._Runs(_cfg(compile=False, **kw), name), toy._Runs(_cfg(compile=True, **kw), name)
+    g, g2 = toy.draws(_cfg(**kw), 0, 0, kw["steps"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for runs in (eager, fast):
+            runs.block = 4  # a short block compiles in seconds; the arithmetic per call is the same
+            runs.advance(g, g2, 0)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)], "compiling fell back to eager"
+    torch.testing.assert_close(fast.x, eager.x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.m, eager.m, rtol=1e-12, atol=1e-12)

@@ -97,6 +97,7 @@ class _Runs:
         rules = (toy_rules.adam_steps, toy_rules.adopt_steps)
         eager = rules[0] if self.adam else rules[1]
         self.eager, self.fast = eager, toy_rules.compiled(eager) if cfg.compile else eager
+        self.block = BLOCK
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"x": self.x, "m": self.m, "v": self.v, "vmax": self.vmax}
@@ -120,9 +121,9 @@ class _Runs:
             per_call: tuple[torch.Tensor, ...] = (step_size, sqrt_c2)
         else:
             per_call = (lr.to(dev, dtype), (t**self.cfg.clip_exponent).view(-1, 1, 1, 1).to(dev, dtype))
-        for a in range(0, n, BLOCK):
-            b = min(a + BLOCK, n)
-            fn = self.fast if b - a == BLOCK else self.eager
+        for a in range(0, n, self.block):
+            b = min(a + self.block, n)
+            fn = self.fast if b - a == self.block else self.eager
             args = (g[a:b], g2[a:b], *(p[a:b] for p in per_call), self.w2, self.spec.betas[0], self.spec.eps)
             if self.adam:
                 self.x, self.m, self.v, self.vmax = fn(self.x, self.m, self.v, self.vmax, *args,
