@@ -256,7 +256,8 @@ def plot(cfg: Cifar10Config, results: list[RunResult], out: Path) -> None:
         colors.setdefault(name, line.get_color())
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"ResNet-18 (width {cfg.width:g}) on {dataset}", fontsize=8)
+    ax.set_title(f"ResNet-18 (width {cfg.width:g}), {cfg.seeds} seeds\non {dataset}", fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     report.save(fig, out / "cifar10.png")
 
