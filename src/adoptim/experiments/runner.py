@@ -87,7 +87,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        """A file-name-safe identifier, e.g. ``adam-s0-k10-beta2_0.1``."""
+        """A file-name-safe identifier, e.g. ``adam-s0`` or, with a setting ``(("k", 10),)``, ``adam-s0-k10``."""
         parts = [self.optimizer, f"s{self.seed}"] + [f"{k}{v}" for k, v in self.setting]
         return "-".join(parts).replace("/", "_").replace(" ", "")
 
