@@ -55,6 +55,7 @@ def _accepts(flags: dict[str, Any]) -> bool:
 
 # Checked when the tests are collected: the fused kernel joins as soon as the constructor accepts it.
 KERNELS = [
+    pytest.param({}, id="default"),  # what a user gets without flags (the fused kernel on the CPU, if built)
     pytest.param({"foreach": False}, id="forloop"),
     pytest.param({"foreach": True}, id="foreach"),
     pytest.param({"foreach": False, "capturable": True}, id="forloop-capturable"),

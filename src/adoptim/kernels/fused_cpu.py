@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import sys
 import warnings
 from array import array
 
@@ -70,6 +71,19 @@ def _library() -> ctypes.CDLL | None:
         stacklevel=4,
     )
     return None
+
+
+def _dtensor_type() -> type | None:
+    """``DTensor`` if torch.distributed.tensor was imported (no DTensor can exist otherwise), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _local_shards(dtensor: type, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, ...] | None:
+    """The local tensors of four DTensors laid out alike (same mesh and placements), else None."""
+    for x in (g, m, v):
+        if not isinstance(x, dtensor) or x.device_mesh != p.device_mesh or x.placements != p.placements:
+            return None
+    return tuple(x.to_local() for x in (p, g, m, v))
 
 
 def is_available() -> bool:
@@ -153,12 +167,20 @@ def fused_cpu_adopt(
     fast: list[int] = []
     rows: list[list[int]] = [[], [], [], [], [], [], []]
     rp, rg, rm, rv, rs, rn, rc = rows
+    dtensor = _dtensor_type()
     # This loop is the only per-tensor cost on the host: for many small tensors it is most of the step.
     for i in range(n):
         p, g, m, v, s = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         shape = p.shape
         if g.shape != shape or m.shape != shape or v.shape != shape:
             raise _shape_error(i, p, g, m, v)
+        if dtensor is not None and isinstance(p, dtensor):
+            # A DTensor (FSDP2 shard) has no data pointer of its own: update its local shard, which is
+            # right when all four tensors share one layout; otherwise the for-loop kernel takes it.
+            local = _local_shards(dtensor, p, g, m, v)
+            if local is None:
+                continue
+            p, g, m, v = local
         if p.is_complex():
             p, g, m, v = (torch.view_as_real(x) for x in (p, g, m, v))
         code = _code(p, g, m, v, s)
