@@ -3,12 +3,13 @@
 Claim tested: with everything else fixed (the agent and its hyper-parameters), replacing Adam by ADOPT
 gives an agent with an equal or higher return on MuJoCo locomotion (the paper shows HalfCheetah and
 Ant). Here: a compact PPO of our own in the CleanRL style (one file of plain torch, no RL library;
-Stable-Baselines3's MuJoCo defaults), gymnasium's ``HalfCheetah-v5`` by default, ``Pendulum-v1`` with
-``--quick``. The metric is the mean undiscounted return of deterministic evaluation episodes at the
+the default PPO settings of Stable-Baselines3 and CleanRL), gymnasium's ``HalfCheetah-v5`` by default,
+``Pendulum-v1`` with ``--quick``. The metric is the mean undiscounted return of deterministic evaluation episodes at the
 end of training (frozen observation statistics), reported as mean and 95% interval over seeds.
 
-Scale: a full-length MuJoCo PPO run is 1M environment steps; the default here trains 150k per run (three seeds of
-two optimizers fit in 30 minutes on two CPU cores), where PPO on HalfCheetah is still early in learning.
+Scale: a full-length MuJoCo PPO run is 1M environment steps; the default here trains 150k per run (the six
+runs took 52 minutes on two CPU cores shared with other jobs), where PPO on HalfCheetah is still early in
+learning.
 
 Distributed: under ``torchrun`` each process steps its share of the ``envs`` parallel environments and
 trains on its share of every minibatch; gradients are averaged across processes before clipping, so
@@ -141,7 +142,7 @@ def _gae(rew: np.ndarray, val: np.ndarray, done: np.ndarray, next_val: np.ndarra
 
 @dataclass
 class RLConfig:
-    """PPO on one gymnasium environment; PPO settings are Stable-Baselines3's MuJoCo defaults."""
+    """PPO on one gymnasium environment; PPO settings are Stable-Baselines3's and CleanRL's defaults."""
 
     env: str = "HalfCheetah-v5"
     total_steps: int = 150_000
