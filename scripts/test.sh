@@ -14,7 +14,8 @@ bash scripts/setup.sh
 if [ "${SKIP_TIMM:-0}" != 1 ]; then
   VENV=${TIMM_VENV:-.venv-timm}
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31"
+  # Pillow 13 refuses posterize(bits=0), which timm's RandAugment asks for at magnitude 10 (the Swin recipe).
+  "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31" "pillow<13"
   # The torch pin above stays: nothing below asks for another torch.
   "$VENV/bin/python" -m pip install -q -e ".[test,experiments]" "torch==2.14.1"
   "$VENV/bin/python" -m pytest -n 2 -q -m timm "$@"
