@@ -29,6 +29,7 @@ BAD = [
     (["mnist", "--set", "data_dir=/no/such/dir"], "config key 'data_dir': '/no/such/dir' is not a directory"),
     (["nosuchexperiment"], "unknown experiment 'nosuchexperiment'"),
     (["toy", "--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
+    (["toy", "--checkpoint-every", "-5"], "--checkpoint-every must be >= 0 seconds, got -5.0"),
 ]
 
 

@@ -66,10 +66,12 @@ def _run_one(name: str, args: argparse.Namespace) -> int:
     try:
         exp = registry.load(name)
     except KeyError:
-        known = ", ".join(registry.available())
+        known = ", ".join(registry.names())
         raise ConfigError(f"unknown experiment {name!r}; known: {known} (or list, demo)") from None
     cfg = _config(exp, args)
     _check_device(args.device)
+    if not args.checkpoint_every >= 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0 seconds, got {args.checkpoint_every}")
     out = args.out or Path("results") / (name + ("-quick" if args.quick else ""))
     run_experiment(exp, cfg, out, device=args.device, checkpoint_every=args.checkpoint_every)
     return 0

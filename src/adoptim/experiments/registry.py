@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from .runner import Experiment
 
@@ -22,6 +23,11 @@ def load(name: str) -> Experiment:
             raise KeyError(name) from None
         raise
     return module.EXPERIMENT
+
+
+def names() -> list[str]:
+    """The registered experiments whose module exists, found without importing them."""
+    return [n for n in EXPERIMENT_MODULES if importlib.util.find_spec(f"{__package__}.{n}") is not None]
 
 
 def available() -> dict[str, Experiment | Exception]:
