@@ -3,7 +3,8 @@
 Prints one table per layout: (a) the GPT-2-small parameter list (124M parameters in 148 tensors),
 (b) 10M parameters in 100 tensors, (c) 1000 tensors of 1000 elements. Columns: median ms per step,
 first-step ms (state allocation and any compilation included), GB/s at 7 parameter-sized accesses per
-element (28 bytes for float32), the fraction of the memory-bandwidth bound measured in the same run,
+element (28 bytes for float32), the fraction of the memory-bandwidth bound measured in the same run
+(the best of its runs before and after the rows, as STREAM reports),
 and the ratio to torch's ``AdamW(fused=True)``. The bound on the CPU is a STREAM-like kernel with the
 step's access pattern (read p, g, m, v; write p, m, v) threaded as the fused kernel is; on CUDA it is the
 device-to-device copy bandwidth.
@@ -154,7 +155,11 @@ def time_steps(
 
 
 def bound_seconds(numel: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[float, float]:
-    """(median seconds, GB/s) of the bandwidth bound for ``numel`` elements of ``dtype``."""
+    """(best seconds, GB/s) of the bandwidth bound for ``numel`` elements of ``dtype``.
+
+    The best of ``repeats`` runs, as STREAM reports: other processes can only slow a run down, so the
+    fastest is the closest to what the memory system allows (and the fraction of it is conservative).
+    """
     nbytes = 7 * numel * torch.empty((), dtype=dtype).element_size()
     if device == "cpu":
         from adoptim.kernels.fused_cpu import bound_kernel
@@ -174,8 +179,8 @@ def bound_seconds(numel: int, dtype: torch.dtype, device: str, repeats: int) -> 
         run()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return median, nbytes / median / 1e9
+    best = min(times)
+    return best, nbytes / best / 1e9
 
 
 # ------------------------------------------------------------------ results file
@@ -208,10 +213,13 @@ def run_layout(key: str, args: argparse.Namespace, results: dict) -> None:
     nbytes = 7 * numel * base[0].element_size()
     store = results.setdefault(f"{key}/{args.device}/{args.dtype}/{args.threads}", {})
 
-    if "bound" not in store:
+    def measure_bound() -> None:
         seconds, gbps = bound_seconds(numel, dtype, args.device, repeats=max(args.steps, 10))
-        store["bound"] = {"median_ms": seconds * 1e3, "gbps": gbps}
+        if "bound" not in store or seconds * 1e3 < store["bound"]["best_ms"]:
+            store["bound"] = {"best_ms": seconds * 1e3, "gbps": gbps}
         _save(args.json, results)
+
+    measure_bound()
     todo = [(n, f) for n, f in rows(args.device) if re.search(args.rows, n) and not re.search(args.exclude, n)]
     for i, (name, factory) in enumerate(todo):
         if name in store or factory is None:
@@ -237,13 +245,15 @@ def run_layout(key: str, args: argparse.Namespace, results: dict) -> None:
         gc.collect()
         _save(args.json, results)
 
+    measure_bound()  # again after the rows: the better of the two is the bound
     print(f"\n### ({key}) {title}: {numel / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
           f"{args.threads} thread(s), median of {args.steps} steps\n")
     ref = store.get("torch AdamW fused", {}).get("median_ms")
     bound = store["bound"]
     print("| optimizer | median ms | min ms | first-step ms | GB/s | of bound | vs AdamW fused |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| bound (STREAM-like, same traffic) | {bound['median_ms']:.1f} | | | {bound['gbps']:.1f} | 1.00 | |")
+    print(f"| bound (STREAM-like, same traffic; best run) | {bound['best_ms']:.1f} | | | "
+          f"{bound['gbps']:.1f} | 1.00 | |")
     for name, factory in todo:
         row = store.get(name)
         if factory is None:
