@@ -342,3 +342,21 @@ def test_bound_kernel_arithmetic() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="float32"):
         fused_cpu.bound_kernel(p.double(), gr, m, v)
+
+
+def test_compiled_step_with_fused_on_cpu_traces_foreach() -> None:
+    # The C call cannot be traced: under torch.compile an explicit fused=True on the CPU runs the traced
+    # foreach kernel, which must still match the for-loop kernel (float32: a few ulps per step).
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8))
+    q = p.detach().clone().requires_grad_(True)
+    fused = adoptim.ADOPT([p], lr=torch.tensor(0.01), fused=True)
+    loop = adoptim.ADOPT([q], lr=torch.tensor(0.01), foreach=False)
+    step = torch.compile(fused.step, fullgraph=True)
+    for _ in range(4):
+        g = torch.randn(8)
+        p.grad, q.grad = g.clone(), g.clone()
+        step()
+        loop.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert float(fused.state[p]["step"]) == 4
