@@ -90,3 +90,15 @@ def test_functional_form_checks_list_lengths() -> None:
             beta1=0.9, beta2=0.9, lr=0.1, weight_decay=0.0, decoupled_weight_decay=False,
             clip_exponent=0.25, eps=1e-6, maximize=False,
         )
+
+
+def test_differentiable_step_counter_with_grad_is_refused_before_anything_changes() -> None:
+    a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    opt = adoptim.ADOPT([{"params": [a]}, {"params": [b]}], differentiable=True)
+    opt.state[b] = {
+        "step": torch.tensor(1.0, requires_grad=True), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.ones(2)
+    }
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    with pytest.raises(RuntimeError, match=r"`step` in differentiable mode \(param group 1 parameter 0\)"):
+        opt.step()
+    assert len(opt.state[a]) == 0 and torch.equal(a.detach(), torch.ones(2))

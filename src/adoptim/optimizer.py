@@ -226,6 +226,11 @@ class ADOPT(Optimizer):
                         "use dense gradients, e.g. nn.Embedding(sparse=False)"
                     )
                 st = self.state.get(p)
+                if st and group["differentiable"] and st["step"].requires_grad:
+                    raise RuntimeError(
+                        f"`requires_grad` is not supported for `step` in differentiable mode (param group {gi} "
+                        f"parameter {pi})"
+                    )
                 if st and (st["exp_avg"].shape != p.shape or st["exp_avg_sq"].shape != p.shape):
                     raise RuntimeError(
                         f"state of param group {gi} parameter {pi} does not match it: parameter shape "
@@ -253,8 +258,6 @@ class ADOPT(Optimizer):
                 state["step"] = torch.zeros((), dtype=V.scalar_dtype(), device=device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["differentiable"] and state["step"].requires_grad:
-                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
