@@ -82,6 +82,8 @@ def _demo(args: argparse.Namespace) -> int:
     for name in ("toy", "mnist"):
         sub = argparse.Namespace(**{**vars(args), "quick": True, "out": base / name})
         _run_one(name, sub)
+    for name in ("toy", "mnist"):
+        print("\n" + (base / name / "summary.md").read_text().strip())
     print(f"demo results: {base / 'toy'}/summary.md and {base / 'mnist'}/summary.md (plots beside them)")
     return 0
 
