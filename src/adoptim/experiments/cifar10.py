@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import image_data, report
 from .config import ConfigError
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
-from .runner import Experiment, RunContext, RunResult, Unit
+from .runner import Experiment, RunContext, RunResult, Unit, seed_units
 
 
 # --------------------------------------------------------------------------- model
@@ -158,10 +158,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, rank: int, world: int, batc
     return float(correct[0] / correct[1])
 
 
-def units(cfg: Cifar10Config) -> list[Unit]:
-    return [Unit(name, seed) for seed in range(cfg.seeds) for name in cfg.optimizers]
-
-
 def run(cfg: Cifar10Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     """Train one ResNet-18 with ``unit.optimizer`` from seed ``unit.seed``; return its test accuracy."""
     train, test = load_data(cfg)
@@ -270,7 +266,7 @@ EXPERIMENT = Experiment(
                 "--set train_subset=none (GPU hours)",
     config=Cifar10Config,
     quick={"width": 0.0625, "epochs": 2, "train_subset": 4096, "test_subset": 2000, "seeds": 2},
-    units=units,
+    units=seed_units,
     run=run,
     summarize=summarize,
     plot=plot,

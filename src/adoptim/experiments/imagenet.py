@@ -29,7 +29,7 @@ from torch import nn
 from . import image_data, report
 from .config import ConfigError
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
-from .runner import Experiment, RunContext, RunResult, Unit
+from .runner import Experiment, RunContext, RunResult, Unit, seed_units
 
 SMOKE_NAME = "Fashion-MNIST as 32x32 RGB ImageFolder (smoke run, not ImageNet)"
 
@@ -172,10 +172,6 @@ def evaluate(model: nn.Module, loader: Any, ctx: RunContext) -> float:
     return float(counts[0] / counts[1])
 
 
-def units(cfg: ImagenetConfig) -> list[Unit]:
-    return [Unit(name, seed) for seed in range(cfg.seeds) for name in cfg.optimizers]
-
-
 def run(cfg: ImagenetConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     """Train one Swin with ``unit.optimizer``; return its top-1 validation accuracy."""
     timm = _timm()
@@ -271,7 +267,7 @@ EXPERIMENT = Experiment(
     quick={"smoke_per_class": 16, "img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 24,
            "depths": (1, 1, 1), "num_heads": (1, 2, 4), "drop_path": 0.0, "epochs": 2, "warmup_epochs": 1,
            "batch_size": 32, "workers": 0, "rand_augment": "rand-m9-mstd0.5-inc1"},
-    units=units,
+    units=seed_units,
     run=run,
     summarize=summarize,
     plot=plot,

@@ -18,7 +18,7 @@ from torch import nn
 from . import report
 from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
-from .runner import Experiment, RunContext, RunResult, Unit
+from .runner import Experiment, RunContext, RunResult, Unit, seed_units
 
 
 def _specs() -> dict[str, OptimSpec]:
@@ -57,10 +57,6 @@ def mlp(hidden: int) -> nn.Module:
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     correct = sum(int((model(x[i:i + 2000]).argmax(1) == y[i:i + 2000]).sum()) for i in range(0, len(x), 2000))
     return correct / len(x)
-
-
-def units(cfg: MnistConfig) -> list[Unit]:
-    return [Unit(name, seed) for seed in range(cfg.seeds) for name in cfg.optimizers]
 
 
 def run(cfg: MnistConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
@@ -134,7 +130,7 @@ EXPERIMENT = Experiment(
                 "9 min on 2 idle CPU cores",
     config=MnistConfig,
     quick={"steps": 400, "seeds": 2, "eval_every": 200, "log_every": 50},
-    units=units,
+    units=seed_units,
     run=run,
     summarize=summarize,
     plot=plot,

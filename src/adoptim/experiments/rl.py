@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import report
 from .config import ConfigError
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
-from .runner import Experiment, RunContext, RunResult, Unit
+from .runner import Experiment, RunContext, RunResult, Unit, seed_units
 
 
 class RunningMeanStd:
@@ -325,10 +325,6 @@ def _average_grads(params: list[Tensor], world: int) -> None:
         offset += p.numel()
 
 
-def units(cfg: RLConfig) -> list[Unit]:
-    return [Unit(name, seed) for seed in range(cfg.seeds) for name in cfg.optimizers]
-
-
 def run(cfg: RLConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     """Train one PPO agent (``unit.optimizer``, ``unit.seed``), then evaluate it."""
     ppo = PPO(cfg, unit.optimizer, unit.seed, ctx.rank, ctx.world_size)
@@ -392,7 +388,7 @@ EXPERIMENT = Experiment(
                 "(--set env=Ant-v5); about 15-30 min per run on one CPU core",
     config=RLConfig,
     quick={"env": "Pendulum-v1", "total_steps": 8192, "seeds": 2, "eval_episodes": 2},
-    units=units,
+    units=seed_units,
     run=run,
     summarize=summarize,
     plot=plot,

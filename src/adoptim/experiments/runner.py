@@ -17,7 +17,8 @@ How to add an experiment (say ``foo``)
    for impossible values: the CLI prints it as one line before anything runs.
 3. ``quick``: a dict of overrides (``{"steps": 200}``) that makes ``--quick`` finish within 2 minutes
    on a 2-core CPU (all seeds and optimizers together).
-4. ``units(config) -> list[Unit]``: the resumable pieces of work, normally one
+4. ``units(config) -> list[Unit]``: the resumable pieces of work (``seed_units`` gives one per seed
+   and optimizer), normally one
    ``Unit(optimizer, seed, setting)`` per (optimizer, seed, setting); ``setting`` is a tuple of
    ``(key, value)`` pairs for a grid (``(("k", 10),)``), empty otherwise. A unit whose result file
    exists is skipped on rerun; nothing else of it is repeated.
@@ -93,6 +94,11 @@ class Unit:
 
     def fields(self) -> Record:
         return {"optimizer": self.optimizer, "seed": self.seed, **dict(self.setting)}
+
+
+def seed_units(cfg: Any) -> list[Unit]:
+    """The usual ``units``: one unit per (seed, optimizer) of a config with ``seeds`` and ``optimizers``."""
+    return [Unit(name, seed) for seed in range(cfg.seeds) for name in cfg.optimizers]
 
 
 @dataclass(frozen=True)

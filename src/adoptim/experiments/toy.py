@@ -19,7 +19,7 @@ import torch
 
 from . import report, toy_rules
 from .optimizers import OptimSpec
-from .runner import Experiment, RunContext, RunResult, Unit
+from .runner import Experiment, RunContext, RunResult, Unit, seed_units
 
 TOY_OPTIMIZERS = ("adam", "amsgrad", "adopt", "adopt-noclip")
 OPTIMUM = -1.0
@@ -138,10 +138,6 @@ def log_steps(cfg: ToyConfig) -> list[int]:
     return sorted({round(cfg.steps * (i + 1) / n) for i in range(n)})
 
 
-def units(cfg: ToyConfig) -> list[Unit]:
-    return [Unit(name, seed) for seed in range(cfg.seeds) for name in cfg.optimizers]
-
-
 def _quartiles(x: torch.Tensor) -> torch.Tensor:
     return torch.quantile(x.double().cpu(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=-1)
 
@@ -231,7 +227,7 @@ EXPERIMENT = Experiment(
                 "CPU core shared with other jobs (19 min for all four)",
     config=ToyConfig,
     quick={"steps": 100_000, "runs": 500, "compile": False},
-    units=units,
+    units=seed_units,
     run=run,
     summarize=summarize,
     plot=plot,

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from . import report
 from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer
-from .runner import Experiment, RunContext, RunResult, Unit
+from .runner import Experiment, RunContext, RunResult, Unit, seed_units
 
 
 @dataclass
@@ -85,10 +85,6 @@ def test_nelbo(model: ConvVAE, x: torch.Tensor, latent: int) -> float:
         noise = torch.randn(len(xb), latent, generator=gen).to(xb.device)
         total += float(model(xb, noise).sum())
     return total / len(x)
-
-
-def units(cfg: VaeConfig) -> list[Unit]:
-    return [Unit(name, seed) for seed in range(cfg.seeds) for name in cfg.optimizers]
 
 
 def run(cfg: VaeConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
@@ -166,7 +162,7 @@ EXPERIMENT = Experiment(
                 "~5 min of one CPU core (30 ms/step)",
     config=VaeConfig,
     quick={"steps": 200, "seeds": 2, "eval_every": 100, "log_every": 25},
-    units=units,
+    units=seed_units,
     run=run,
     summarize=summarize,
     plot=plot,
