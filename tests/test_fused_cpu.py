@@ -360,3 +360,41 @@ def test_compiled_step_with_fused_on_cpu_traces_foreach() -> None:
         loop.step()
     torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
     assert float(fused.state[p]["step"]) == 4
+
+
+def _lists(params: list[torch.Tensor], step_dtype: torch.dtype = torch.float32) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    return [params, grads, [torch.zeros_like(p) for p in params], [torch.ones_like(p) for p in params],
+            [torch.tensor(float(i), dtype=step_dtype) for i in range(len(params))]]
+
+
+def test_whole_list_table_equals_the_per_tensor_table() -> None:
+    # The common case is built a whole list at a time; the per-tensor loop is the general builder.
+    # Both must give the C call the same table, for every dtype and step dtype the loops take.
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for step_dtype in (torch.float32, torch.float64):
+            lists = _lists([torch.zeros(n, dtype=dtype) for n in (3, 0, 70_000)] + [torch.zeros(2, 5, dtype=dtype)],
+                           step_dtype)
+            bulk = fused_cpu._bulk_table(*lists)
+            fast, rows = fused_cpu._table_per_tensor(*lists)
+            assert fast == [0, 1, 2, 3]
+            assert bulk is not None and bulk.tolist() == [x for row in rows for x in row]
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda ls: [x.__setitem__(1, torch.zeros(2, 4, dtype=torch.complex64)) for x in ls[:4]],  # complex
+        lambda ls: ls[1].__setitem__(1, torch.zeros(4, 2).t()),  # a gradient of another layout
+        lambda ls: ls[2].__setitem__(0, torch.zeros(3, dtype=torch.float64)),  # state of another dtype
+        lambda ls: ls[3].__setitem__(0, torch.zeros(4)),  # state of another shape
+        lambda ls: ls[4].__setitem__(0, torch.zeros(1, dtype=torch.int64)),  # an integer step
+        lambda ls: ls[0].__setitem__(0, torch.zeros(3, device="meta")),  # not on the CPU
+    ],
+)
+def test_whole_list_table_leaves_unusual_tensors_to_the_per_tensor_loop(spoil) -> None:
+    lists = _lists([torch.zeros(3), torch.zeros(2, 4)])
+    assert fused_cpu._bulk_table(*lists) is not None
+    spoil(lists)
+    assert fused_cpu._bulk_table(*lists) is None

@@ -207,6 +207,21 @@ def test_launch_plans_are_built_once_per_set_of_tensors(monkeypatch: pytest.Monk
     assert len(builds) == 4 and not K._KEEP_ALIVE
 
 
+def test_a_cached_plan_is_not_reused_for_another_layout_at_the_same_address() -> None:
+    # The same gradient memory read first as it lies, then transposed: the address, size and dtype
+    # are the same, only the strides differ, and the update must follow them.
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    buf = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    kw = dict(HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
+    fused, loop = State([p]), State([p])
+    for g in (buf, buf, buf.t(), buf.t(), buf):
+        fused.step(K.triton_adopt, [g], **_fused(**kw))
+        loop.step(single_tensor_adopt, [g], **_plain(**kw))
+        torch.testing.assert_close(fused.p[0], loop.p[0], rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(fused.v[0], loop.v[0], rtol=1e-14, atol=1e-15)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_found_inf_changes_nothing_and_grad_scale_unscales(dtype: torch.dtype) -> None:
     params = hard_params(dtype)

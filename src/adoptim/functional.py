@@ -7,6 +7,7 @@ loop that keeps its own state, a compiled step) can switch kernels with one flag
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from .kernels.single_tensor import single_tensor_adopt
 __all__ = ["adopt", "default_foreach", "default_fused"]
 
 _FOREACH_DEVICES = ("cuda", "xpu", "mps")
+_IS_CPU = attrgetter("is_cpu")
+_IS_CUDA = attrgetter("is_cuda")
+_PLAIN_TYPES = {Tensor, torch.nn.Parameter}
 
 
 def default_foreach(params: list[Tensor], differentiable: bool) -> bool:
@@ -45,9 +49,16 @@ def default_fused(params: list[Tensor], differentiable: bool) -> bool:
     """
     if differentiable or not params or _is_compiling():
         return False
-    if not all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params):
+    if not _all_plain(params):
         return False
-    return all(p.device.type == "cpu" for p in params) and fused_cpu.is_available()
+    return all(map(_IS_CPU, params)) and fused_cpu.is_available()
+
+
+def _all_plain(params: list[Tensor]) -> bool:
+    """Whether all are plain tensors or parameters (no tensor subclass such as DTensor)."""
+    if set(map(type, params)) <= _PLAIN_TYPES:  # one pass in C for the usual case
+        return True
+    return all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params)
 
 
 def _is_compiling() -> bool:
@@ -125,11 +136,16 @@ def adopt(
     )
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if fused:
-        by_device: dict[str, list[int]] = {}
-        for i, p in enumerate(params):
-            by_device.setdefault(p.device.type, []).append(i)
+        if not compiling and all(map(_IS_CPU, params)):
+            by_device = {"cpu": None}  # the common cases take the lists as they are, with no per-tensor loop
+        elif not compiling and all(map(_IS_CUDA, params)):
+            by_device = {"cuda": None}
+        else:
+            by_device = {}
+            for i, p in enumerate(params):
+                by_device.setdefault(p.device.type, []).append(i)
         for device_type, idx in by_device.items():
-            part = [[x[i] for i in idx] for x in lists]
+            part = list(lists) if idx is None else [[x[i] for i in idx] for x in lists]
             if device_type == "cpu" and not compiling:
                 fused_cpu.fused_cpu_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, **hyper)
             elif compiling and device_type in ("cpu", "cuda"):

@@ -214,29 +214,80 @@ class ADOPT(Optimizer):
                     )
 
     # ------------------------------------------------------------------ step
-    def _check_before_step(self) -> None:
-        """Everything that can make a step fail is checked for all groups before any tensor changes."""
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
+    def _gather(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor | None],
+        exp_avg_sqs: list[Tensor | None],
+        state_steps: list[Tensor | None],
+    ) -> list[int]:
+        """Check the parameters of group ``gi`` that have a gradient and append them and their state.
+
+        Raises before anything changes when a step could not be taken. Returns the positions in the lists
+        of parameters that have no state yet; their state entries are ``None`` until
+        :meth:`_create_state` fills them. One pass, a few attribute reads per parameter: for models of
+        many small tensors this loop is most of the host's work in a fused step.
+        """
+        state = self.state
+        differentiable = group["differentiable"]
+        missing: list[int] = []
+        for pi, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"ADOPT does not support sparse gradients (param group {gi} parameter {pi}); "
+                    "use dense gradients, e.g. nn.Embedding(sparse=False)"
+                )
+            st = state.get(p)
+            if st:
+                m, v, s = st["exp_avg"], st["exp_avg_sq"], st["step"]
+                shape = p.shape
+                if m.shape != shape or v.shape != shape:
                     raise RuntimeError(
-                        f"ADOPT does not support sparse gradients (param group {gi} parameter {pi}); "
-                        "use dense gradients, e.g. nn.Embedding(sparse=False)"
+                        f"state of param group {gi} parameter {pi} does not match it: parameter shape "
+                        f"{tuple(shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq {tuple(v.shape)}"
                     )
-                st = self.state.get(p)
-                if st and group["differentiable"] and st["step"].requires_grad:
+                if differentiable and s.requires_grad:
                     raise RuntimeError(
                         f"`requires_grad` is not supported for `step` in differentiable mode (param group {gi} "
                         f"parameter {pi})"
                     )
-                if st and (st["exp_avg"].shape != p.shape or st["exp_avg_sq"].shape != p.shape):
-                    raise RuntimeError(
-                        f"state of param group {gi} parameter {pi} does not match it: parameter shape "
-                        f"{tuple(p.shape)}, exp_avg {tuple(st['exp_avg'].shape)}, "
-                        f"exp_avg_sq {tuple(st['exp_avg_sq'].shape)}"
-                    )
+            else:
+                missing.append(len(params))
+                m = v = s = None
+            params.append(p)
+            grads.append(g)
+            exp_avgs.append(m)
+            exp_avg_sqs.append(v)
+            state_steps.append(s)
+        return missing
+
+    def _create_state(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        exp_avgs: list[Tensor | None],
+        exp_avg_sqs: list[Tensor | None],
+        state_steps: list[Tensor | None],
+        missing: list[int],
+    ) -> None:
+        """Create the state of the parameters at ``missing`` (from :meth:`_gather`) and fill the lists."""
+        # Steps live on the host unless capturable or fused (reading them there costs no device sync);
+        # the fused CUDA kernel keeps them on the device so it never waits for the host.
+        on_device = group["capturable"] or group["fused"]
+        for j in missing:
+            p = params[j]
+            state = self.state[p]
+            state["step"] = state_steps[j] = torch.zeros(
+                (), dtype=V.scalar_dtype(), device=p.device if on_device else "cpu"
+            )
+            state["exp_avg"] = exp_avgs[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = exp_avg_sqs[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _init_group(
         self,
@@ -247,22 +298,36 @@ class ADOPT(Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if len(state) == 0:
-                # Steps live on the host unless capturable or fused (reading them there costs no device
-                # sync); the fused CUDA kernel keeps them on the device so it never waits for the host.
-                device = p.device if group["capturable"] or group["fused"] else "cpu"
-                state["step"] = torch.zeros((), dtype=V.scalar_dtype(), device=device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
+        """Collect one group's tensors, creating missing state (torch.optim's name: dynamo runs it eagerly)."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        missing = self._gather(gi, group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        self._create_state(group, params, exp_avgs, exp_avg_sqs, state_steps, missing)
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[list[Tensor]]]]:
+        """Every group's lists (params, grads, exp_avgs, exp_avg_sqs, state_steps), state created.
+
+        All groups are checked before any state is created, so a step that fails changes nothing.
+        """
+        groups = self.param_groups
+        if torch.compiler.is_compiling():
+            # dynamo runs `_init_group` eagerly instead of tracing it (state creation stays out of the
+            # graph), so the checks of all groups run first, through `_gather` into throwaway lists.
+            for gi, group in enumerate(groups):
+                self._gather(gi, group, [], [], [], [], [])
+            out = []
+            for group in groups:
+                lists: list[list[Tensor]] = [[], [], [], [], []]
+                self._init_group(group, *lists)
+                out.append((group, lists))
+            return out
+        gathered = []
+        for gi, group in enumerate(groups):
+            lists = [[], [], [], [], []]
+            gathered.append((group, lists, self._gather(gi, group, *lists)))
+        for group, (params, _, exp_avgs, exp_avg_sqs, state_steps), missing in gathered:
+            if missing:
+                self._create_state(group, params, exp_avgs, exp_avg_sqs, state_steps, missing)
+        return [(group, lists) for group, lists, _ in gathered]
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -271,21 +336,15 @@ class ADOPT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_before_step()
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in self._collect():
             if not params:
                 continue
             beta1, beta2 = group["betas"]
             adopt(
                 params, grads, exp_avgs, exp_avg_sqs, state_steps,
                 foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
-                grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+                grad_scale=grad_scale, found_inf=found_inf,
                 differentiable=group["differentiable"], beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                 clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"],

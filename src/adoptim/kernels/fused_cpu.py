@@ -19,6 +19,7 @@ import importlib.util
 import sys
 import warnings
 from array import array
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -34,6 +35,8 @@ _STEP_CODES = {torch.float32: 0, torch.float64: 1}
 SUPPORTED_DTYPES = (*_PARAM_CODES, torch.complex64, torch.complex128)
 # (p, g, m, v, step) dtypes -> the code passed to C: parameter code | step code << 8.
 _CODES = {(d, d, d, d, sd): c | sc << 8 for d, c in _PARAM_CODES.items() for sd, sc in _STEP_CODES.items()}
+# (parameter dtype, step dtype) -> the same code, for the whole-list fast path.
+_BULK_CODES = {(d, sd): c | sc << 8 for d, c in _PARAM_CODES.items() for sd, sc in _STEP_CODES.items()}
 
 
 @functools.cache
@@ -164,11 +167,85 @@ def fused_cpu_adopt(
         return
 
     n = len(params)
+    table = _bulk_table(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if table is not None:
+        n_fast = n
+    else:
+        fast, rows = _table_per_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        n_fast = len(fast)
+        if n_fast < n:
+            slow = sorted(set(range(n)) - set(fast))
+            pick = lambda xs: [xs[i] for i in slow]
+            slow_grads = pick(grads)
+            if grad_scale is not None:
+                slow_grads = [g / grad_scale.to(g.device) for g in slow_grads]
+            single_tensor_adopt(
+                pick(params), slow_grads, pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), lr=lr,
+                capturable=capturable, differentiable=False, **hyper,
+            )
+        if not fast:
+            return
+        table = array("q", [x for row in rows for x in row])
+
+    address, _ = table.buffer_info()
+    status = lib.adopt_cpu_step(
+        n_fast, address, float(lr), beta1, beta2, eps, weight_decay, int(decoupled_weight_decay),
+        int(clip_exponent is not None), 0.0 if clip_exponent is None else float(clip_exponent),
+        int(maximize), int(grad_scale is not None), 1.0 if grad_scale is None else float(grad_scale),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the fused CPU kernel could not allocate its bookkeeping; nothing was changed")
+
+
+_dtype = attrgetter("dtype")
+_shape = attrgetter("shape")
+_is_cpu = attrgetter("is_cpu")
+_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_contiguous = Tensor.is_contiguous
+
+
+def _bulk_table(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                state_steps: list[Tensor]) -> array | None:
+    """The C call's table when every tensor is a plain contiguous CPU tensor the loops take, else None.
+
+    The common case, checked a whole list at a time (each ``map`` runs in C, about 50 ns a tensor),
+    so the host work per tensor stays far below the per-tensor loop's; anything unusual (a complex or
+    channels_last parameter, a DTensor, a mismatch to report) returns None for the per-tensor loop.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        return None
+    tensors = (params, grads, exp_avgs, exp_avg_sqs)
+    dtypes = list(map(_dtype, params))
+    step_dtypes = list(map(_dtype, state_steps))
+    codes = list(map(_BULK_CODES.get, zip(dtypes, step_dtypes)))
+    if None in codes or any(list(map(_dtype, x)) != dtypes for x in tensors[1:]):
+        return None
+    if not all(all(map(_is_cpu, x)) for x in (*tensors, state_steps)):
+        return None
+    if not all(all(map(_contiguous, x)) for x in tensors) or set(map(_numel, state_steps)) != {1}:
+        return None
+    shapes = list(map(_shape, params))
+    if any(list(map(_shape, x)) != shapes for x in tensors[1:]):
+        return None
+    table = array("q", map(_ptr, params))
+    for x in (*tensors[1:], state_steps):
+        table.extend(map(_ptr, x))
+    table.extend(map(_numel, params))
+    table.extend(codes)
+    return table
+
+
+def _table_per_tensor(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                      exp_avg_sqs: list[Tensor], state_steps: list[Tensor]) -> tuple[list[int], list[list[int]]]:
+    """The indices the C loops take and their table rows, one tensor at a time (any layout, DTensors)."""
+    n = len(params)
     fast: list[int] = []
     rows: list[list[int]] = [[], [], [], [], [], [], []]
     rp, rg, rm, rv, rs, rn, rc = rows
     dtensor = _dtensor_type()
-    # This loop is the only per-tensor cost on the host: for many small tensors it is most of the step.
     for i in range(n):
         p, g, m, v, s = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         shape = p.shape
@@ -195,29 +272,7 @@ def fused_cpu_adopt(
         rn.append(p.numel())
         rc.append(code)
 
-    if len(fast) < n:
-        slow = sorted(set(range(n)) - set(fast))
-        pick = lambda xs: [xs[i] for i in slow]
-        slow_grads = pick(grads)
-        if grad_scale is not None:
-            slow_grads = [g / grad_scale.to(g.device) for g in slow_grads]
-        single_tensor_adopt(
-            pick(params), slow_grads, pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), lr=lr,
-            capturable=capturable, differentiable=False, **hyper,
-        )
-    if not fast:
-        return
-
-    table = array("q", rp + rg + rm + rv + rs + rn + rc)
-    address, _ = table.buffer_info()
-    status = lib.adopt_cpu_step(
-        len(fast), address, float(lr), beta1, beta2, eps, weight_decay, int(decoupled_weight_decay),
-        int(clip_exponent is not None), 0.0 if clip_exponent is None else float(clip_exponent),
-        int(maximize), int(grad_scale is not None), 1.0 if grad_scale is None else float(grad_scale),
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise MemoryError("the fused CPU kernel could not allocate its bookkeeping; nothing was changed")
+    return fast, rows
 
 
 def bound_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> None:

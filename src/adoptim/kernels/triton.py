@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 import triton
@@ -225,6 +226,12 @@ def _bump_steps_kernel(table_ptr, n, inf_ptr, STEP_DTYPE: tl.constexpr, HAS_INF:
     tl.store(ptrs, step + 1.0, mask=mask)
 
 
+_ptr = Tensor.data_ptr
+_contiguous = Tensor.is_contiguous
+_dtype = attrgetter("dtype")
+_shape = attrgetter("shape")
+
+
 def _f32_pair(x: float) -> tuple[float, float]:
     """``x`` as ``hi + lo`` with both exactly representable in float32 (about 48 bits together)."""
     hi = struct.unpack("f", struct.pack("f", x))[0]
@@ -370,11 +377,16 @@ def triton_adopt(
     if not params:
         return
     # The plan (checks, grouping, address tables) is reused while the same tensors come back: the key
-    # holds every address and size, so memory reused by other tensors never meets a stale table.
-    ptr = Tensor.data_ptr
-    key = (tuple(map(ptr, params)), tuple(map(ptr, grads)), tuple(map(ptr, exp_avgs)),
-           tuple(map(ptr, exp_avg_sqs)), tuple(map(ptr, state_steps)), tuple(map(Tensor.numel, params)),
-           tuple(p.dtype for p in params), tuple(g.dtype for g in grads), state_steps[0].device, capturable)
+    # holds every address, size, dtype and layout the plan was checked for, so memory reused by other
+    # tensors never meets a stale table. Each part is one `map` in C, a few hundred ns per tensor in all.
+    tensors = (params, grads, exp_avgs, exp_avg_sqs)
+    if all(all(map(_contiguous, x)) for x in tensors):
+        layout: tuple = ()
+    else:
+        layout = tuple(tuple(map(Tensor.stride, x)) for x in tensors)
+    key = (*(tuple(map(_ptr, x)) for x in (*tensors, state_steps)), tuple(map(Tensor.numel, params)),
+           *(tuple(map(_dtype, x)) for x in tensors), tuple(map(_shape, grads)), layout,
+           state_steps[0].device, capturable)
     groups = _PLANS.get(key)
     if groups is None:
         groups, reusable = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
