@@ -337,7 +337,8 @@ class ADOPT(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in self._collect():
+        compiling = torch.compiler.is_compiling()
+        for gi, (group, (params, grads, exp_avgs, exp_avg_sqs, state_steps)) in enumerate(self._collect()):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -348,8 +349,14 @@ class ADOPT(Optimizer):
                 differentiable=group["differentiable"], beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                 clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"],
+                plan_cache=None if compiling else self._plan_cache(gi),
             )
         return loss
+
+    def _plan_cache(self, gi: int) -> dict:
+        """Group ``gi``'s cache of fused launch plans (not part of the state: rebuilt when needed)."""
+        caches = self.__dict__.setdefault("_plan_caches", {})
+        return caches.setdefault(gi, {})
 
 
 class ADOPTW(ADOPT):

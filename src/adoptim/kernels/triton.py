@@ -22,9 +22,9 @@ Tested on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``) and 
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import attrgetter, is_
 
 import torch
 import triton
@@ -50,7 +50,7 @@ _TL_DTYPES = {
 }
 
 # Launch plans keyed by the addresses and sizes they hold (a cache, not a switch: a miss rebuilds).
-_PLANS: OrderedDict[tuple, list[_Group]] = OrderedDict()
+_PLANS: dict[tuple, list[_Group]] = {}
 # Gradient copies made for the launch in progress (a gradient of another layout than its parameter).
 _KEEP_ALIVE: list[Tensor] = []
 # Host buffers read by captured CUDA graphs; kept for the life of the process.
@@ -358,6 +358,7 @@ def triton_adopt(
     maximize: bool,
     capturable: bool,
     differentiable: bool,
+    plan_cache: dict | None = None,
 ) -> None:
     """One ADOPT step for every parameter, one Triton launch per (device, dtype) group.
 
@@ -365,6 +366,8 @@ def triton_adopt(
     ``found_inf`` (nonzero: nothing changes, steps included). With device step counters and a device or
     float ``lr`` it never synchronises with the host, so it can be captured in a CUDA graph. Step
     counters on the host work too (the host then increments them, and reads ``found_inf`` to do so).
+    ``plan_cache``: see :func:`adoptim.adopt`; the launch plan is kept there and reused while the same
+    tensor objects come back with the same addresses, checked in a few tens of ns per tensor.
     """
     if differentiable:
         raise ValueError("differentiable=True needs the for-loop kernel (fused=False, foreach=False)")
@@ -376,26 +379,10 @@ def triton_adopt(
         )
     if not params:
         return
-    # The plan (checks, grouping, address tables) is reused while the same tensors come back: the key
-    # holds every address, size, dtype and layout the plan was checked for, so memory reused by other
-    # tensors never meets a stale table. Each part is one `map` in C, a few hundred ns per tensor in all.
-    tensors = (params, grads, exp_avgs, exp_avg_sqs)
-    if all(all(map(_contiguous, x)) for x in tensors):
-        layout: tuple = ()
-    else:
-        layout = tuple(tuple(map(Tensor.stride, x)) for x in tensors)
-    key = (*(tuple(map(_ptr, x)) for x in (*tensors, state_steps)), tuple(map(Tensor.numel, params)),
-           *(tuple(map(_dtype, x)) for x in tensors), tuple(map(_shape, grads)), layout,
-           state_steps[0].device, capturable)
-    groups = _PLANS.get(key)
+    groups = None if plan_cache is None else _cached_plan(plan_cache, params, grads, exp_avgs, exp_avg_sqs,
+                                                          state_steps, capturable)
     if groups is None:
-        groups, reusable = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
-        if reusable:
-            _PLANS[key] = groups
-            if len(_PLANS) > _CACHE_SIZE:
-                _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
+        groups = _keyed_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable, plan_cache)
     try:
         for group in groups:
             _launch(group, grad_scale=grad_scale, found_inf=found_inf, beta1=beta1, beta2=beta2, lr=lr,
@@ -403,6 +390,69 @@ def triton_adopt(
                     clip_exponent=clip_exponent, eps=eps, maximize=maximize)
     finally:
         _KEEP_ALIVE.clear()
+
+
+def _keyed_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                state_steps: list[Tensor], capturable: bool, plan_cache: dict | None) -> list[_Group]:
+    """The launch plan from the process-wide cache, built and checked on a miss.
+
+    The plan (checks, grouping, address tables) is reused while the same tensors come back: the key
+    holds every address, size, dtype and layout the plan was checked for, so memory reused by other
+    tensors never meets a stale table. Each part is one ``map`` in C, a few hundred ns per tensor in all.
+    """
+    tensors = (params, grads, exp_avgs, exp_avg_sqs)
+    contiguous = all(all(map(_contiguous, x)) for x in tensors)
+    layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
+    key = (*(tuple(map(_ptr, x)) for x in (*tensors, state_steps)), tuple(map(Tensor.numel, params)),
+           *(tuple(map(_dtype, x)) for x in tensors), tuple(map(_shape, grads)), layout,
+           state_steps[0].device, capturable)
+    groups = _PLANS.get(key)
+    if groups is None:
+        groups, reusable = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
+        if reusable:
+            if len(_PLANS) >= _CACHE_SIZE:
+                del _PLANS[next(iter(_PLANS))]  # the oldest
+            _PLANS[key] = groups
+    if plan_cache is not None and contiguous:
+        plan_cache["triton"] = _CachedPlan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable, groups)
+    return groups
+
+
+class _CachedPlan:
+    """A checked plan and the tensor objects it was built from (kept in a caller's ``plan_cache``)."""
+
+    def __init__(self, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                 exp_avg_sqs: list[Tensor], state_steps: list[Tensor], capturable: bool,
+                 groups: list[_Group]) -> None:
+        self.tensors = (tuple(params), tuple(exp_avgs), tuple(exp_avg_sqs), tuple(state_steps))
+        self.param_ptrs = list(map(_ptr, params))
+        self.grad_ptrs = list(map(_ptr, grads))
+        self.capturable = capturable
+        self.groups = groups
+
+
+def _same_objects(a: list[Tensor], b: tuple[Tensor, ...]) -> bool:
+    return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _cached_plan(plan_cache: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                 exp_avg_sqs: list[Tensor], state_steps: list[Tensor], capturable: bool) -> list[_Group] | None:
+    """The caller's cached plan when it applies, else None.
+
+    It applies when the parameters and their state are the very objects it was built from (all
+    contiguous), every parameter and gradient is at the address it had, and the gradients are
+    contiguous and, as ``.grad`` always is, of their parameter's shape, dtype and device.
+    """
+    cached = plan_cache.get("triton")
+    if cached is None or cached.capturable != capturable:
+        return None
+    p, m, v, s = cached.tensors
+    if not (_same_objects(params, p) and _same_objects(exp_avgs, m) and _same_objects(exp_avg_sqs, v)
+            and _same_objects(state_steps, s)):
+        return None
+    if list(map(_ptr, params)) != cached.param_ptrs or list(map(_ptr, grads)) != cached.grad_ptrs:
+        return None
+    return cached.groups if all(map(_contiguous, grads)) else None
 
 
 def _launch(group: _Group, *, grad_scale: Tensor | None, found_inf: Tensor | None, beta1: float, beta2: float,

@@ -1,0 +1,111 @@
+"""Host time of one optimiser step when the memory traffic is negligible: the per-tensor bookkeeping.
+
+With tiny tensors a step is all host work (Python and C++ around the kernels), which is what separates
+a fused step from the memory-bandwidth bound on a fast GPU. Prints one table per tensor count:
+
+- ``ADOPT(fused=True).step()`` and ``torch.optim.AdamW(fused=True).step()`` on the CPU, whole steps;
+- the parts of ADOPT's step: ``_collect`` (checks, lists, state), and the host code of the fused CPU and
+  Triton wrappers, with the plan cache the class keeps (``plan_cache``) and without it (every tensor
+  checked at every call, as for a functional caller). The Triton rows run ``kernels/triton.py``'s host
+  code on CPU tensors with the two kernel launches replaced by no-ops (they need ``triton`` importable,
+  not a GPU): the plan lookup and the launch arguments, everything but Triton's own launcher.
+
+    python benchmarks/host_overhead.py                 # 148 and 1000 tensors of 4 elements
+    python benchmarks/host_overhead.py --tensors 148 --repeats 5000
+
+One torch thread; medians of ``--repeats`` calls after a warm-up, in microseconds, and per tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import adoptim
+from adoptim.kernels import fused_cpu
+
+HYPER = dict(beta1=0.9, beta2=0.9999, lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
+             clip_exponent=0.25, eps=1e-6, maximize=False, capturable=False, differentiable=False)
+
+
+def median_us(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(max(20, repeats // 20)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _params(n: int) -> list[torch.Tensor]:
+    params = [torch.zeros(4, requires_grad=True) for _ in range(n)]
+    for p in params:
+        p.grad = torch.ones(4)
+    return params
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid: object) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def triton_host_us(lists: list[list[torch.Tensor]], repeats: int, plan_cache: dict | None) -> float | None:
+    try:
+        from adoptim.kernels import triton as K
+    except ImportError:
+        return None
+    kernels = K._adopt_kernel, K._bump_steps_kernel
+    K._adopt_kernel = K._bump_steps_kernel = _NoLaunch()
+    kw = dict(HYPER, grad_scale=None, found_inf=None, plan_cache=plan_cache)
+    try:
+        return median_us(lambda: K.triton_adopt(*lists, **kw), repeats)
+    finally:
+        K._adopt_kernel, K._bump_steps_kernel = kernels
+
+
+def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
+    params = _params(n)
+    adopt = adoptim.ADOPT(params, fused=True)
+    adopt.step()
+    adamw = torch.optim.AdamW(params, fused=True)
+    adamw.step()
+    (_, lists), = adopt._collect()
+    kw = dict(HYPER, grad_scale=None, found_inf=None)
+    cpu = lambda cache: lambda: fused_cpu.fused_cpu_adopt(*lists, **kw, plan_cache=cache)
+    return [
+        ("ADOPT(fused=True).step(), C kernel", median_us(adopt.step, repeats)),
+        ("torch AdamW(fused=True).step()", median_us(adamw.step, repeats)),
+        ("  ADOPT._collect (checks, lists)", median_us(adopt._collect, repeats)),
+        ("  fused CPU wrapper + C kernel, plan cached", median_us(cpu({}), repeats)),
+        ("  fused CPU wrapper + C kernel, every check", median_us(cpu(None), repeats)),
+        ("  Triton wrapper, launches stubbed, plan cached", triton_host_us(lists, repeats, {})),
+        ("  Triton wrapper, launches stubbed, every check", triton_host_us(lists, repeats, None)),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensors", type=int, nargs="+", default=[148, 1000])
+    parser.add_argument("--repeats", type=int, default=2000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, one thread, tensors of 4 elements, median of {args.repeats} calls")
+    for n in args.tensors:
+        print(f"\n### {n} tensors\n")
+        print("| what | median us | us per tensor |")
+        print("|---|---:|---:|")
+        for name, us in run(n, args.repeats):
+            cells = "not available | " if us is None else f"{us:.0f} | {us / n:.2f} |"
+            print(f"| {name} | {cells}")
+
+
+if __name__ == "__main__":
+    main()
