@@ -4,8 +4,9 @@ Prints one table per layout: (a) the GPT-2-small parameter list (124M parameters
 (b) 10M parameters in 100 tensors, (c) 1000 tensors of 1000 elements. Columns: median ms per step,
 first-step ms (state allocation and any compilation included), GB/s at 7 parameter-sized accesses per
 element (28 bytes for float32), the fraction of the memory-bandwidth bound measured in the same run
-(the median of its runs before and after the rows),
-and the ratio to torch's ``AdamW(fused=True)``. The bound on the CPU is a STREAM-like kernel with the
+(the median of its runs before and after the rows), and the ratio to torch's ``AdamW(fused=True)``.
+Under each table: the time of allocating the state alone (two zero tensors per parameter, before and
+after the rows), which every first step includes. The bound on the CPU is a STREAM-like kernel with the
 step's access pattern (read p, g, m, v; write p, m, v) threaded as the fused kernel is; on CUDA it is the
 device-to-device copy bandwidth.
 
@@ -217,8 +218,25 @@ def run_layout(key: str, args: argparse.Namespace, results: dict) -> None:
         store["bound"] = {"median_ms": median, "gbps": nbytes / (median / 1e3) / 1e9, "samples_ms": samples}
         _save(args.json, results)
 
+    def measure_alloc() -> None:
+        # What every optimiser here does first in its first step: two zero tensors per parameter. Fresh
+        # memory must be zeroed by the operating system page by page, which no kernel can avoid.
+        samples = store.get("alloc", {}).get("samples_ms", [])
+        for _ in range(3):
+            gc.collect()
+            _sync(args.device)
+            t0 = time.perf_counter()
+            state = [torch.zeros_like(b) for b in base for _ in range(2)]
+            _sync(args.device)
+            samples.append((time.perf_counter() - t0) * 1e3)
+            del state
+        store["alloc"] = {"median_ms": statistics.median(samples), "samples_ms": samples}
+        _save(args.json, results)
+
     if "bound" not in store:
         measure_bound()
+    if "alloc" not in store:
+        measure_alloc()
     todo = [(n, f) for n, f in rows(args.device) if re.search(args.rows, n) and not re.search(args.exclude, n)]
     for i, (name, factory) in enumerate(todo):
         if name in store or factory is None:
@@ -247,6 +265,7 @@ def run_layout(key: str, args: argparse.Namespace, results: dict) -> None:
 
     if len(store["bound"]["samples_ms"]) <= max(args.steps, 10):
         measure_bound()  # again after the rows
+        measure_alloc()
     print(f"\n### ({key}) {title}: {numel / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
           f"{args.threads} thread(s), median of {args.steps} steps\n")
     ref = store.get("torch AdamW fused", {}).get("median_ms")
@@ -269,6 +288,9 @@ def run_layout(key: str, args: argparse.Namespace, results: dict) -> None:
         ratio = f"{row['median_ms'] / ref:.2f}" if ref else "n/a"
         print(f"| {name} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['first_ms']:.1f} | {gbps:.1f} | "
               f"{gbps / bound['gbps']:.2f} | {ratio} |")
+    alloc = store["alloc"]["samples_ms"]
+    print(f"\nAllocating the state alone (two zero tensors per parameter, the first thing every first step "
+          f"above does): median {statistics.median(alloc):.1f} ms, {min(alloc):.1f} to {max(alloc):.1f} ms")
     spreads = [(r["max_ms"] - r["min_ms"]) / r["median_ms"] for r in store.values() if "min_ms" in r]
     if spreads:
         print(f"\n(max - min) / median over the timed steps: median {statistics.median(spreads):.0%}, "
