@@ -297,6 +297,66 @@ def run_layout(key: str, args: argparse.Namespace, results: dict) -> None:
               f"worst {max(spreads):.0%}; load average {os.getloadavg()[0]:.1f}")
 
 
+def head_to_head(key: str, args: argparse.Namespace) -> None:
+    """The bound, adoptim's fused step and torch's fused AdamW, taking turns every round.
+
+    The bandwidth a shared machine offers drifts by tens of percent within a minute, so rows timed one
+    after another can disagree by more than the difference between them; taking turns puts all three
+    under the same conditions, and the per-round ratios show the spread.
+    """
+    title, shapes_fn = LAYOUTS[key]
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    shapes = shapes_fn()
+    base = [(torch.randn(s, generator=gen) * 0.02).to(device=args.device, dtype=dtype) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device=args.device, dtype=dtype) for s in shapes]
+    numel = sum(b.numel() for b in base)
+    nbytes = 7 * numel * base[0].element_size()
+    contenders = {"adoptim ADOPT fused": lambda p: adoptim.ADOPT(p, fused=True),
+                  "torch AdamW fused": lambda p: torch.optim.AdamW(p, fused=True)}
+    steps = {}
+    for name, factory in contenders.items():
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt = factory(params)
+        for _ in range(1 + args.warmup):
+            opt.step()
+        steps[name] = opt.step
+    if args.device == "cpu":
+        from adoptim.kernels.fused_cpu import bound_kernel
+
+        bufs = [torch.full((nbytes // 28,), 0.5) for _ in range(4)]
+        steps["bound"] = lambda: bound_kernel(*bufs)
+    else:
+        src = torch.ones(nbytes // 8, device=args.device)
+        dst = torch.empty_like(src)
+        steps["bound"] = lambda: dst.copy_(src)
+    steps["bound"]()
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % 3:] + names[: r % 3]:  # each goes first, second and third in turn
+            _sync(args.device)
+            t0 = time.perf_counter()
+            steps[name]()
+            _sync(args.device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    ratios = [a / b for a, b in zip(times["adoptim ADOPT fused"], times["torch AdamW fused"], strict=True)]
+    of_bound = [b / a for a, b in zip(times["adoptim ADOPT fused"], times["bound"], strict=True)]
+    print(f"\n### ({key}) head to head, taking turns: {title}, {numel / 1e6:.1f}M parameters, {args.dtype}, "
+          f"{args.device}, {args.threads} thread(s), {args.rounds} rounds\n")
+    print("| what | median ms | min ms | GB/s |")
+    print("|---|---:|---:|---:|")
+    for name in ["bound", "adoptim ADOPT fused", "torch AdamW fused"]:
+        med = statistics.median(times[name])
+        print(f"| {name} | {med:.1f} | {min(times[name]):.1f} | {nbytes / (med / 1e3) / 1e9:.1f} |")
+    q = statistics.quantiles(ratios, n=4)
+    print(f"\nadoptim / AdamW fused, per round: median {statistics.median(ratios):.3f} "
+          f"(quartiles {q[0]:.3f} to {q[2]:.3f}); bound / adoptim, per round: median "
+          f"{statistics.median(of_bound):.2f}; load average {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -308,19 +368,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default=".", help="regex: time only rows whose name matches")
     parser.add_argument("--exclude", default="^$", help="regex: skip rows whose name matches")
     parser.add_argument("--json", type=Path, default=None, help="save results here; rerun to resume")
+    parser.add_argument("--head-to-head", action="store_true",
+                        help="only the bound, adoptim fused and torch AdamW fused, taking turns every round")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds of --head-to-head")
     args = parser.parse_args(argv)
     bad = set(args.layouts) - set(LAYOUTS)
     if bad:
         parser.error(f"unknown layout(s) {sorted(bad)}: choose from {sorted(LAYOUTS)}")
-    if args.steps < 1 or args.threads < 1:
-        parser.error("--steps and --threads must be at least 1")
+    if args.steps < 1 or args.threads < 1 or args.rounds < 4:
+        parser.error("--steps and --threads must be at least 1, --rounds at least 4")
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # other ports' deprecation warnings would bury the tables
     results = _load(args.json)
     print(f"torch {torch.__version__}, adoptim {adoptim.__version__}, {args.device}, "
           f"load average at start {os.getloadavg()[0]:.1f}", file=sys.stderr)
     for key in args.layouts:
-        run_layout(key, args, results)
+        if args.head_to_head:
+            head_to_head(key, args)
+        else:
+            run_layout(key, args, results)
 
 
 if __name__ == "__main__":
