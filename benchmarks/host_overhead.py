@@ -8,7 +8,8 @@ a fused step from the memory-bandwidth bound on a fast GPU. Prints one table per
   Triton wrappers, with the plan cache the class keeps (``plan_cache``) and without it (every tensor
   checked at every call, as for a functional caller). The Triton rows run ``kernels/triton.py``'s host
   code on CPU tensors with the two kernel launches replaced by no-ops (they need ``triton`` importable,
-  not a GPU): the plan lookup and the launch arguments, everything but Triton's own launcher.
+  not a GPU): the plan lookup and the launch arguments, everything but Triton's own launcher. The last
+  row is what ``ADOPT.step`` does on the host for CUDA parameters: ``_collect`` then the Triton wrapper.
 
     python benchmarks/host_overhead.py                 # 148 and 1000 tensors of 4 elements
     python benchmarks/host_overhead.py --tensors 148 --repeats 5000
@@ -57,16 +58,25 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def triton_host_us(lists: list[list[torch.Tensor]], repeats: int, plan_cache: dict | None) -> float | None:
+def triton_host_us(opt: adoptim.ADOPT, repeats: int, plan_cache: dict | None, whole_step: bool) -> float | None:
+    """The Triton wrapper's host time with no-op launches: alone, or after ``_collect`` as a step does."""
     try:
         from adoptim.kernels import triton as K
     except ImportError:
         return None
     kernels = K._adopt_kernel, K._bump_steps_kernel
     K._adopt_kernel = K._bump_steps_kernel = _NoLaunch()
-    kw = dict(HYPER, grad_scale=None, found_inf=None, plan_cache=plan_cache)
+    kw = dict(HYPER, grad_scale=None, found_inf=None)
+    (_, lists), = opt._collect()
+
+    def step() -> None:  # what ADOPT.step does for CUDA parameters, up to Triton's launcher
+        for gi, (_, group_lists) in enumerate(opt._collect()):
+            K.triton_adopt(*group_lists, **kw, plan_cache=opt._plan_cache(gi))
+
     try:
-        return median_us(lambda: K.triton_adopt(*lists, **kw), repeats)
+        if whole_step:
+            return median_us(step, repeats)
+        return median_us(lambda: K.triton_adopt(*lists, **kw, plan_cache=plan_cache), repeats)
     finally:
         K._adopt_kernel, K._bump_steps_kernel = kernels
 
@@ -86,8 +96,9 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
         ("  ADOPT._collect (checks, lists)", median_us(adopt._collect, repeats)),
         ("  fused CPU wrapper + C kernel, plan cached", median_us(cpu({}), repeats)),
         ("  fused CPU wrapper + C kernel, every check", median_us(cpu(None), repeats)),
-        ("  Triton wrapper, launches stubbed, plan cached", triton_host_us(lists, repeats, {})),
-        ("  Triton wrapper, launches stubbed, every check", triton_host_us(lists, repeats, None)),
+        ("  Triton wrapper, launches stubbed, plan cached", triton_host_us(adopt, repeats, {}, False)),
+        ("  Triton wrapper, launches stubbed, every check", triton_host_us(adopt, repeats, None, False)),
+        ("ADOPT.step's host path on CUDA, launches stubbed", triton_host_us(adopt, repeats, None, True)),
     ]
 
 
