@@ -301,3 +301,34 @@ def test_fused_class_matches_forloop_on_gpu() -> None:
             torch.testing.assert_close(p, q, **tol)
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(oa.state[p][key].cpu(), ob.state[q][key].cpu(), **tol)
+
+
+def test_fused_class_plan_cache_follows_moves_of_memory_on_gpu() -> None:
+    # The class keeps one launch plan per param group; every event here moves memory without changing
+    # a value (new gradients, new storage for a parameter, new state from load_state_dict, a step without
+    # one parameter), so the fused trajectory must stay the float64 reference's.
+    _kernel()
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(70, generator=gen, dtype=torch.float64)]
+    params = [p.cuda().requires_grad_(True) for p in init]
+    opt = adoptim.ADOPT(params, fused=True, lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    ref_hyper = dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=False,
+                     clip_exponent=0.25, maximize=False)
+    from adoptim.reference import ReferenceADOPT
+
+    ref = ReferenceADOPT(init, **ref_hyper)
+    kept = [torch.zeros_like(p) for p in params]
+    for t in range(8):
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in init]
+        if t == 4:
+            grads[1] = None
+        for p, g, k in zip(params, grads, kept):
+            p.grad = None if g is None else (k.copy_(g.cuda()) if t in (1, 2) else g.cuda())
+        if t == 3:
+            params[1].data = params[1].data.clone()
+        if t == 5:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        opt.step()
+        ref.step(grads)
+        for p, want in zip(params, ref.params()):
+            torch.testing.assert_close(p.detach().cpu(), want, rtol=1e-12, atol=1e-14)
