@@ -2,7 +2,8 @@
 # GPU checks in one run: the CUDA tests, the Triton and compile tests on CUDA, and the CUDA step-time
 # benchmark. Usage: scripts/gpu_check.sh OUTDIR   (from the repository root; PYTHON overrides python3)
 # Every part runs under its own time limit and records its exit code in OUTDIR/summary.txt; nothing
-# stops the script early. The limits add up to under six minutes; on an H200, cold, runs took 2 to 2.5.
+# stops the script early. The limits add up to under seven minutes; on an H200, cold, runs took 2 to 2.5
+# (before the head-to-head part was added).
 set -u
 OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -148,5 +149,6 @@ part compile_cuda 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_compi
 part triton_interp 40 "$PY" -m pytest -q -rs -p no:cacheprovider -n 4 tests/test_triton.py
 part bench 60 "$PY" benchmarks/step_time.py --device cuda --json "$OUTDIR/step_time.json"
 part bench_kernel 45 "$PY" "$BENCH_PY"
+part head2head 45 "$PY" benchmarks/step_time.py --device cuda --head-to-head --rounds 30
 echo "overall: $([ $failed -eq 0 ] && echo all parts passed || echo some part failed)" | tee -a "$SUMMARY"
 exit $failed
