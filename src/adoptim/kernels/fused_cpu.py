@@ -9,6 +9,11 @@ widened to float32 and rounded once when stored, and their state stays in the pa
 Tensors the C loops cannot take (not on the CPU, an unsupported dtype, parameter and state laid out
 differently) are updated by the for-loop kernel in the same call. When the library was not built, the
 foreach kernel runs instead, after one warning.
+
+The host builds the C call's table of addresses. The usual case (plain contiguous CPU tensors) is checked
+and built a whole list at a time (``_bulk_table``), anything else one tensor at a time
+(``_table_per_tensor``); with a caller's ``plan_cache`` the checked table is kept and reused while the
+same tensor objects come back at the same addresses, only the gradients' addresses being read again.
 """
 
 from __future__ import annotations
