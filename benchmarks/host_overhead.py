@@ -5,11 +5,10 @@ a fused step from the memory-bandwidth bound on a fast GPU. Prints one table per
 
 - ``ADOPT(fused=True).step()`` and ``torch.optim.AdamW(fused=True).step()`` on the CPU, whole steps;
 - the parts of ADOPT's step: ``_collect`` (checks, lists, state), and the host code of the fused CPU and
-  Triton wrappers, with the plan cache the class keeps (``plan_cache``) and without it (every tensor
-  checked at every call, as for a functional caller). The Triton rows run ``kernels/triton.py``'s host
-  code on CPU tensors with the two kernel launches replaced by no-ops (they need ``triton`` importable,
-  not a GPU): the plan lookup and the launch arguments, everything but Triton's own launcher. The last
-  row is what ``ADOPT.step`` does on the host for CUDA parameters: ``_collect`` then the Triton wrapper.
+  Triton wrappers. The Triton rows run ``kernels/triton.py``'s host code on CPU tensors with the two
+  kernel launches replaced by no-ops (they need ``triton`` importable, not a GPU): the plan's key and
+  lookup and the launch arguments, everything but Triton's own launcher. The last row is what
+  ``ADOPT.step`` does on the host for CUDA parameters: ``_collect`` then the Triton wrapper.
 
     python benchmarks/host_overhead.py                 # 148 and 1000 tensors of 4 elements
     python benchmarks/host_overhead.py --tensors 148 --repeats 5000
@@ -58,7 +57,7 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def triton_host_us(opt: adoptim.ADOPT, repeats: int, plan_cache: dict | None, whole_step: bool) -> float | None:
+def triton_host_us(opt: adoptim.ADOPT, repeats: int, whole_step: bool) -> float | None:
     """The Triton wrapper's host time with no-op launches: alone, or after ``_collect`` as a step does."""
     try:
         from adoptim.kernels import triton as K
@@ -70,13 +69,11 @@ def triton_host_us(opt: adoptim.ADOPT, repeats: int, plan_cache: dict | None, wh
     (_, lists), = opt._collect()
 
     def step() -> None:  # what ADOPT.step does for CUDA parameters, up to Triton's launcher
-        for gi, (_, group_lists) in enumerate(opt._collect()):
-            K.triton_adopt(*group_lists, **kw, plan_cache=opt._plan_cache(gi))
+        for _, group_lists in opt._collect():
+            K.triton_adopt(*group_lists, **kw)
 
     try:
-        if whole_step:
-            return median_us(step, repeats)
-        return median_us(lambda: K.triton_adopt(*lists, **kw, plan_cache=plan_cache), repeats)
+        return median_us(step if whole_step else lambda: K.triton_adopt(*lists, **kw), repeats)
     finally:
         K._adopt_kernel, K._bump_steps_kernel = kernels
 
@@ -89,16 +86,16 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
     adamw.step()
     (_, lists), = adopt._collect()
     kw = dict(HYPER, grad_scale=None, found_inf=None)
-    cpu = lambda cache: lambda: fused_cpu.fused_cpu_adopt(*lists, **kw, plan_cache=cache)
+    # AdamW's lists: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+    adamw_init = lambda: adamw._init_group(adamw.param_groups[0], *[[] for _ in range(6)])
     return [
         ("ADOPT(fused=True).step(), C kernel", median_us(adopt.step, repeats)),
         ("torch AdamW(fused=True).step()", median_us(adamw.step, repeats)),
+        ("torch AdamW._init_group alone", median_us(adamw_init, repeats)),
         ("  ADOPT._collect (checks, lists)", median_us(adopt._collect, repeats)),
-        ("  fused CPU wrapper + C kernel, plan cached", median_us(cpu({}), repeats)),
-        ("  fused CPU wrapper + C kernel, every check", median_us(cpu(None), repeats)),
-        ("  Triton wrapper, launches stubbed, plan cached", triton_host_us(adopt, repeats, {}, False)),
-        ("  Triton wrapper, launches stubbed, every check", triton_host_us(adopt, repeats, None, False)),
-        ("ADOPT.step's host path on CUDA, launches stubbed", triton_host_us(adopt, repeats, None, True)),
+        ("  fused CPU wrapper + C kernel", median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, **kw), repeats)),
+        ("  Triton wrapper, launches stubbed", triton_host_us(adopt, repeats, False)),
+        ("ADOPT.step's host path on CUDA, launches stubbed", triton_host_us(adopt, repeats, True)),
     ]
 
 

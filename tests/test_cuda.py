@@ -303,10 +303,10 @@ def test_fused_class_matches_forloop_on_gpu() -> None:
                 torch.testing.assert_close(oa.state[p][key].cpu(), ob.state[q][key].cpu(), **tol)
 
 
-def test_fused_class_plan_cache_follows_moves_of_memory_on_gpu() -> None:
-    # The class keeps one launch plan per param group; every event here moves memory without changing
-    # a value (new gradients, new storage for a parameter, new state from load_state_dict, a step without
-    # one parameter), so the fused trajectory must stay the float64 reference's.
+def test_fused_class_follows_moves_of_memory_on_gpu() -> None:
+    # Launch plans are cached by address; every event here moves memory without changing a value (new
+    # gradients, new storage for a parameter or its state under the same objects, new state from
+    # load_state_dict, a step without one parameter), so the fused trajectory must stay the reference's.
     _kernel()
     gen = torch.Generator().manual_seed(6)
     init = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(70, generator=gen, dtype=torch.float64)]
@@ -326,6 +326,8 @@ def test_fused_class_plan_cache_follows_moves_of_memory_on_gpu() -> None:
             p.grad = None if g is None else (k.copy_(g.cuda()) if t in (1, 2) else g.cuda())
         if t == 3:
             params[1].data = params[1].data.clone()
+            st = opt.state[params[0]]
+            st["exp_avg"].data, st["step"].data = st["exp_avg"].data.clone(), st["step"].data.clone()
         if t == 5:
             opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         opt.step()

@@ -222,39 +222,47 @@ def test_a_cached_plan_is_not_reused_for_another_layout_at_the_same_address() ->
         torch.testing.assert_close(fused.v[0], loop.v[0], rtol=1e-14, atol=1e-15)
 
 
-def test_a_callers_plan_cache_follows_every_move_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The ADOPT class hands the kernel one plan_cache per param group. Every event here moves memory
-    # without changing a value, so the trajectory must stay the for-loop kernel's.
+def test_cached_plans_follow_every_move_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every event here moves memory or changes a tensor under the same Python object without changing a
+    # value the update reads, so the trajectory must stay the for-loop kernel's; a stale address table
+    # would write into freed memory.
     gen = torch.Generator().manual_seed(8)
-    params = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64)]
+    params = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64),
+              torch.randn(1, 6, generator=gen, dtype=torch.float64)]
     kw = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=True, clip_exponent=0.25, maximize=False)
     fused, loop = State(params), State(params)
-    keyed = []
-    real = K._keyed_plan
-    monkeypatch.setattr(K, "_keyed_plan", lambda *a: keyed.append(1) or real(*a))
-    cache: dict = {}
+    builds = []
+    real = K._plan
+    monkeypatch.setattr(K, "_plan", lambda *a: builds.append(1) or real(*a))
     grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-    for t in range(8):
+    for t in range(9):
         new = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-        if t in (1, 2, 3):
+        if t in (1, 2, 3, 6):
             for g, x in zip(grads, new):
                 g.copy_(x)  # the same gradient tensors, updated in place
         elif t == 4:
             grads[0].copy_(new[0])
-            grads = [grads[0].view(4, 3).t(), grads[1]]  # the same address, read with other strides
+            grads = [grads[0].view(4, 3).t(), grads[1], grads[2]]  # the same address, read with other strides
+        elif t == 7:
+            # contiguous, but with another stride in the size-1 dimension than the parameter (as autograd
+            # makes for a (1, n) parameter used transposed): the same order of elements
+            grads = [new[0], new[1], new[2].t().contiguous().t()]
         else:
             grads = new  # new gradient tensors
         if t == 3:
             fused.p[1].data = fused.p[1].data.clone()  # the same parameter object, another address
         if t == 5:
             fused.m = [m.clone() for m in fused.m]  # new state tensors, as load_state_dict makes
-        fused.step(K.triton_adopt, grads, **_fused(**kw), plan_cache=cache)
+        if t == 6:
+            fused.v[0].data = fused.v[0].data.clone()  # the same state object, another address
+            fused.s[1].data = fused.s[1].data.clone()
+        fused.step(K.triton_adopt, grads, **_fused(**kw))
         loop.step(single_tensor_adopt, grads, **_plain(**kw))
-        for a, b in zip(fused.p + fused.m + fused.v, loop.p + loop.m + loop.v):
+        for a, b in zip(fused.p + fused.m + fused.v + fused.s, loop.p + loop.m + loop.v + loop.s):
             torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
-    # Looked up again at 0, 3 (a parameter's new storage), 4 (not contiguous), 5 (new state), 6 and 7
-    # (new gradients); the in-place gradients of steps 1 and 2 reused the cached plan.
-    assert len(keyed) == 6
+    # Built at 0, 3 (a parameter's new storage), 4 (other strides), 5 (new state), 6 (moved state), 7 and
+    # 8 (new gradients); the in-place gradients of steps 1 and 2 reused the plan of step 0.
+    assert len(builds) == 7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

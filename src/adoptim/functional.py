@@ -86,7 +86,6 @@ def adopt(
     clip_exponent: float | None,
     eps: float,
     maximize: bool,
-    plan_cache: dict | None = None,
 ) -> None:
     r"""Run one ADOPT step in place on ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``.
 
@@ -99,13 +98,6 @@ def adopt(
     (:func:`default_fused`), else foreach on accelerators and the for-loop kernel elsewhere
     (:func:`default_foreach`). ``grad_scale`` and ``found_inf`` are AMP's: the gradients are divided
     by ``grad_scale`` and a nonzero ``found_inf`` skips the call entirely (steps included).
-
-    ``plan_cache``: a dict the caller keeps and passes again with the same tensors (the
-    :class:`~adoptim.ADOPT` class keeps one per param group). The fused kernels keep their checked launch
-    plan in it and reuse it while the same parameter and state objects come back at the same addresses,
-    re-reading only the gradients' addresses: the per-tensor checks then cost a few tens of ns instead
-    of a microsecond. With it, the gradients are taken to have their parameters' shape, dtype and device,
-    as ``.grad`` always has; they are checked whenever a plan is built.
 
     Example::
 
@@ -155,8 +147,7 @@ def adopt(
         for device_type, idx in by_device.items():
             part = list(lists) if idx is None else [[x[i] for i in idx] for x in lists]
             if device_type == "cpu" and not compiling:
-                fused_cpu.fused_cpu_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, plan_cache=plan_cache,
-                                          **hyper)
+                fused_cpu.fused_cpu_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, **hyper)
             elif compiling and device_type in ("cpu", "cuda"):
                 # Neither the C call nor the Triton launch (its host code reads tensor addresses) can be
                 # traced; the compiled foreach step is fused by the compiler instead.
@@ -164,7 +155,7 @@ def adopt(
             elif device_type == "cuda":
                 from .kernels.triton import triton_adopt  # imported lazily: Triton ships with CUDA torch
 
-                triton_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, plan_cache=plan_cache, **hyper)
+                triton_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, **hyper)
             else:
                 raise ValueError(
                     f"fused=True supports parameters on cpu and cuda, got one on {device_type}; "

@@ -283,11 +283,11 @@ class ADOPT(Optimizer):
         for j in missing:
             p = params[j]
             state = self.state[p]
-            state["step"] = state_steps[j] = torch.zeros(
-                (), dtype=V.scalar_dtype(), device=p.device if on_device else "cpu"
-            )
-            state["exp_avg"] = exp_avgs[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = exp_avg_sqs[j] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if not state:  # else p is listed twice in the group and its first entry made the state
+                state["step"] = torch.zeros((), dtype=V.scalar_dtype(), device=p.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state_steps[j], exp_avgs[j], exp_avg_sqs[j] = state["step"], state["exp_avg"], state["exp_avg_sq"]
 
     def _init_group(
         self,
@@ -337,8 +337,7 @@ class ADOPT(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        compiling = torch.compiler.is_compiling()
-        for gi, (group, (params, grads, exp_avgs, exp_avg_sqs, state_steps)) in enumerate(self._collect()):
+        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in self._collect():
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -349,14 +348,8 @@ class ADOPT(Optimizer):
                 differentiable=group["differentiable"], beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                 clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"],
-                plan_cache=None if compiling else self._plan_cache(gi),
             )
         return loss
-
-    def _plan_cache(self, gi: int) -> dict:
-        """Group ``gi``'s cache of fused launch plans (not part of the state: rebuilt when needed)."""
-        caches = self.__dict__.setdefault("_plan_caches", {})
-        return caches.setdefault(gi, {})
 
 
 class ADOPTW(ADOPT):

@@ -10,10 +10,11 @@ Tensors the C loops cannot take (not on the CPU, an unsupported dtype, parameter
 differently) are updated by the for-loop kernel in the same call. When the library was not built, the
 foreach kernel runs instead, after one warning.
 
-The host builds the C call's table of addresses. The usual case (plain contiguous CPU tensors) is checked
-and built a whole list at a time (``_bulk_table``), anything else one tensor at a time
-(``_table_per_tensor``); with a caller's ``plan_cache`` the checked table is kept and reused while the
-same tensor objects come back at the same addresses, only the gradients' addresses being read again.
+The host checks every tensor and builds the C call's table of addresses at every call: the usual case
+(plain contiguous CPU tensors) a whole list at a time (``_bulk_table``, each check one ``map`` in C),
+anything else one tensor at a time (``_table_per_tensor``). Nothing is cached between calls: a tensor's
+storage, dtype or layout can change under the same Python object (``t.data = ...``), and the C loops
+write through the addresses, so only a table checked against the tensors as they are now is safe.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import importlib.util
 import sys
 import warnings
 from array import array
-from operator import attrgetter, is_
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -141,15 +142,12 @@ def fused_cpu_adopt(
     maximize: bool,
     capturable: bool,
     differentiable: bool,
-    plan_cache: dict | None = None,
 ) -> None:
     """One ADOPT step on CPU tensors, in place; the arguments are those of :func:`adoptim.adopt`.
 
     ``grad_scale``: the gradients are divided by it first (the gradient tensors are left as they are,
     as in the Triton kernel). ``found_inf``: when nonzero the whole call changes nothing, steps
     included. ``capturable`` has no effect on the CPU, where reading a step costs no synchronisation.
-    ``plan_cache``: see :func:`adoptim.adopt`; the checked table is kept there and reused while the
-    same tensor objects come back at the same addresses, with only the gradients' addresses re-read.
     """
     if differentiable:
         raise ValueError("differentiable=True needs the for-loop kernel (foreach=False, fused=False)")
@@ -175,12 +173,7 @@ def fused_cpu_adopt(
         return
 
     n = len(params)
-    table = None if plan_cache is None else _cached_table(plan_cache, params, grads, exp_avgs, exp_avg_sqs,
-                                                          state_steps)
-    if table is None:
-        table = _bulk_table(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        if table is not None and plan_cache is not None:
-            plan_cache["cpu"] = _CachedTable(params, exp_avgs, exp_avg_sqs, state_steps, table)
+    table = _bulk_table(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if table is not None:
         n_fast = n
     else:
@@ -217,43 +210,6 @@ _is_cpu = attrgetter("is_cpu")
 _ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _contiguous = Tensor.is_contiguous
-
-
-def _same_objects(a: list[Tensor], b: tuple[Tensor, ...]) -> bool:
-    return len(a) == len(b) and all(map(is_, a, b))
-
-
-class _CachedTable:
-    """A checked table and the tensor objects it was built from (kept in a caller's ``plan_cache``)."""
-
-    def __init__(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 state_steps: list[Tensor], table: array) -> None:
-        self.tensors = (tuple(params), tuple(exp_avgs), tuple(exp_avg_sqs), tuple(state_steps))
-        self.param_ptrs = table[: len(params)]
-        self.table = table
-
-
-def _cached_table(plan_cache: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                  exp_avg_sqs: list[Tensor], state_steps: list[Tensor]) -> array | None:
-    """The cached table with this call's gradient addresses, or None when it does not apply.
-
-    It applies when the parameters and their state are the very objects it was built from and every
-    parameter is still at its address (``p.data = ...`` moves one); the gradients must be contiguous
-    and, as ``.grad`` always is, of their parameter's shape, dtype and device.
-    """
-    cached = plan_cache.get("cpu")
-    if cached is None:
-        return None
-    p, m, v, s = cached.tensors
-    if not (_same_objects(params, p) and _same_objects(exp_avgs, m) and _same_objects(exp_avg_sqs, v)
-            and _same_objects(state_steps, s)):
-        return None
-    if array("q", map(_ptr, params)) != cached.param_ptrs or not all(map(_contiguous, grads)):
-        return None
-    n = len(params)
-    table = array("q", cached.table)
-    table[n: 2 * n] = array("q", map(_ptr, grads))
-    return table
 
 
 def _bulk_table(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from collections import defaultdict
 from dataclasses import dataclass
-from operator import attrgetter, is_
+from operator import attrgetter
 
 import torch
 import triton
@@ -227,9 +227,14 @@ def _bump_steps_kernel(table_ptr, n, inf_ptr, STEP_DTYPE: tl.constexpr, HAS_INF:
 
 
 _ptr = Tensor.data_ptr
+_numel = Tensor.numel
 _contiguous = Tensor.is_contiguous
 _dtype = attrgetter("dtype")
-_shape = attrgetter("shape")
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape keep their elements in the same order (size-1 strides aside)."""
+    return a.stride() == b.stride() or (a.is_contiguous() and b.is_contiguous())
 
 
 def _f32_pair(x: float) -> tuple[float, float]:
@@ -297,8 +302,10 @@ def _plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         if not _is_dense(p):
             raise ValueError(f"fused ADOPT needs dense parameters; parameter {i} has strides {p.stride()}")
         for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
-            if t.stride() != p.stride() or t.device != p.device or t.dtype != p.dtype:
-                raise ValueError(f"{name} of parameter {i} must have its parameter's device, dtype and layout")
+            if t.shape != p.shape or t.device != p.device or t.dtype != p.dtype or not _same_layout(t, p):
+                raise ValueError(
+                    f"{name} of parameter {i} must have its parameter's shape, device, dtype and layout"
+                )
         if state_steps[i].dtype not in (torch.float32, torch.float64) or state_steps[i].numel() != 1:
             raise ValueError(f"state_steps[{i}] must be a one-element float32 or float64 tensor")
         by_key[(p.device, dtype)].append(i)
@@ -318,7 +325,7 @@ def _plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         for j, i in enumerate(idx):
             p = _real(params[i])
             g = _real(grads[i])
-            if g.stride() != p.stride():
+            if not _same_layout(g, p):
                 g = torch.empty_like(p).copy_(g)  # a copy in the parameter's layout, for this call only
                 reusable = False
                 _KEEP_ALIVE.append(g)
@@ -358,7 +365,6 @@ def triton_adopt(
     maximize: bool,
     capturable: bool,
     differentiable: bool,
-    plan_cache: dict | None = None,
 ) -> None:
     """One ADOPT step for every parameter, one Triton launch per (device, dtype) group.
 
@@ -366,8 +372,6 @@ def triton_adopt(
     ``found_inf`` (nonzero: nothing changes, steps included). With device step counters and a device or
     float ``lr`` it never synchronises with the host, so it can be captured in a CUDA graph. Step
     counters on the host work too (the host then increments them, and reads ``found_inf`` to do so).
-    ``plan_cache``: see :func:`adoptim.adopt`; the launch plan is kept there and reused while the same
-    tensor objects come back with the same addresses, checked in a few tens of ns per tensor.
     """
     if differentiable:
         raise ValueError("differentiable=True needs the for-loop kernel (fused=False, foreach=False)")
@@ -379,10 +383,7 @@ def triton_adopt(
         )
     if not params:
         return
-    groups = None if plan_cache is None else _cached_plan(plan_cache, params, grads, exp_avgs, exp_avg_sqs,
-                                                          state_steps, capturable)
-    if groups is None:
-        groups = _keyed_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable, plan_cache)
+    groups = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
     try:
         for group in groups:
             _launch(group, grad_scale=grad_scale, found_inf=found_inf, beta1=beta1, beta2=beta2, lr=lr,
@@ -392,67 +393,34 @@ def triton_adopt(
         _KEEP_ALIVE.clear()
 
 
-def _keyed_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                state_steps: list[Tensor], capturable: bool, plan_cache: dict | None) -> list[_Group]:
+def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 state_steps: list[Tensor], capturable: bool) -> list[_Group]:
     """The launch plan from the process-wide cache, built and checked on a miss.
 
-    The plan (checks, grouping, address tables) is reused while the same tensors come back: the key
-    holds every address, size, dtype and layout the plan was checked for, so memory reused by other
-    tensors never meets a stale table. Each part is one ``map`` in C, a few hundred ns per tensor in all.
+    The plan (checks, grouping, address tables) is reused while the same tensors come back. Its key holds
+    everything the plan depends on and its checks found: every address, every parameter's size and dtype
+    (and whether the gradients and state have the same), the step counters' dtypes and the layouts. So a
+    tensor that changed under the same Python object (``t.data = ...``) or memory reused by another tensor
+    never meets a stale table. Each part is one ``map`` in C; about a microsecond per tensor in all.
     """
     tensors = (params, grads, exp_avgs, exp_avg_sqs)
-    contiguous = all(all(map(_contiguous, x)) for x in tensors)
-    layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
-    key = (*(tuple(map(_ptr, x)) for x in (*tensors, state_steps)), tuple(map(Tensor.numel, params)),
-           *(tuple(map(_dtype, x)) for x in tensors), tuple(map(_shape, grads)), layout,
-           state_steps[0].device, capturable)
-    groups = _PLANS.get(key)
+    numels = list(map(_numel, params))
+    dtypes = list(map(_dtype, params))
+    alike = all(list(map(_numel, x)) == numels and list(map(_dtype, x)) == dtypes for x in tensors[1:])
+    groups = None
+    if alike:  # else the checks in _plan name what does not match
+        contiguous = all(all(map(_contiguous, x)) for x in tensors)
+        layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
+        key = (*(tuple(map(_ptr, x)) for x in (*tensors, state_steps)), tuple(numels), tuple(dtypes),
+               tuple(map(_dtype, state_steps)), layout, state_steps[0].device, capturable)
+        groups = _PLANS.get(key)
     if groups is None:
         groups, reusable = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
-        if reusable:
+        if reusable and alike:
             if len(_PLANS) >= _CACHE_SIZE:
                 del _PLANS[next(iter(_PLANS))]  # the oldest
             _PLANS[key] = groups
-    if plan_cache is not None and contiguous:
-        plan_cache["triton"] = _CachedPlan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable, groups)
     return groups
-
-
-class _CachedPlan:
-    """A checked plan and the tensor objects it was built from (kept in a caller's ``plan_cache``)."""
-
-    def __init__(self, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                 exp_avg_sqs: list[Tensor], state_steps: list[Tensor], capturable: bool,
-                 groups: list[_Group]) -> None:
-        self.tensors = (tuple(params), tuple(exp_avgs), tuple(exp_avg_sqs), tuple(state_steps))
-        self.param_ptrs = list(map(_ptr, params))
-        self.grad_ptrs = list(map(_ptr, grads))
-        self.capturable = capturable
-        self.groups = groups
-
-
-def _same_objects(a: list[Tensor], b: tuple[Tensor, ...]) -> bool:
-    return len(a) == len(b) and all(map(is_, a, b))
-
-
-def _cached_plan(plan_cache: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                 exp_avg_sqs: list[Tensor], state_steps: list[Tensor], capturable: bool) -> list[_Group] | None:
-    """The caller's cached plan when it applies, else None.
-
-    It applies when the parameters and their state are the very objects it was built from (all
-    contiguous), every parameter and gradient is at the address it had, and the gradients are
-    contiguous and, as ``.grad`` always is, of their parameter's shape, dtype and device.
-    """
-    cached = plan_cache.get("triton")
-    if cached is None or cached.capturable != capturable:
-        return None
-    p, m, v, s = cached.tensors
-    if not (_same_objects(params, p) and _same_objects(exp_avgs, m) and _same_objects(exp_avg_sqs, v)
-            and _same_objects(state_steps, s)):
-        return None
-    if list(map(_ptr, params)) != cached.param_ptrs or list(map(_ptr, grads)) != cached.grad_ptrs:
-        return None
-    return cached.groups if all(map(_contiguous, grads)) else None
 
 
 def _launch(group: _Group, *, grad_scale: Tensor | None, found_inf: Tensor | None, beta1: float, beta2: float,

@@ -1,0 +1,122 @@
+"""Tensors that change under the same Python object, and the fused CPU step that writes through addresses.
+
+The fused kernel is handed raw addresses, so a table that no longer describes the tensors would write into
+freed or foreign memory. Every event here changes a tensor's storage, dtype or layout while keeping the
+Python objects (``p.data = ...``, ``exp_avg.data = ...``, a gradient of another dtype, a gradient of another
+layout at the same address) or replaces them (``load_state_dict``, new gradients, a step without one
+parameter). Through all of them the fused optimizer must follow the for-loop one, which reads every tensor
+afresh, step by step (float64: they differ only where the C compiler fuses a multiply-add).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import adoptim
+from adoptim.kernels import fused_cpu
+
+HYPER = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, clip_exponent=0.25)
+TOL = dict(rtol=1e-12, atol=1e-14)
+
+needs_kernel = pytest.mark.skipif(not fused_cpu.is_available(), reason="fused CPU kernel not built")
+
+
+def _swap_param_storage(opt: adoptim.ADOPT) -> None:
+    p = opt.param_groups[0]["params"][1]
+    p.data = p.data.clone()  # same values, another address
+
+
+def _swap_state_storage(opt: adoptim.ADOPT) -> None:
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    st["exp_avg"].data = st["exp_avg"].data.clone()  # the old storage is freed: a stale table would write there
+    st["exp_avg_sq"].data = st["exp_avg_sq"].data.clone()
+    st["step"].data = st["step"].data.clone()
+
+
+def _transpose_square_param(opt: adoptim.ADOPT) -> None:
+    # The same address and shape, another layout: the parameter is no longer contiguous.
+    p = opt.param_groups[0]["params"][2]
+    p.data = p.data.t()
+    for key in ("exp_avg", "exp_avg_sq"):
+        opt.state[p][key].data = opt.state[p][key].data.t()
+
+
+def _reload(opt: adoptim.ADOPT) -> None:
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+EVENTS: dict[int, Callable[[adoptim.ADOPT], None]] = {
+    2: _swap_param_storage,
+    3: _swap_state_storage,
+    5: _reload,
+    7: _transpose_square_param,
+}
+
+
+def _grads(t: int, params: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor | None]:
+    grads: list[torch.Tensor | None] = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    if t == 4:
+        grads[1] = None  # a step without this parameter
+    return grads
+
+
+def _set_grads(t: int, params: list[torch.Tensor], grads: list[torch.Tensor | None], kept: list[torch.Tensor]) -> None:
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            p.grad = None
+        elif t == 6 and i == 0:
+            p.grad = None
+            p.grad_dtype = torch.float32  # a gradient of another dtype than its parameter's
+            p.grad = g.float()
+        elif t == 8 and p.dim() == 2:
+            p.grad = g.t().contiguous().t()  # same values, not contiguous
+        elif t in (9, 10):
+            p.grad = kept[i].copy_(g)  # the same gradient tensors every step, updated in place
+        else:
+            p.grad = g.clone()
+
+
+@needs_kernel
+def test_fused_follows_the_forloop_kernel_through_every_move_of_memory() -> None:
+    gen = torch.Generator().manual_seed(2)
+    init = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64),
+            torch.randn(5, 5, generator=gen, dtype=torch.float64)]
+    runs = {}
+    for name, flags in (("fused", dict(fused=True)), ("loop", dict(foreach=False))):
+        params = [p.clone().requires_grad_(True) for p in init]
+        runs[name] = (params, adoptim.ADOPT(params, **flags, **HYPER), [torch.zeros_like(p) for p in params])
+    for t in range(11):
+        grads = _grads(t, init, gen)
+        for params, opt, kept in runs.values():
+            _set_grads(t, params, grads, kept)
+            if t in EVENTS:
+                EVENTS[t](opt)
+            opt.step()
+            if t == 6:
+                params[0].grad = None
+                params[0].grad_dtype = None  # back to the parameter's dtype
+        (fp, fopt, _), (lp, lopt, _) = runs["fused"], runs["loop"]
+        for i, (a, b) in enumerate(zip(fp, lp)):
+            where = f"step {t}, parameter {i}"
+            torch.testing.assert_close(a.detach(), b.detach(), **TOL, msg=lambda m, where=where: f"{where}: {m}")
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(fopt.state[a][key], lopt.state[b][key], **TOL)
+
+
+def test_a_parameter_listed_twice_gets_one_state() -> None:
+    # torch.optim only warns about a repeated parameter; its state must be one, stepped twice per call
+    # as torch's own for-loop optimizers do, not two states of which one is lost.
+    p = torch.zeros(3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = adoptim.ADOPT([p, p], foreach=False, lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert len(opt.state) == 1 and float(opt.state[p]["step"]) == 2
+    # The first entry's call set v = g*g; the second made the first update: -lr * (1 - beta1) * 1.
+    torch.testing.assert_close(p.detach(), torch.full((3,), -0.1 * 0.1))
