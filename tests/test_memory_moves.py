@@ -120,3 +120,34 @@ def test_a_parameter_listed_twice_gets_one_state() -> None:
     assert len(opt.state) == 1 and float(opt.state[p]["step"]) == 2
     # The first entry's call set v = g*g; the second made the first update: -lr * (1 - beta1) * 1.
     torch.testing.assert_close(p.detach(), torch.full((3,), -0.1 * 0.1))
+
+
+@needs_kernel
+def test_a_parameter_listed_twice_takes_its_updates_in_order_in_the_fused_kernel() -> None:
+    # Two entries of one tensor in one C call would be updated by two threads at once; the fused step
+    # gives them in order instead, exactly as the for-loop kernel does.
+    gen = torch.Generator().manual_seed(9)
+    init = torch.randn(300_000, generator=gen, dtype=torch.float64)  # large enough for both threads
+    other = torch.randn(5, generator=gen, dtype=torch.float64)
+    grads = [(torch.randn(init.shape, generator=gen, dtype=init.dtype), torch.randn(5, generator=gen, dtype=init.dtype))
+             for _ in range(3)]
+    runs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for flags in (dict(fused=True), dict(foreach=False)):
+            p, q = init.clone().requires_grad_(True), other.clone().requires_grad_(True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                opt = adoptim.ADOPT([p, q, p], lr=0.1, **flags)
+            for gp, gq in grads:
+                p.grad, q.grad = gp.clone(), gq.clone()
+                opt.step()
+            runs.append((p, q, opt))
+    finally:
+        torch.set_num_threads(threads)
+    (fp, fq, fopt), (lp, lq, lopt) = runs
+    assert float(fopt.state[fp]["step"]) == 6 and len(fopt.state) == 2
+    torch.testing.assert_close(fp.detach(), lp.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(fopt.state[fp]["exp_avg_sq"], lopt.state[lp]["exp_avg_sq"], rtol=0, atol=0)
+    torch.testing.assert_close(fq.detach(), lq.detach(), **TOL)

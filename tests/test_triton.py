@@ -332,3 +332,27 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="dense"):
         K.triton_adopt([strided], [g], [m], [v], [s], **kw)
     assert float(s) == 0 and torch.equal(p, torch.zeros(4))  # nothing ran
+
+
+def test_a_tensor_listed_twice_takes_its_updates_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The programs of one launch would race on a tensor listed twice; the for-loop kernel gives the two
+    # updates in order. Empty tensors may share an address without being the same tensor.
+    kw = dict(HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
+    gen = torch.Generator().manual_seed(12)
+    p, g = torch.randn(3000, generator=gen, dtype=torch.float64), torch.randn(3000, generator=gen, dtype=torch.float64)
+    fused = [p.clone(), torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), dtype=torch.float64)]
+    loop = [p.clone(), torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), dtype=torch.float64)]
+    for _ in range(3):
+        x, m, v, s = fused
+        K.triton_adopt([x, x], [g, g], [m, m], [v, v], [s, s], **_fused(**kw))
+        x, m, v, s = loop
+        single_tensor_adopt([x, x], [g, g], [m, m], [v, v], [s, s], **_plain(**kw))
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(fused[3]) == 6
+    calls = []
+    monkeypatch.setattr(K, "single_tensor_adopt", lambda *a, **k: calls.append(1))
+    empty = [torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)]
+    K.triton_adopt(empty, [torch.zeros(0, dtype=torch.float64)] * 2, [x.clone() for x in empty],
+                   [x.clone() for x in empty], [torch.zeros((), dtype=torch.float64) for _ in empty], **_fused(**kw))
+    assert not calls  # two empty tensors are not a repeat, whatever their addresses

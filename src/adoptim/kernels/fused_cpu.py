@@ -174,24 +174,21 @@ def fused_cpu_adopt(
 
     n = len(params)
     table = _bulk_table(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    if table is not None:
-        n_fast = n
-    else:
+    fast: list[int] | range = range(n)
+    if table is None:
         fast, rows = _table_per_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        n_fast = len(fast)
-        if n_fast < n:
+        if len(fast) < n:
             slow = sorted(set(range(n)) - set(fast))
-            pick = lambda xs: [xs[i] for i in slow]
-            slow_grads = pick(grads)
-            if grad_scale is not None:
-                slow_grads = [g / grad_scale.to(g.device) for g in slow_grads]
-            single_tensor_adopt(
-                pick(params), slow_grads, pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), lr=lr,
-                capturable=capturable, differentiable=False, **hyper,
-            )
+            _for_loop(slow, params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, lr, capturable, hyper)
         if not fast:
             return
         table = array("q", [x for row in rows for x in row])
+    n_fast = len(fast)
+    if _repeats(table, n_fast):
+        # A tensor listed twice (torch.optim only warns about it) must take its two updates one after the
+        # other, as the for-loop kernel gives them; the threads of one C call would race on it.
+        _for_loop(fast, params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, lr, capturable, hyper)
+        return
 
     address, _ = table.buffer_info()
     status = lib.adopt_cpu_step(
@@ -202,6 +199,29 @@ def fused_cpu_adopt(
     )
     if status != 0:
         raise MemoryError("the fused CPU kernel could not allocate its bookkeeping; nothing was changed")
+
+
+def _for_loop(idx: list[int], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+              exp_avg_sqs: list[Tensor], state_steps: list[Tensor], grad_scale: Tensor | None, lr: float | Tensor,
+              capturable: bool, hyper: dict) -> None:
+    """The for-loop kernel on the tensors at ``idx`` (their gradients divided by ``grad_scale`` first)."""
+    pick = lambda xs: [xs[i] for i in idx]
+    grads = pick(grads)
+    if grad_scale is not None:
+        grads = [g / grad_scale.to(g.device) for g in grads]
+    single_tensor_adopt(
+        pick(params), grads, pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), lr=lr, capturable=capturable,
+        differentiable=False, **hyper,
+    )
+
+
+def _repeats(table: array, n: int) -> bool:
+    """Whether two of the table's ``n`` tensors with elements start at the same address."""
+    params = table[:n]
+    if len(set(params)) == n:
+        return False
+    with_elements = [ptr for ptr, numel in zip(params, table[5 * n: 6 * n]) if numel]
+    return len(set(with_elements)) < len(with_elements)
 
 
 _dtype = attrgetter("dtype")

@@ -31,6 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# Absolute: the tests load this file on its own, under Triton's interpreter.
+from adoptim.kernels.single_tensor import single_tensor_adopt
+
 __all__ = ["triton_adopt"]
 
 # Elements per block, per chunk (one program each) and warps per program, chosen by measuring on an
@@ -384,6 +387,18 @@ def triton_adopt(
     if not params:
         return
     groups = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
+    if groups is None:
+        # A tensor listed twice (torch.optim only warns about it): the programs of one launch would race
+        # on it, while the for-loop kernel gives its two updates one after the other.
+        if found_inf is not None and float(found_inf) != 0.0:
+            return
+        if grad_scale is not None:
+            grads = [g / grad_scale.to(g.device) for g in grads]
+        single_tensor_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1, beta2=beta2, lr=lr,
+                            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                            clip_exponent=clip_exponent, eps=eps, maximize=maximize, capturable=capturable,
+                            differentiable=False)
+        return
     try:
         for group in groups:
             _launch(group, grad_scale=grad_scale, found_inf=found_inf, beta1=beta1, beta2=beta2, lr=lr,
@@ -394,8 +409,9 @@ def triton_adopt(
 
 
 def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 state_steps: list[Tensor], capturable: bool) -> list[_Group]:
-    """The launch plan from the process-wide cache, built and checked on a miss.
+                 state_steps: list[Tensor], capturable: bool) -> list[_Group] | None:
+    """The launch plan from the process-wide cache, built and checked on a miss; None when a parameter
+    with elements is listed twice.
 
     The plan (checks, grouping, address tables) is reused while the same tensors come back. Its key holds
     everything the plan depends on and its checks found: every address, every parameter's size and dtype
@@ -411,8 +427,14 @@ def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     if alike:  # else the checks in _plan name what does not match
         contiguous = all(all(map(_contiguous, x)) for x in tensors)
         layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
-        key = (*(tuple(map(_ptr, x)) for x in (*tensors, state_steps)), tuple(numels), tuple(dtypes),
-               tuple(map(_dtype, state_steps)), layout, state_steps[0].device, capturable)
+        param_ptrs = tuple(map(_ptr, params))
+        if len(set(param_ptrs)) < len(param_ptrs):
+            with_elements = [ptr for ptr, n in zip(param_ptrs, numels) if n]
+            if len(set(with_elements)) < len(with_elements):
+                return None
+        key = (param_ptrs, *(tuple(map(_ptr, x)) for x in (grads, exp_avgs, exp_avg_sqs, state_steps)),
+               tuple(numels), tuple(dtypes), tuple(map(_dtype, state_steps)), layout, state_steps[0].device,
+               capturable)
         groups = _PLANS.get(key)
     if groups is None:
         groups, reusable = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
