@@ -327,11 +327,46 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="int64"):
         K.triton_adopt([p.long()], [g.long()], [m], [v], [s], **kw)
     with pytest.raises(ValueError, match="gradient 0"):
-        K.triton_adopt([p], [g.double()], [m], [v], [s], **kw)
-    strided = torch.zeros(4, 2)[:, 0]
-    with pytest.raises(ValueError, match="dense"):
-        K.triton_adopt([strided], [g], [m], [v], [s], **kw)
-    assert float(s) == 0 and torch.equal(p, torch.zeros(4))  # nothing ran
+        K.triton_adopt([p], [torch.ones(2, 2)], [m], [v], [s], **kw)
+    with pytest.raises(ValueError, match="exp_avg_sq of parameter 1"):
+        K.triton_adopt([p, p.clone()], [g, g], [m, m.clone()], [v, torch.zeros(5)], [s, s.clone()], **kw)
+    with pytest.raises(ValueError, match="exp_avg of parameter 0"):
+        K.triton_adopt([p], [g], [m.double()], [v], [s], **kw)
+    assert float(s) == 0 and torch.equal(p, torch.zeros(4)) and torch.equal(m, torch.zeros(4))  # nothing ran
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
+def test_tensors_the_kernel_cannot_take_go_to_the_forloop_kernel_in_the_same_call(found_inf) -> None:
+    # A gradient of another dtype (grad_dtype), state of another layout (a model made channels_last after
+    # its first step), a parameter that is not dense: the for-loop kernel updates these in the same call,
+    # so a step never stops half-way with an error.
+    gen = torch.Generator().manual_seed(13)
+    shapes = [(10,), (2, 3, 4, 5), (6,), (7,)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    kw = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
+
+    def setup() -> list[list[torch.Tensor]]:
+        params = [x.clone() for x in init]
+        params[1] = params[1].to(memory_format=torch.channels_last)  # its state stays contiguous
+        buf = torch.zeros(6, 2, dtype=torch.float64)
+        buf[:, 0] = init[2]
+        params[2] = buf[:, 0]  # not dense
+        m = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+        return [params, m, [x.clone() for x in m], [torch.zeros((), dtype=torch.float64) for _ in shapes]]
+
+    fused, loop = setup(), setup()
+    scale = torch.tensor(4.0)  # a power of two: scaling and unscaling are exact
+    inf = None if found_inf is None else torch.tensor(found_inf)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        grads[3] = grads[3].float()  # another dtype than the parameter's
+        K.triton_adopt(fused[0], [g * scale for g in grads], *fused[1:],
+                       **_fused(**kw) | dict(grad_scale=scale, found_inf=inf))
+        if found_inf != 1.0:
+            single_tensor_adopt(loop[0], grads, *loop[1:], **_plain(**kw))
+    for a, b in zip(sum(fused, []), sum(loop, [])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert [float(x) for x in fused[3]] == [0.0 if found_inf == 1.0 else 3.0] * len(shapes)
 
 
 def test_a_tensor_listed_twice_takes_its_updates_in_order(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,7 +53,7 @@ _TL_DTYPES = {
 }
 
 # Launch plans keyed by the addresses and sizes they hold (a cache, not a switch: a miss rebuilds).
-_PLANS: dict[tuple, list[_Group]] = {}
+_PLANS: dict[tuple, tuple[list[_Group], list[int]]] = {}
 # Gradient copies made for the launch in progress (a gradient of another layout than its parameter).
 _KEEP_ALIVE: list[Tensor] = []
 # Host buffers read by captured CUDA graphs; kept for the life of the process.
@@ -287,30 +287,36 @@ def _upload(rows: list[tuple[int, ...]], chunks: list[tuple[int, int]], device: 
 
 
 def _plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-          state_steps: list[Tensor], capturable: bool) -> tuple[list[_Group], bool]:
-    """Checks the tensors and builds one group per (device, dtype); returns the groups and whether they
-    may be reused for the same tensors (not when a gradient had to be copied to its parameter's layout)."""
+          state_steps: list[Tensor], capturable: bool) -> tuple[list[_Group], bool, list[int]]:
+    """Checks the tensors and builds one group per (device, dtype) of those the kernel takes.
+
+    Returns the groups, whether they may be reused for the same tensors (not when a gradient had to be
+    copied to its parameter's layout), and the indices of the tensors the kernel does not take, which the
+    for-loop kernel updates in the same call: a gradient of another dtype than the parameter's
+    (``grad_dtype``), state of another layout (a model made channels_last after its first step), a
+    parameter that is not dense. What no kernel can take raises ``ValueError``.
+    """
     by_key: dict[tuple, list[int]] = defaultdict(list)
+    slow: list[int] = []
     for i, p in enumerate(params):
         g, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
         dtype = _real(p).dtype
         if dtype not in _TL_DTYPES:
             names = sorted(str(d) for d in _TL_DTYPES)
             raise ValueError(f"fused ADOPT supports {names} parameters, got {p.dtype} (parameter {i})")
-        if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+        if g.device != p.device or g.shape != p.shape:
             raise ValueError(
                 f"gradient {i} must match its parameter: {g.dtype} {tuple(g.shape)} on {g.device} vs "
                 f"{p.dtype} {tuple(p.shape)} on {p.device}"
             )
-        if not _is_dense(p):
-            raise ValueError(f"fused ADOPT needs dense parameters; parameter {i} has strides {p.stride()}")
         for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
-            if t.shape != p.shape or t.device != p.device or t.dtype != p.dtype or not _same_layout(t, p):
-                raise ValueError(
-                    f"{name} of parameter {i} must have its parameter's shape, device, dtype and layout"
-                )
+            if t.shape != p.shape or t.device != p.device or t.dtype != p.dtype:
+                raise ValueError(f"{name} of parameter {i} must have its parameter's shape, device and dtype")
         if state_steps[i].dtype not in (torch.float32, torch.float64) or state_steps[i].numel() != 1:
             raise ValueError(f"state_steps[{i}] must be a one-element float32 or float64 tensor")
+        if g.dtype != p.dtype or not _is_dense(p) or not _same_layout(m, p) or not _same_layout(v, p):
+            slow.append(i)
+            continue
         by_key[(p.device, dtype)].append(i)
 
     groups, reusable = [], True
@@ -338,7 +344,7 @@ def _plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
             chunks.extend((j, start) for start in range(0, p.numel(), _CHUNK))
         table, chunk_list = _upload(rows, chunks, device)
         groups.append(_Group(device, dtype, steps, host_steps, table, chunk_list, len(chunks)))
-    return groups, reusable
+    return groups, reusable, slow
 
 
 def _on(device: torch.device, t: Tensor | None, name: str) -> Tensor | None:
@@ -386,19 +392,22 @@ def triton_adopt(
         )
     if not params:
         return
-    groups = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
-    if groups is None:
-        # A tensor listed twice (torch.optim only warns about it): the programs of one launch would race
-        # on it, while the for-loop kernel gives its two updates one after the other.
+    plan = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
+    # A tensor listed twice (torch.optim only warns about it) goes to the for-loop kernel with the whole
+    # call: the programs of one launch would race on it, the for-loop kernel updates it twice in order.
+    groups, slow = ([], range(len(params))) if plan is None else plan
+    if slow:
+        # The host reads found_inf here (a synchronisation), only when some tensor needs the for-loop kernel.
         if found_inf is not None and float(found_inf) != 0.0:
             return
+        pick = lambda xs: [xs[i] for i in slow]
+        slow_grads = pick(grads)
         if grad_scale is not None:
-            grads = [g / grad_scale.to(g.device) for g in grads]
-        single_tensor_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1, beta2=beta2, lr=lr,
-                            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                            clip_exponent=clip_exponent, eps=eps, maximize=maximize, capturable=capturable,
-                            differentiable=False)
-        return
+            slow_grads = [g / grad_scale.to(g.device) for g in slow_grads]
+        single_tensor_adopt(pick(params), slow_grads, pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps),
+                            beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                            decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent, eps=eps,
+                            maximize=maximize, capturable=capturable, differentiable=False)
     try:
         for group in groups:
             _launch(group, grad_scale=grad_scale, found_inf=found_inf, beta1=beta1, beta2=beta2, lr=lr,
@@ -409,40 +418,37 @@ def triton_adopt(
 
 
 def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 state_steps: list[Tensor], capturable: bool) -> list[_Group] | None:
-    """The launch plan from the process-wide cache, built and checked on a miss; None when a parameter
-    with elements is listed twice.
+                 state_steps: list[Tensor], capturable: bool) -> tuple[list[_Group], list[int]] | None:
+    """The launch plan and the for-loop kernel's share (see ``_plan``), from the process-wide cache, built
+    and checked on a miss; None when a parameter with elements is listed twice.
 
     The plan (checks, grouping, address tables) is reused while the same tensors come back. Its key holds
-    everything the plan depends on and its checks found: every address, every parameter's size and dtype
-    (and whether the gradients and state have the same), the step counters' dtypes and the layouts. So a
-    tensor that changed under the same Python object (``t.data = ...``) or memory reused by another tensor
-    never meets a stale table. Each part is one ``map`` in C; about a microsecond per tensor in all.
+    everything the plan depends on: every address, size and dtype (of parameters, gradients, state and
+    step counters) and the layouts. So a tensor that changed under the same Python object
+    (``t.data = ...``) or memory reused by another tensor never meets a stale table. Each part is one
+    ``map`` in C; about a microsecond per tensor in all.
     """
     tensors = (params, grads, exp_avgs, exp_avg_sqs)
-    numels = list(map(_numel, params))
-    dtypes = list(map(_dtype, params))
-    alike = all(list(map(_numel, x)) == numels and list(map(_dtype, x)) == dtypes for x in tensors[1:])
-    groups = None
-    if alike:  # else the checks in _plan name what does not match
-        contiguous = all(all(map(_contiguous, x)) for x in tensors)
-        layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
-        param_ptrs = tuple(map(_ptr, params))
-        if len(set(param_ptrs)) < len(param_ptrs):
-            with_elements = [ptr for ptr, n in zip(param_ptrs, numels) if n]
-            if len(set(with_elements)) < len(with_elements):
-                return None
-        key = (param_ptrs, *(tuple(map(_ptr, x)) for x in (grads, exp_avgs, exp_avg_sqs, state_steps)),
-               tuple(numels), tuple(dtypes), tuple(map(_dtype, state_steps)), layout, state_steps[0].device,
-               capturable)
-        groups = _PLANS.get(key)
-    if groups is None:
-        groups, reusable = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
-        if reusable and alike:
+    param_ptrs = tuple(map(_ptr, params))
+    numels = tuple(map(_numel, params))
+    if len(set(param_ptrs)) < len(param_ptrs):
+        with_elements = [ptr for ptr, n in zip(param_ptrs, numels) if n]
+        if len(set(with_elements)) < len(with_elements):
+            return None
+    contiguous = all(all(map(_contiguous, x)) for x in tensors)
+    layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
+    key = (param_ptrs, *(tuple(map(_ptr, x)) for x in (grads, exp_avgs, exp_avg_sqs, state_steps)), numels,
+           *(tuple(map(_numel, x)) for x in tensors[1:]), *(tuple(map(_dtype, x)) for x in (*tensors, state_steps)),
+           layout, state_steps[0].device, capturable)
+    plan = _PLANS.get(key)
+    if plan is None:
+        groups, reusable, slow = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
+        plan = groups, slow
+        if reusable:
             if len(_PLANS) >= _CACHE_SIZE:
                 del _PLANS[next(iter(_PLANS))]  # the oldest
-            _PLANS[key] = groups
-    return groups
+            _PLANS[key] = plan
+    return plan
 
 
 def _launch(group: _Group, *, grad_scale: Tensor | None, found_inf: Tensor | None, beta1: float, beta2: float,
