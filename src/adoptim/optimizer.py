@@ -228,8 +228,8 @@ class ADOPT(Optimizer):
 
         Raises before anything changes when a step could not be taken. Returns the positions in the lists
         of parameters that have no state yet; their state entries are ``None`` until
-        :meth:`_create_state` fills them. One pass, a few attribute reads per parameter: for models of
-        many small tensors this loop is most of the host's work in a fused step.
+        :meth:`_create_state` fills them. One pass, a few attribute reads per parameter (about what
+        torch's ``AdamW._init_group`` costs): for many small tensors, a large part of a fused step.
         """
         state = self.state
         differentiable = group["differentiable"]
