@@ -6,14 +6,13 @@ loop that keeps its own state, a compiled step) can switch kernels with one flag
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from operator import attrgetter
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .kernels import fused_cpu
+from .kernels.common import without_amp
 from .kernels.foreach import foreach_adopt
 from .kernels.single_tensor import single_tensor_adopt
 
@@ -151,7 +150,7 @@ def adopt(
             elif compiling and device_type in ("cpu", "cuda"):
                 # Neither the C call nor the Triton launch (its host code reads tensor addresses) can be
                 # traced; the compiled foreach step is fused by the compiler instead.
-                _unfused(foreach_adopt, part, grad_scale, found_inf, hyper)
+                without_amp(foreach_adopt, part, grad_scale, found_inf, hyper)
             elif device_type == "cuda":
                 from .kernels.triton import triton_adopt  # imported lazily: Triton ships with CUDA torch
 
@@ -162,20 +161,4 @@ def adopt(
                     "use foreach=True there"
                 )
         return
-    _unfused(foreach_adopt if foreach else single_tensor_adopt, list(lists), grad_scale, found_inf, hyper)
-
-
-def _unfused(
-    kernel: Callable[..., None],
-    lists: list[list[Tensor]],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    hyper: dict[str, Any],
-) -> None:
-    """Run a kernel that knows nothing of AMP, applying ``found_inf`` and ``grad_scale`` around it."""
-    params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
-    if found_inf is not None and float(found_inf) != 0.0:
-        return
-    if grad_scale is not None:
-        grads = [g / grad_scale.to(g.device) for g in grads]
-    kernel(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
+    without_amp(foreach_adopt if foreach else single_tensor_adopt, lists, grad_scale, found_inf, hyper)

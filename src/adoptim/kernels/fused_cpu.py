@@ -25,11 +25,13 @@ import importlib.util
 import sys
 import warnings
 from array import array
+from collections.abc import Sequence
 from operator import attrgetter
 
 import torch
 from torch import Tensor
 
+from .common import has_repeats, without_amp
 from .foreach import foreach_adopt
 from .single_tensor import single_tensor_adopt
 
@@ -173,21 +175,20 @@ def fused_cpu_adopt(
         return
 
     n = len(params)
-    table = _bulk_table(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    table = _bulk_table(*lists)
     fast: list[int] | range = range(n)
     if table is None:
-        fast, rows = _table_per_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        fast, rows = _table_per_tensor(*lists)
         if len(fast) < n:
-            slow = sorted(set(range(n)) - set(fast))
-            _for_loop(slow, params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, lr, capturable, hyper)
+            _for_loop(sorted(set(range(n)) - set(fast)), lists, grad_scale, lr, capturable, hyper)
         if not fast:
             return
         table = array("q", [x for row in rows for x in row])
     n_fast = len(fast)
-    if _repeats(table, n_fast):
-        # A tensor listed twice (torch.optim only warns about it) must take its two updates one after the
-        # other, as the for-loop kernel gives them; the threads of one C call would race on it.
-        _for_loop(fast, params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, lr, capturable, hyper)
+    if has_repeats(table[:n_fast], table[5 * n_fast: 6 * n_fast]):
+        # A tensor listed twice takes its two updates in order; the threads of one C call would race on it.
+        _for_loop(fast, lists, grad_scale, lr, capturable, hyper)
         return
 
     address, _ = table.buffer_info()
@@ -201,27 +202,11 @@ def fused_cpu_adopt(
         raise MemoryError("the fused CPU kernel could not allocate its bookkeeping; nothing was changed")
 
 
-def _for_loop(idx: list[int], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-              exp_avg_sqs: list[Tensor], state_steps: list[Tensor], grad_scale: Tensor | None, lr: float | Tensor,
+def _for_loop(idx: Sequence[int], lists: tuple[list[Tensor], ...], grad_scale: Tensor | None, lr: float | Tensor,
               capturable: bool, hyper: dict) -> None:
-    """The for-loop kernel on the tensors at ``idx`` (their gradients divided by ``grad_scale`` first)."""
-    pick = lambda xs: [xs[i] for i in idx]
-    grads = pick(grads)
-    if grad_scale is not None:
-        grads = [g / grad_scale.to(g.device) for g in grads]
-    single_tensor_adopt(
-        pick(params), grads, pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), lr=lr, capturable=capturable,
-        differentiable=False, **hyper,
-    )
-
-
-def _repeats(table: array, n: int) -> bool:
-    """Whether two of the table's ``n`` tensors with elements start at the same address."""
-    params = table[:n]
-    if len(set(params)) == n:
-        return False
-    with_elements = [ptr for ptr, numel in zip(params, table[5 * n: 6 * n]) if numel]
-    return len(set(with_elements)) < len(with_elements)
+    """The for-loop kernel on the tensors at ``idx`` (``found_inf`` was read already)."""
+    without_amp(single_tensor_adopt, ([x[i] for i in idx] for x in lists), grad_scale, None,
+                dict(hyper, lr=lr, capturable=capturable, differentiable=False))
 
 
 _dtype = attrgetter("dtype")

@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Absolute: the tests load this file on its own, under Triton's interpreter.
+from adoptim.kernels.common import has_repeats, without_amp
 from adoptim.kernels.single_tensor import single_tensor_adopt
 
 __all__ = ["triton_adopt"]
@@ -398,16 +399,11 @@ def triton_adopt(
     groups, slow = ([], range(len(params))) if plan is None else plan
     if slow:
         # The host reads found_inf here (a synchronisation), only when some tensor needs the for-loop kernel.
-        if found_inf is not None and float(found_inf) != 0.0:
-            return
-        pick = lambda xs: [xs[i] for i in slow]
-        slow_grads = pick(grads)
-        if grad_scale is not None:
-            slow_grads = [g / grad_scale.to(g.device) for g in slow_grads]
-        single_tensor_adopt(pick(params), slow_grads, pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps),
-                            beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
-                            decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent, eps=eps,
-                            maximize=maximize, capturable=capturable, differentiable=False)
+        hyper = dict(beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
+                     decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
+                     capturable=capturable, differentiable=False)
+        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        without_amp(single_tensor_adopt, ([x[i] for i in slow] for x in lists), grad_scale, found_inf, hyper)
     try:
         for group in groups:
             _launch(group, grad_scale=grad_scale, found_inf=found_inf, beta1=beta1, beta2=beta2, lr=lr,
@@ -431,10 +427,8 @@ def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     tensors = (params, grads, exp_avgs, exp_avg_sqs)
     param_ptrs = tuple(map(_ptr, params))
     numels = tuple(map(_numel, params))
-    if len(set(param_ptrs)) < len(param_ptrs):
-        with_elements = [ptr for ptr, n in zip(param_ptrs, numels) if n]
-        if len(set(with_elements)) < len(with_elements):
-            return None
+    if has_repeats(param_ptrs, numels):
+        return None
     contiguous = all(all(map(_contiguous, x)) for x in tensors)
     layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
     key = (param_ptrs, *(tuple(map(_ptr, x)) for x in (grads, exp_avgs, exp_avg_sqs, state_steps)), numels,
