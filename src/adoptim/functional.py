@@ -120,9 +120,11 @@ def adopt(
         raise ValueError("fused=True and foreach=True cannot be combined: choose one kernel")
     if fused and differentiable:
         raise ValueError("fused=True does not support differentiable=True (use the for-loop kernel)")
-    if fused is None and foreach is None:
-        fused = default_fused(params, differentiable)
-    if foreach is None:
+    # default_fused says yes only for all-CPU parameters outside torch.compile: then nothing below needs
+    # to look at the devices again, and foreach is not used.
+    all_cpu = fused is None and foreach is None and default_fused(params, differentiable)
+    fused = fused or all_cpu
+    if not fused and foreach is None:
         foreach = default_foreach(params, differentiable)
     compiling = _is_compiling()
     if compiling:
@@ -135,7 +137,7 @@ def adopt(
     )
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if fused:
-        if not compiling and all(map(_IS_CPU, params)):
+        if all_cpu or (not compiling and all(map(_IS_CPU, params))):
             by_device = {"cpu": None}  # the common cases take the lists as they are, with no per-tensor loop
         elif not compiling and all(map(_IS_CUDA, params)):
             by_device = {"cuda": None}
