@@ -14,6 +14,8 @@ from . import _validate as V
 from .functional import adopt
 from .migration import translate_group
 
+_CPU = torch.device("cpu")
+
 __all__ = ["ADOPT", "ADOPTW"]
 
 _FUSED_DTYPES = (
@@ -279,15 +281,25 @@ class ADOPT(Optimizer):
         """Create the state of the parameters at ``missing`` (from :meth:`_gather`) and fill the lists."""
         # Steps live on the host unless capturable or fused (reading them there costs no device sync);
         # the fused CUDA kernel keeps them on the device so it never waits for the host.
+        # Steps live on the host unless capturable or fused (reading them there costs no device sync);
+        # the fused CUDA kernel keeps them on the device so it never waits for the host.
         on_device = group["capturable"] or group["fused"]
+        state = self.state
+        zero_steps: dict[torch.device, Tensor] = {}  # one zero step per device, cloned for each parameter
         for j in missing:
             p = params[j]
-            state = self.state[p]
-            if not state:  # else p is listed twice in the group and its first entry made the state
-                state["step"] = torch.zeros((), dtype=V.scalar_dtype(), device=p.device if on_device else "cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state_steps[j], exp_avgs[j], exp_avg_sqs[j] = state["step"], state["exp_avg"], state["exp_avg_sq"]
+            st = state.get(p)
+            if not st:  # else p is listed twice in the group and its first entry made the state
+                device = p.device if on_device else _CPU
+                zero = zero_steps.get(device)
+                if zero is None:
+                    zero = zero_steps[device] = torch.zeros((), dtype=V.scalar_dtype(), device=device)
+                # zeros_like keeps the parameter's memory format by default (preserve_format); spelling
+                # that out costs a keyword parse per call, a quarter of the call for small tensors.
+                st = state[p] = {
+                    "step": zero.clone(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)
+                }
+            state_steps[j], exp_avgs[j], exp_avg_sqs[j] = st["step"], st["exp_avg"], st["exp_avg_sq"]
 
     def _init_group(
         self,
