@@ -151,3 +151,68 @@ def test_a_parameter_listed_twice_takes_its_updates_in_order_in_the_fused_kernel
     torch.testing.assert_close(fp.detach(), lp.detach(), rtol=0, atol=0)
     torch.testing.assert_close(fopt.state[fp]["exp_avg_sq"], lopt.state[lp]["exp_avg_sq"], rtol=0, atol=0)
     torch.testing.assert_close(fq.detach(), lq.detach(), **TOL)
+
+
+@needs_kernel
+def test_parameters_that_are_overlapping_views_of_one_buffer_take_their_updates_in_order() -> None:
+    # Two parameters that are views of one buffer and share elements (not at the same start address):
+    # one C call would update the shared elements in two threads at once; the fused step gives the two
+    # updates in order instead, exactly as the for-loop kernel does.
+    gen = torch.Generator().manual_seed(10)
+    n = 300_000  # large enough for both threads
+    init = torch.randn(3 * n // 2, generator=gen, dtype=torch.float64)
+    grads = [(torch.randn(n, generator=gen, dtype=init.dtype), torch.randn(n, generator=gen, dtype=init.dtype))
+             for _ in range(3)]
+    runs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for flags in (dict(fused=True), dict(foreach=False)):
+            buf = init.clone()
+            a, b = torch.nn.Parameter(buf[:n]), torch.nn.Parameter(buf[n // 2:])
+            assert a.data_ptr() == buf.data_ptr() and b.data_ptr() == buf[n // 2:].data_ptr()  # views
+            opt = adoptim.ADOPT([a, b], lr=0.1, **flags)
+            for ga, gb in grads:
+                a.grad, b.grad = ga.clone(), gb.clone()
+                opt.step()
+            runs.append(buf)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+@needs_kernel
+def test_the_c_call_refuses_overlapping_parameters_and_changes_nothing() -> None:
+    lib = fused_cpu._library()
+    buf = torch.randn(300, dtype=torch.float64)
+    for second, overlaps in ((buf[100:], True), (buf[200:], False), (buf[:0], False), (buf[199:], True)):
+        params = [buf[:200], second]
+        lists = [params, [torch.randn(x.shape, dtype=x.dtype) for x in params],
+                 [torch.zeros_like(x) for x in params], [torch.ones_like(x) for x in params],
+                 [torch.ones((), dtype=torch.float32) for _ in params]]
+        before = [x.clone() for x in (buf, *lists[2], *lists[3], *lists[4])]
+        table = fused_cpu._bulk_table(*lists)
+        status = lib.adopt_cpu_step(2, table.buffer_info()[0], 0.1, 0.9, 0.99, 1e-6, 0.0, 0, 0, 0.0, 0, 0, 1.0, 2)
+        assert status == (1 if overlaps else 0), (second.data_ptr() - buf.data_ptr(), second.numel())
+        after = (buf, *lists[2], *lists[3], *lists[4])
+        changed = any(not torch.equal(x, y) for x, y in zip(before, after))
+        assert changed != overlaps  # refused: nothing changed; taken: the step ran
+
+
+@needs_kernel
+def test_parameters_that_are_disjoint_views_of_one_buffer_keep_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A flat buffer cut into parameters (disjoint views, as flat-parameter schemes make) is no reason to
+    # leave the fused kernel.
+    calls = []
+    monkeypatch.setattr(fused_cpu, "_for_loop", lambda *a, **k: calls.append(1))
+    buf = torch.randn(1000, dtype=torch.float64)
+    params = [torch.nn.Parameter(buf[i: i + 250]) for i in range(0, 1000, 250)]
+    opt = adoptim.ADOPT(params, lr=0.1, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    assert not calls
+    # After v = 1 and one update, every element moved by -lr * (1 - beta1) (the momentum of g / 1).
+    torch.testing.assert_close(buf, torch.cat([p.detach() for p in params]), rtol=0, atol=0)
+    assert all(float(opt.state[p]["step"]) == 2 for p in params)

@@ -391,3 +391,34 @@ def test_a_tensor_listed_twice_takes_its_updates_in_order(monkeypatch: pytest.Mo
     K.triton_adopt(empty, [torch.zeros(0, dtype=torch.float64)] * 2, [x.clone() for x in empty],
                    [x.clone() for x in empty], [torch.zeros((), dtype=torch.float64) for _ in empty], **_fused(**kw))
     assert not calls  # two empty tensors are not a repeat, whatever their addresses
+
+
+def test_parameters_sharing_memory_go_to_the_for_loop_kernel_and_disjoint_views_do_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Overlapping views of one buffer would be updated by two programs of one launch at once on a GPU
+    # (the interpreter runs programs one by one, so the routing is what this checks); disjoint views,
+    # a flat buffer cut into parameters, keep the kernel.
+    kw = dict(HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=None, maximize=False)
+    calls: list[int] = []
+    real = K.single_tensor_adopt
+    monkeypatch.setattr(K, "single_tensor_adopt", lambda p, *a, **k: (calls.append(len(p)), real(p, *a, **k)))
+    gen = torch.Generator().manual_seed(13)
+    init = torch.randn(3000, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(2000, generator=gen, dtype=torch.float64) for _ in range(2)]
+    for cut, routed in (((slice(0, 2000), slice(1000, 3000)), True), ((slice(0, 1000), slice(1000, 3000)), False)):
+        calls.clear()
+        results = []
+        for kernel in (K.triton_adopt, real):
+            buf = init.clone()
+            params = [buf[c] for c in cut]
+            state = [[torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                     [torch.zeros((), dtype=torch.float64) for _ in params]]
+            for _ in range(3):
+                g = [x[: p.numel()] for x, p in zip(grads, params)]
+                if kernel is real:
+                    real(params, g, *state, **_plain(**kw))
+                else:
+                    kernel(params, g, *state, **_fused(**kw))
+            results.append(buf)
+        assert calls == ([2] * 3 if routed else []), cut
+        torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)

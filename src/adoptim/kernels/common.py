@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["has_repeats", "without_amp"]
+__all__ = ["share_memory", "without_amp"]
 
 
 def without_amp(
@@ -30,14 +30,20 @@ def without_amp(
     kernel(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
 
 
-def has_repeats(addresses: Iterable[int], numels: Iterable[int]) -> bool:
-    """Whether two tensors with elements start at the same address (a parameter listed twice).
+def share_memory(tensors: Iterable[Tensor]) -> bool:
+    """Whether the memory of two tensors with elements overlaps: a parameter listed twice (torch.optim
+    only warns about it), or parameters that are views of one buffer.
 
-    torch.optim only warns about a repeated parameter; a fused kernel would update both entries at
-    once, in two threads or programs, where the for-loop kernel gives the two updates in order.
+    A fused kernel would update both at once, in two threads or programs, where the for-loop kernel
+    updates them one after the other. Each tensor spans the bytes from its first to its last element;
+    views that interleave without sharing an element (``buf[::2]`` and ``buf[1::2]``) count as
+    overlapping, which only costs them the fused kernel.
     """
-    addresses = list(addresses)
-    if len(set(addresses)) == len(addresses):  # the usual case, decided in one pass in C
-        return False
-    with_elements = [a for a, n in zip(addresses, numels) if n]  # empty tensors may share an address
-    return len(set(with_elements)) < len(with_elements)
+    spans = []
+    for t in tensors:
+        if t.numel():  # empty tensors may share an address
+            lo = t.data_ptr()
+            last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            spans.append((lo, lo + (last + 1) * t.element_size()))
+    spans.sort()
+    return any(lo < hi for (_, hi), (lo, _) in zip(spans, spans[1:]))

@@ -31,7 +31,7 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from .common import has_repeats, without_amp
+from .common import without_amp
 from .foreach import foreach_adopt
 from .single_tensor import single_tensor_adopt
 
@@ -185,20 +185,18 @@ def fused_cpu_adopt(
         if not fast:
             return
         table = array("q", [x for row in rows for x in row])
-    n_fast = len(fast)
-    if has_repeats(table[:n_fast], table[5 * n_fast: 6 * n_fast]):
-        # A tensor listed twice takes its two updates in order; the threads of one C call would race on it.
-        _for_loop(fast, lists, grad_scale, lr, capturable, hyper)
-        return
-
     address, _ = table.buffer_info()
     status = lib.adopt_cpu_step(
-        n_fast, address, float(lr), beta1, beta2, eps, weight_decay, int(decoupled_weight_decay),
+        len(fast), address, float(lr), beta1, beta2, eps, weight_decay, int(decoupled_weight_decay),
         int(clip_exponent is not None), 0.0 if clip_exponent is None else float(clip_exponent),
         int(maximize), int(grad_scale is not None), 1.0 if grad_scale is None else float(grad_scale),
         torch.get_num_threads(),
     )
-    if status != 0:
+    if status == 1:
+        # Two parameters share memory (one listed twice, or views of one buffer): the threads of the C
+        # call would update it at once, so the for-loop kernel updates them one after the other.
+        _for_loop(fast, lists, grad_scale, lr, capturable, hyper)
+    elif status != 0:
         raise MemoryError("the fused CPU kernel could not allocate its bookkeeping; nothing was changed")
 
 

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Absolute: the tests load this file on its own, under Triton's interpreter.
-from adoptim.kernels.common import has_repeats, without_amp
+from adoptim.kernels.common import share_memory, without_amp
 from adoptim.kernels.single_tensor import single_tensor_adopt
 
 __all__ = ["triton_adopt"]
@@ -393,10 +393,7 @@ def triton_adopt(
         )
     if not params:
         return
-    plan = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
-    # A tensor listed twice (torch.optim only warns about it) goes to the for-loop kernel with the whole
-    # call: the programs of one launch would race on it, the for-loop kernel updates it twice in order.
-    groups, slow = ([], range(len(params))) if plan is None else plan
+    groups, slow = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
     if slow:
         # The host reads found_inf here (a synchronisation), only when some tensor needs the for-loop kernel.
         hyper = dict(beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
@@ -414,9 +411,9 @@ def triton_adopt(
 
 
 def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 state_steps: list[Tensor], capturable: bool) -> tuple[list[_Group], list[int]] | None:
+                 state_steps: list[Tensor], capturable: bool) -> tuple[list[_Group], list[int]]:
     """The launch plan and the for-loop kernel's share (see ``_plan``), from the process-wide cache, built
-    and checked on a miss; None when a parameter with elements is listed twice.
+    and checked on a miss.
 
     The plan (checks, grouping, address tables) is reused while the same tensors come back. Its key holds
     everything the plan depends on: every address, size and dtype (of parameters, gradients, state and
@@ -427,8 +424,6 @@ def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     tensors = (params, grads, exp_avgs, exp_avg_sqs)
     param_ptrs = tuple(map(_ptr, params))
     numels = tuple(map(_numel, params))
-    if has_repeats(param_ptrs, numels):
-        return None
     contiguous = all(all(map(_contiguous, x)) for x in tensors)
     layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
     key = (param_ptrs, *(tuple(map(_ptr, x)) for x in (grads, exp_avgs, exp_avg_sqs, state_steps)), numels,
@@ -436,7 +431,14 @@ def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
            layout, state_steps[0].device, capturable)
     plan = _PLANS.get(key)
     if plan is None:
-        groups, reusable, slow = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
+        if share_memory(params):
+            # Parameters that share memory (one listed twice, views of one buffer) go to the for-loop
+            # kernel with the whole call: the programs of one launch would update them at once, the
+            # for-loop kernel one after the other. The key holds what decides it (addresses, sizes,
+            # dtypes, layouts), so the check runs on a miss only.
+            groups, reusable, slow = [], True, list(range(len(params)))
+        else:
+            groups, reusable, slow = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
         plan = groups, slow
         if reusable:
             if len(_PLANS) >= _CACHE_SIZE:

@@ -262,18 +262,54 @@ static void run_parallel(const table_t *tab, int64_t total, int nthreads) {
 
 /* ------------------------------------------------------------------ exported */
 
+typedef struct {
+    uintptr_t lo, hi; /* bytes [lo, hi) */
+} span_t;
+
+static int span_cmp(const void *a, const void *b) {
+    uintptr_t x = ((const span_t *)a)->lo, y = ((const span_t *)b)->lo;
+    return (x > y) - (x < y);
+}
+
+static const int ELEMENT_SIZE[] = {4, 8, 2, 2}; /* DT_F32, DT_F64, DT_BF16, DT_F16 */
+
+/* 1 when the memory of two parameters with elements overlaps, 0 when not, -1 when out of memory. */
+static int params_overlap(int64_t n, const int64_t *p, const int64_t *numel, const int64_t *codes) {
+    span_t *spans = (span_t *)malloc((size_t)n * sizeof(span_t));
+    if (!spans) return -1;
+    int64_t k = 0;
+    int sorted = 1;
+    for (int64_t i = 0; i < n; i++) {
+        if (numel[i] <= 0) continue; /* empty tensors may share an address */
+        uintptr_t lo = (uintptr_t)p[i];
+        spans[k].lo = lo;
+        spans[k].hi = lo + (uintptr_t)numel[i] * (uintptr_t)ELEMENT_SIZE[codes[i] & 0xff];
+        if (k > 0 && lo < spans[k - 1].lo) sorted = 0;
+        k++;
+    }
+    if (!sorted) qsort(spans, (size_t)k, sizeof(span_t), span_cmp);
+    int overlap = 0;
+    for (int64_t i = 1; i < k && !overlap; i++) overlap = spans[i].lo < spans[i - 1].hi;
+    free(spans);
+    return overlap;
+}
+
 /*
  * One ADOPT step over n tensors. `table` holds 7 rows of n int64: data pointers of p, g, m, v, the
  * step tensors, then numel, then codes (parameter dtype | step dtype << 8; step dtype 0 = float32,
  * 1 = float64). Every tensor must be dense and laid out alike in p, g, m and v. Steps are read, used,
- * and incremented here. Returns 0, or -1 when memory for the bookkeeping could not be allocated
- * (nothing has changed then).
+ * and incremented here. Returns 0; 1 when the memory of two parameters overlaps (a parameter listed
+ * twice, or two views of one buffer), which the threads would update at once where the for-loop kernel
+ * updates them in order; -1 when memory for the bookkeeping could not be allocated. Nothing has
+ * changed when it returns 1 or -1.
  */
 EXPORT int adopt_cpu_step(int64_t n, const int64_t *table, double lr, double beta1, double beta2,
                           double eps, double weight_decay, int decoupled, int has_clip,
                           double clip_exponent, int maximize, int has_scale, double grad_scale,
                           int nthreads) {
     if (n <= 0) return 0;
+    const int overlap = n > 1 ? params_overlap(n, table, table + 5 * n, table + 6 * n) : 0;
+    if (overlap != 0) return overlap;
     hyper_t h = {lr, beta1, beta2, eps, weight_decay, grad_scale, clip_exponent,
                  decoupled, has_clip, maximize, has_scale};
     int64_t *offsets = (int64_t *)malloc((size_t)(n + 1) * sizeof(int64_t));
