@@ -183,6 +183,21 @@ def test_printing_and_deepcopy_continue_identically() -> None:
         assert torch.equal(p1, p2)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_state_read_before_the_first_step_is_the_state_the_step_fills(kernel: str) -> None:
+    # Reading opt.state[p] before the first step makes an empty dict (torch.optim's state is a
+    # defaultdict); code that keeps that dict must find the state in it afterwards, as with torch's Adam.
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adoptim.ADOPT([p], lr=0.1, **KERNELS[kernel])
+    held = opt.state[p]
+    assert held == {}
+    p.grad = torch.full((3,), 2.0)
+    opt.step()
+    assert opt.state[p] is held
+    assert float(held["step"]) == 1 and torch.equal(held["exp_avg_sq"], torch.full((3,), 4.0))  # v = g*g
+    assert torch.equal(held["exp_avg"], torch.zeros(3))
+
+
 def test_adoptw_defaults() -> None:
     opt = adoptim.ADOPTW([torch.zeros(1, requires_grad=True)])
     g = opt.param_groups[0]

@@ -296,9 +296,11 @@ class ADOPT(Optimizer):
                     zero = zero_steps[device] = torch.zeros((), dtype=V.scalar_dtype(), device=device)
                 # zeros_like keeps the parameter's memory format by default (preserve_format); spelling
                 # that out costs a keyword parse per call, a quarter of the call for small tensors.
-                st = state[p] = {
-                    "step": zero.clone(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)
-                }
+                new = {"step": zero.clone(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                if st is None:
+                    st = state[p] = new
+                else:  # an empty dict someone made by reading opt.state[p] (and may hold): fill it
+                    st.update(new)
             state_steps[j], exp_avgs[j], exp_avg_sqs[j] = st["step"], st["exp_avg"], st["exp_avg_sq"]
 
     def _init_group(
