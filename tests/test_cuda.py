@@ -7,6 +7,7 @@ Every test here needs CUDA and Triton and is skipped without them.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -334,3 +335,44 @@ def test_fused_class_follows_moves_of_memory_on_gpu() -> None:
         ref.step(grads)
         for p, want in zip(params, ref.params()):
             torch.testing.assert_close(p.detach().cpu(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_parameters_sharing_memory_take_their_updates_in_order_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Overlapping views of one buffer, and a parameter listed twice: the programs of one launch would
+    # update the shared elements at once; the fused step hands the call to the for-loop kernel, whose
+    # result it must equal exactly. Disjoint views of one buffer stay with the Triton kernel.
+    _kernel()
+    from adoptim.kernels import triton as K
+
+    gen = torch.Generator().manual_seed(7)
+    n = 1 << 20  # hundreds of programs per tensor
+    init = torch.randn(3 * n // 2, generator=gen, dtype=torch.float64)
+    grads = [[torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(2)] for _ in range(3)]
+    for case in ("overlapping views", "listed twice"):
+        runs = []
+        for flags in (dict(fused=True), dict(foreach=False)):
+            buf = init.cuda()
+            if case == "overlapping views":
+                params = [torch.nn.Parameter(buf[:n]), torch.nn.Parameter(buf[n // 2:])]
+            else:
+                params = [torch.nn.Parameter(buf[:n])] * 2
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch.optim warns about a repeated parameter
+                opt = adoptim.ADOPT(params, lr=0.1, **flags)
+            for row in grads:
+                for p, g in zip(params, row):
+                    p.grad = g.cuda()
+                opt.step()
+            runs.append(buf.cpu())
+        torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0, msg=case)
+    calls = []
+    real = K.single_tensor_adopt
+    monkeypatch.setattr(K, "single_tensor_adopt", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    buf = init.cuda()
+    disjoint = [torch.nn.Parameter(buf[: n // 2]), torch.nn.Parameter(buf[n // 2:])]
+    fused = adoptim.ADOPT(disjoint, lr=0.1, fused=True)
+    for row in grads:
+        for p, g in zip(disjoint, row):
+            p.grad = g[: p.numel()].cuda()
+        fused.step()
+    assert not calls
