@@ -380,6 +380,13 @@ def test_whole_list_table_equals_the_per_tensor_table() -> None:
             fast, rows = fused_cpu._table_per_tensor(*lists)
             assert fast == [0, 1, 2, 3]
             assert bulk is not None and bulk.tolist() == [x for row in rows for x in row]
+    # Mixed dtypes in one list (the usual single dtype takes a shortcut for the codes).
+    lists = _lists([torch.zeros(3, dtype=torch.float64), torch.zeros(4), torch.zeros(5, dtype=torch.bfloat16)])
+    lists[4][1] = lists[4][1].double()
+    bulk = fused_cpu._bulk_table(*lists)
+    fast, rows = fused_cpu._table_per_tensor(*lists)
+    assert fast == [0, 1, 2] and len(set(rows[-1])) == 3
+    assert bulk is not None and bulk.tolist() == [x for row in rows for x in row]
 
 
 @pytest.mark.parametrize(

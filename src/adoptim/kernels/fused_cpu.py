@@ -224,12 +224,15 @@ def _bulk_table(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     channels_last parameter, a DTensor, a mismatch to report) returns None for the per-tensor loop.
     """
     dtensor = _dtensor_type()
-    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+    if dtensor is not None and any(issubclass(t, dtensor) for t in set(map(type, params))):
         return None
     tensors = (params, grads, exp_avgs, exp_avg_sqs)
     dtypes = list(map(_dtype, params))
     step_dtypes = list(map(_dtype, state_steps))
-    codes = list(map(_BULK_CODES.get, zip(dtypes, step_dtypes)))
+    if len(set(dtypes)) == 1 and len(set(step_dtypes)) == 1:  # the usual case: one code for all
+        codes = [_BULK_CODES.get((dtypes[0], step_dtypes[0]))] * len(dtypes)
+    else:
+        codes = list(map(_BULK_CODES.get, zip(dtypes, step_dtypes)))
     if None in codes or any(list(map(_dtype, x)) != dtypes for x in tensors[1:]):
         return None
     if not all(all(map(_is_cpu, x)) for x in (*tensors, state_steps)):
