@@ -405,3 +405,46 @@ def test_whole_list_table_leaves_unusual_tensors_to_the_per_tensor_loop(spoil) -
     assert fused_cpu._bulk_table(*lists) is not None
     spoil(lists)
     assert fused_cpu._bulk_table(*lists) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("step", [0, 1, 5])
+@pytest.mark.parametrize("hyper", [dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled_weight_decay=True),
+                                   dict(lr=1e3, grad_scale=4.0)], ids=["plain", "coupled", "decoupled", "large-scaled"])
+def test_float16_through_f16c_equals_the_portable_conversions(step: int, hyper: dict) -> None:
+    # On x86-64 CPUs with F16C, float16 is widened and narrowed by the CPU's conversion instructions;
+    # elsewhere by integer arithmetic. The two must give the same bits for every float16 value
+    # (subnormals, infinities, signed zeros; NaN only as NaN, whose payload neither keeps).
+    lib = fused_cpu._library()
+    before = lib.adopt_cpu_f16c(-1)
+    if not lib.adopt_cpu_f16c(1):
+        lib.adopt_cpu_f16c(before)
+        pytest.skip("this CPU has no F16C")
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    gen = torch.Generator().manual_seed(step)
+    p, g, m, v = (every[torch.randperm(every.numel(), generator=gen)] for _ in range(4))
+    v = v.abs()
+    hyper = dict(hyper)
+    scale = hyper.pop("grad_scale", None)
+    kw = dict(lr=0.01, weight_decay=0.0, decoupled_weight_decay=False) | hyper
+    results = []
+    try:
+        for path in (1, 0):
+            assert lib.adopt_cpu_f16c(path) == path
+            state = [p.clone(), m.clone(), v.clone(), torch.tensor(float(step))]
+            fused_cpu.fused_cpu_adopt(
+                [state[0]], [g], [state[1]], [state[2]], [state[3]],
+                grad_scale=None if scale is None else torch.tensor(scale), found_inf=None, beta1=0.9,
+                beta2=0.999, clip_exponent=0.25, eps=1e-3, maximize=False, capturable=False,
+                differentiable=False, **kw,
+            )
+            results.append(state[:3])
+    finally:
+        lib.adopt_cpu_f16c(before)
+    for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), *results, strict=True):
+        nan = a.isnan() & b.isnan()
+        differ = (a.view(torch.int16) != b.view(torch.int16)) & ~nan
+        assert not differ.any(), f"{name}: {int(differ.sum())} values differ"
+    if step == 0:  # the first call changes only v: every bit of p and m stays, NaN payloads included
+        assert torch.equal(results[0][0].view(torch.int16), p.view(torch.int16))
+        assert torch.equal(results[0][1].view(torch.int16), m.view(torch.int16))
