@@ -48,7 +48,8 @@ kernel = Extension(
     "adoptim.kernels._adopt_cpu",
     sources=["src/adoptim/kernels/csrc/adopt_cpu.c", "src/adoptim/kernels/csrc/module.c"],
     extra_compile_args=_compile_args(),
-    extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
+    # -ldl: dlopen, to find torch's OpenMP runtime (part of libc from glibc 2.34 on).
+    extra_link_args=[] if sys.platform == "win32" else ["-pthread"] + (["-ldl"] if sys.platform.startswith("linux") else []),
     optional=True,
 )
 

@@ -1,12 +1,13 @@
-"""How the fused CPU kernel should start its threads: POSIX threads per call, or OpenMP.
+"""How the fused CPU kernel should run its threads: on torch's OpenMP threads, or started per call.
 
-Builds the kernel's C source twice with the system C compiler (the package's way, POSIX threads started
-per call; and an OpenMP build of the same loops), then times one step over 10M float32 parameters in
-100 tensors with each, in two situations: alone, and right after a torch operation that keeps torch's
-own OpenMP threads busy, as in training, where the forward and backward passes run just before the step.
-Prints one table; the README quotes it for the choice.
+Builds the kernel's C source with the system C compiler as the package does, then times one step over
+10M parameters (float32, or ``--dtype``) in 100 tensors on torch's own OpenMP threads (what the library
+does where torch runs on libgomp) and on threads started and joined in the call (what it does
+elsewhere), taking turns every round, in two situations: alone, and right after a torch operation that
+leaves torch's OpenMP threads busy or spinning, as in training, where the forward and backward passes
+run just before the step. Prints one table; the README quotes it for the choice.
 
-    python benchmarks/threads.py [--threads 2] [--steps 20]
+    python benchmarks/threads.py [--threads 2] [--steps 20] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "adoptim" / "kernels" / "csrc" / "adopt_cpu.c"
+CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}  # the C loops' dtype codes (float32 steps)
+# name -> threads: 1 torch's OpenMP threads where found, 0 threads started per call (set before each step)
 VARIANTS = {
-    "POSIX threads (the package)": ["-pthread"],
-    "OpenMP (libgomp)": ["-fopenmp", "-DADOPT_OPENMP"],
+    "torch's OpenMP threads (the package, where torch runs on libgomp)": 1,
+    "threads started per call (the package elsewhere)": 0,
 }
 
 
 def build(flags: list[str], out: Path) -> ctypes.CDLL:
     cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-O3", "-fno-math-errno", "-fPIC", "-shared", *flags, str(SOURCE), "-o", str(out)]
+    cmd = [cc, "-O3", "-fno-math-errno", "-fPIC", "-shared", *flags, str(SOURCE), "-o", str(out), "-ldl"]
     subprocess.run(cmd, check=True)
     lib = ctypes.CDLL(str(out))
     lib.adopt_cpu_step.restype = ctypes.c_int
@@ -49,44 +52,58 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", choices=list(CODES), default="float32")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
 
-    p, g, m, v = ([torch.randn(100_000) * 0.01 for _ in range(100)] for _ in range(4))
+    p, g, m, v = ([(torch.randn(100_000) * 0.01).to(dtype) for _ in range(100)] for _ in range(4))
     v = [x.abs() for x in v]
     steps = [torch.tensor(1.0) for _ in range(100)]
-    table = array("q", [x.data_ptr() for x in (*p, *g, *m, *v, *steps)] + [100_000] * 100 + [0] * 100)
+    table = array("q", [x.data_ptr() for x in (*p, *g, *m, *v, *steps)] + [100_000] * 100 + [CODES[args.dtype]] * 100)
     busy_a, busy_b = torch.randn(4_000_000), torch.randn(4_000_000)
 
-    def step(lib: ctypes.CDLL) -> None:
+    def step(name: str) -> None:
+        lib, backend = libs[name]
+        lib.adopt_cpu_openmp(backend)
         lib.adopt_cpu_step(100, table.buffer_info()[0], 1e-3, 0.9, 0.9999, 1e-6, 0.0, 0, 1, 0.25, 0, 0, 1.0,
                            args.threads)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {name: build(flags, Path(tmp) / f"v{i}.so") for i, (name, flags) in enumerate(VARIANTS.items())}
+        lib = build(["-pthread"], Path(tmp) / "adopt_cpu.so")
+        libs = {name: (lib, backend) for name, backend in VARIANTS.items()}
+        names = list(libs)
+        if not lib.adopt_cpu_openmp(1):
+            print("torch's libgomp.so.1 is not loaded here: both rows start threads per call", file=sys.stderr)
         for situation in ("alone", "after a torch op"):
-            for name, lib in libs.items():
-                step(lib)
-                times = []
-                for _ in range(args.steps):
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for name in names:
+                step(name)  # warm-up (and the pool's workers start)
+            # The variants take turns every round (each goes first in turn): this machine's speed drifts
+            # within seconds, and rows timed one after the other would compare different machines.
+            for r in range(args.steps):
+                for name in names[r % len(names):] + names[: r % len(names)]:
                     if situation != "alone":
                         torch.mul(busy_a, busy_b)  # torch's OpenMP threads were just working
                     t0 = time.perf_counter()
-                    step(lib)
-                    times.append(time.perf_counter() - t0)
-                rows.append((situation, name, statistics.median(times) * 1e3, min(times) * 1e3))
+                    step(name)
+                    times[name].append(time.perf_counter() - t0)
+            base = times[names[0]]
+            for name in names:
+                ratio = statistics.median(a / b for a, b in zip(times[name], base))
+                rows.append((situation, name, statistics.median(times[name]) * 1e3, min(times[name]) * 1e3, ratio))
 
     maps = Path("/proc/self/maps")
     lines = maps.read_text().splitlines() if maps.exists() else []
     gomp = sorted({line.split()[-1] for line in lines if "gomp" in line or "iomp" in line})
     print(f"\nOpenMP runtimes mapped in this process: {gomp or 'unknown'}")
-    print(f"\n10M float32 parameters in 100 tensors, {args.threads} thread(s), median of {args.steps} steps "
+    print(f"\n10M {args.dtype} parameters in 100 tensors, {args.threads} thread(s), {args.steps} rounds "
           f"(torch {torch.__version__}, load average {os.getloadavg()[0]:.1f})\n")
-    print("| situation | threads | median ms | min ms |")
-    print("|---|---|---:|---:|")
-    for situation, name, med, low in rows:
-        print(f"| {situation} | {name} | {med:.2f} | {low:.2f} |")
+    print("| situation | threads | median ms | min ms | time / the package's, median per round |")
+    print("|---|---|---:|---:|---:|")
+    for situation, name, med, low, ratio in rows:
+        print(f"| {situation} | {name} | {med:.2f} | {low:.2f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ next to a rounding tie may land on the other side) and float32's own cancellatio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,9 +152,25 @@ def test_mixed_dtypes_in_one_call_and_frozen_layer() -> None:
     assert frozen.grad is None and len(opt.state) == 0
 
 
+@contextlib.contextmanager
+def _threading(openmp: bool) -> Iterator[None]:
+    """The C library's threads: torch's OpenMP threads (skips where torch's libgomp is not loaded), or
+    threads started per call."""
+    lib = fused_cpu._library()
+    before = lib.adopt_cpu_openmp(-1)
+    if lib.adopt_cpu_openmp(int(openmp)) != int(openmp):
+        lib.adopt_cpu_openmp(before)
+        pytest.skip("torch does not run on libgomp here")
+    try:
+        yield
+    finally:
+        lib.adopt_cpu_openmp(before)
+
+
 @needs_kernel
+@pytest.mark.parametrize("openmp", [True, False], ids=["torch-openmp-threads", "threads-per-call"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_split_tensors_identically(threads: int) -> None:
+def test_threads_split_tensors_identically(threads: int, openmp: bool) -> None:
     # Sizes that put share boundaries inside tensors and tensors inside shares, and many tiny ones.
     sizes = [70_001, 3, 130_000, 0, 65_536, 1] + [17] * 50
     g = torch.Generator().manual_seed(5)
@@ -161,11 +181,64 @@ def test_threads_split_tensors_identically(threads: int) -> None:
         torch.set_num_threads(1)
         one, _ = run_adopt(params, grads, fused=True)
         torch.set_num_threads(threads)
-        many, _ = run_adopt(params, grads, fused=True)
+        with _threading(openmp):
+            many, _ = run_adopt(params, grads, fused=True)
     finally:
         torch.set_num_threads(old)
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)  # elementwise arithmetic: the split cannot change a single bit
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_step_in_a_forked_child_does_not_hang() -> None:
+    # After torch's OpenMP threads have run in a process, a parallel region in a child made by fork
+    # hangs (libgomp's threads are not copied); torch's own operations hang there. The kernel then
+    # starts its own threads instead. The child steps two threads' worth of parameters and sends them
+    # back as bytes (a torch reduction in the child would itself hang); they must equal the parent's.
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        params = [torch.randn(200_000, generator=torch.Generator().manual_seed(i)).requires_grad_(True)
+                  for i in range(2)]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt = adoptim.ADOPT(params, lr=0.1, fused=True)
+        opt.step()
+        torch.mul(torch.ones(4_000_000), 2.0)  # torch's OpenMP threads exist now
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no torch operation that could use its threads
+            try:
+                os.close(read)
+                opt.step()
+                data = b"".join(p.detach().numpy().tobytes() for p in params)
+                while data:
+                    data = data[os.write(write, data):]
+            finally:
+                os._exit(0)
+        os.close(write)
+        opt.step()  # the parent takes the same step
+        want = b"".join(p.detach().numpy().tobytes() for p in params)
+        got, deadline = b"", time.monotonic() + 30
+        with os.fdopen(read, "rb") as pipe:
+            os.set_blocking(pipe.fileno(), False)
+            while time.monotonic() < deadline:
+                chunk = pipe.read()
+                if chunk:
+                    got += chunk
+                elif chunk == b"":  # end of file: the child has closed its end, exiting
+                    break
+                else:
+                    time.sleep(0.005)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the step in the forked child hung")
+        os.waitpid(pid, 0)
+        assert got == want
+    finally:
+        torch.set_num_threads(old)
 
 
 @needs_kernel

@@ -314,7 +314,7 @@ static void run_segment(const table_t *tab, int64_t i, int64_t off, int64_t len)
 #undef ARGS
 }
 
-static void *run_task(void *arg) {
+static void run_task(void *arg) {
     const task_t *task = (const task_t *)arg;
     const table_t *tab = task->tab;
     /* First tensor that ends after lo (binary search over the prefix sums). */
@@ -329,19 +329,103 @@ static void *run_task(void *arg) {
         int64_t end = tab->offsets[i + 1] < task->hi ? tab->offsets[i + 1] : task->hi;
         if (end > start) run_segment(tab, i, start - tab->offsets[i], end - start);
     }
-    return NULL;
 }
 
 /* Below this many elements per thread, starting a thread costs more than it saves. */
 #define MIN_PER_THREAD 65536
+#define MAX_THREADS 256
+
+/*
+ * Where torch runs on GNU OpenMP (libgomp.so.1, loaded by torch before this library), a step runs on
+ * torch's own OpenMP threads, through libgomp's entry point for a parallel region: they are the
+ * threads torch's operations just used, awake (they spin a while after each region) and on their own
+ * cores, so nothing competes with them and nothing waits for a thread to start. Elsewhere (another
+ * OpenMP runtime, none, or a child process after fork, where libgomp's threads are gone and a region
+ * would hang, as torch's own operations do there) threads are started and joined in every call.
+ * benchmarks/threads.py measures the two; the library is only looked up, never loaded.
+ */
+#ifndef _WIN32
+#include <dlfcn.h>
+#endif
+
+static struct {
+    void (*parallel)(void (*)(void *), void *, unsigned, unsigned); /* GOMP_parallel */
+    int (*thread_num)(void), (*num_threads)(void);
+    int found, use;
+} gomp;
+static pthread_once_t gomp_once = PTHREAD_ONCE_INIT;
+
+static void gomp_forget(void) { gomp.found = gomp.use = 0; } /* in a child after fork */
+
+static void gomp_find(void) {
+#if !defined(_WIN32) && defined(RTLD_NOLOAD)
+    void *lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD); /* only if already loaded */
+    if (!lib) return;
+    *(void **)&gomp.parallel = dlsym(lib, "GOMP_parallel");
+    *(void **)&gomp.thread_num = dlsym(lib, "omp_get_thread_num");
+    *(void **)&gomp.num_threads = dlsym(lib, "omp_get_num_threads");
+    gomp.found = gomp.use = gomp.parallel && gomp.thread_num && gomp.num_threads;
+    if (gomp.found) pthread_atfork(NULL, NULL, gomp_forget);
+#endif
+}
+
+static int openmp_in_use(void) {
+    pthread_once(&gomp_once, gomp_find);
+    return gomp.use;
+}
+
+typedef struct {
+    void (*fn)(void *);
+    char *args;
+    size_t size;
+    int n;
+} job_t;
+
+static void omp_job(void *data) {
+    const job_t *job = (const job_t *)data;
+    /* The team may be smaller than asked (OMP_THREAD_LIMIT, nesting): its threads share the rest. */
+    for (int k = gomp.thread_num(), team = gomp.num_threads(); k < job->n; k += team)
+        job->fn(job->args + (size_t)k * job->size);
+}
+
+typedef struct {
+    const job_t *job;
+    int k;
+} thread_arg_t;
+
+static void *thread_job(void *data) {
+    const thread_arg_t *a = (const thread_arg_t *)data;
+    a->job->fn(a->job->args + (size_t)a->k * a->job->size);
+    return NULL;
+}
+
+/* fn(args + k * size) for k in [0, n), on n threads (the calling one included). */
+static void parallel_for(void (*fn)(void *), void *args, size_t size, int n) {
+    job_t job = {fn, (char *)args, size, n};
+    if (n > 1 && openmp_in_use()) {
+        gomp.parallel(omp_job, &job, (unsigned)n, 0);
+        return;
+    }
+    pthread_t threads[MAX_THREADS];
+    thread_arg_t targs[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int k = 1; k < n; k++) {
+        targs[k].job = &job;
+        targs[k].k = k;
+        started[k] = pthread_create(&threads[k], NULL, thread_job, &targs[k]) == 0;
+    }
+    fn(args);
+    for (int k = 1; k < n; k++) {
+        if (started[k]) pthread_join(threads[k], NULL);
+        else fn((char *)args + (size_t)k * size); /* could not start a thread: do its share here */
+    }
+}
 
 static void run_parallel(const table_t *tab, int64_t total, int nthreads) {
     int64_t max_threads = total / MIN_PER_THREAD;
     if (nthreads > max_threads) nthreads = (int)(max_threads > 1 ? max_threads : 1);
-    if (nthreads > 256) nthreads = 256;
-    task_t tasks[256];
-    pthread_t threads[256];
-    int started[256];
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    task_t tasks[MAX_THREADS];
     /* Equal shares, cut at multiples of 64 elements so threads do not share cache lines. */
     int64_t share = (total / nthreads + 63) / 64 * 64;
     for (int k = 0; k < nthreads; k++) {
@@ -349,24 +433,20 @@ static void run_parallel(const table_t *tab, int64_t total, int nthreads) {
         tasks[k].lo = share * k < total ? share * k : total;
         tasks[k].hi = share * (k + 1) < total && k + 1 < nthreads ? share * (k + 1) : total;
     }
-#ifdef ADOPT_OPENMP
-    /* Only for benchmarks/threads.py, which measures this against the threads the package uses. */
-    (void)threads;
-    (void)started;
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
-    for (int k = 0; k < nthreads; k++) run_task(&tasks[k]);
-#else
-    for (int k = 1; k < nthreads; k++)
-        started[k] = pthread_create(&threads[k], NULL, run_task, &tasks[k]) == 0;
-    run_task(&tasks[0]);
-    for (int k = 1; k < nthreads; k++) {
-        if (started[k]) pthread_join(threads[k], NULL);
-        else run_task(&tasks[k]); /* could not start a thread: do its share here */
-    }
-#endif
+    parallel_for(run_task, tasks, sizeof(task_t), nthreads);
 }
 
 /* ------------------------------------------------------------------ exported */
+
+/*
+ * Which threads run a parallel step: 1 torch's OpenMP threads (where found), 0 threads started per
+ * call; `enable` 0 or 1 chooses (1 only where found), -1 only asks. For tests and benchmarks/threads.py.
+ */
+EXPORT int adopt_cpu_openmp(int enable) {
+    openmp_in_use();
+    if (enable >= 0) gomp.use = enable && gomp.found;
+    return gomp.use;
+}
 
 typedef struct {
     uintptr_t lo, hi; /* bytes [lo, hi) */
@@ -462,22 +542,19 @@ MULTIVERSION static void bound_range(float *restrict p, const float *restrict g,
     }
 }
 
-static void *bound_task(void *arg) {
+static void bound_task(void *arg) {
     bound_task_t *b = (bound_task_t *)arg;
     bound_range(b->p, b->g, b->m, b->v, b->lo, b->hi);
-    return NULL;
 }
 
 /*
  * A STREAM-like kernel with the step's memory traffic (28 bytes per float32 element), threaded as the
- * step is: the time it takes is the memory-bandwidth bound of a step over the same number of elements.
+ * step is (the same threads): the time it takes is the memory-bandwidth bound of a step over as many elements.
  */
 EXPORT void adopt_cpu_bound(float *p, float *g, float *m, float *v, int64_t n, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > 256) nthreads = 256;
-    bound_task_t tasks[256];
-    pthread_t threads[256];
-    int started[256];
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    bound_task_t tasks[MAX_THREADS];
     int64_t share = (n / nthreads + 63) / 64 * 64;
     for (int k = 0; k < nthreads; k++) {
         int64_t lo = share * k < n ? share * k : n;
@@ -485,11 +562,5 @@ EXPORT void adopt_cpu_bound(float *p, float *g, float *m, float *v, int64_t n, i
         bound_task_t bt = {p, g, m, v, lo, hi};
         tasks[k] = bt;
     }
-    for (int k = 1; k < nthreads; k++)
-        started[k] = pthread_create(&threads[k], NULL, bound_task, &tasks[k]) == 0;
-    bound_task(&tasks[0]);
-    for (int k = 1; k < nthreads; k++) {
-        if (started[k]) pthread_join(threads[k], NULL);
-        else bound_task(&tasks[k]);
-    }
+    parallel_for(bound_task, tasks, sizeof(bound_task_t), nthreads);
 }
