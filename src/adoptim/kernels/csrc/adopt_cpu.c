@@ -355,17 +355,24 @@ static struct {
 } gomp;
 static pthread_once_t gomp_once = PTHREAD_ONCE_INIT;
 
-static void gomp_forget(void) { gomp.found = gomp.use = 0; } /* in a child after fork */
+static int forked_child = 0;
+
+/* In a child made by fork after this library was loaded: never libgomp's threads there. */
+static void gomp_forget(void) {
+    forked_child = 1;
+    gomp.found = gomp.use = 0;
+}
+__attribute__((constructor)) static void gomp_watch_fork(void) { pthread_atfork(NULL, NULL, gomp_forget); }
 
 static void gomp_find(void) {
 #if !defined(_WIN32) && defined(RTLD_NOLOAD)
+    if (forked_child) return;
     void *lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD); /* only if already loaded */
     if (!lib) return;
     *(void **)&gomp.parallel = dlsym(lib, "GOMP_parallel");
     *(void **)&gomp.thread_num = dlsym(lib, "omp_get_thread_num");
     *(void **)&gomp.num_threads = dlsym(lib, "omp_get_num_threads");
     gomp.found = gomp.use = gomp.parallel && gomp.thread_num && gomp.num_threads;
-    if (gomp.found) pthread_atfork(NULL, NULL, gomp_forget);
 #endif
 }
 
