@@ -9,6 +9,7 @@ next to a rounding tie may land on the other side) and float32's own cancellatio
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -521,3 +522,54 @@ def test_float16_through_f16c_equals_the_portable_conversions(step: int, hyper: 
     if step == 0:  # the first call changes only v: every bit of p and m stays, NaN payloads included
         assert torch.equal(results[0][0].view(torch.int16), p.view(torch.int16))
         assert torch.equal(results[0][1].view(torch.int16), m.view(torch.int16))
+
+
+_FIND_GOMP = r"""
+import ctypes, sys
+from array import array
+kernel, torch_lib, load = sys.argv[1], sys.argv[2], sys.argv[3:]
+ctypes.CDLL(torch_lib)  # stands in for torch's libtorch_cpu
+for path in load:
+    ctypes.CDLL(path)  # a libgomp, as torch would load it (locally, under its own name)
+lib = ctypes.CDLL(kernel)
+found = lib.adopt_cpu_openmp(-1)
+n = 200_000  # one region on two threads through whichever runtime was found
+p, g, m, v = (array("f", [x] * n) for x in (1.0, 2.0, 4.0, 8.0))
+lib.adopt_cpu_bound(*(ctypes.c_void_p(a.buffer_info()[0]) for a in (p, g, m, v)), ctypes.c_int64(n), 2)
+ok = all(abs(x - 0.998) < 1e-6 for x in p) and set(m) == {4.0} and set(v) == {6.0}  # p - 1e-3 g, m / 2 + g, v / 2 + g
+print(found, ok)
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lookup of torch's libgomp is for Linux")
+def test_torch_libgomp_is_found_under_a_hashed_name_beside_libtorch(tmp_path: Path) -> None:
+    # Older torch wheels carry libgomp as torch/lib/libgomp-<hash>.so.1 (its soname renamed too), so a
+    # lookup by the name libgomp.so.1 misses it. The kernel takes the libgomp loaded from libtorch_cpu's
+    # directory, and no other: one loaded from elsewhere under another name is not torch's.
+    patchelf, cc = shutil.which("patchelf"), shutil.which("cc") or shutil.which("gcc")
+    maps = Path("/proc/self/maps").read_text().split("\n")
+    gomp = sorted({line.split()[-1] for line in maps if "/libgomp" in line})
+    if not (patchelf and cc and gomp):
+        pytest.skip("needs patchelf, a C compiler and a libgomp loaded by torch")
+    kernel = importlib.util.find_spec("adoptim.kernels._adopt_cpu").origin
+    torch_dir, other_dir = tmp_path / "torch" / "lib", tmp_path / "elsewhere"
+    for d in (torch_dir, other_dir):
+        d.mkdir(parents=True)
+    (tmp_path / "stub.c").write_text("int adoptim_stub;\n")
+    torch_lib = torch_dir / "libtorch_cpu.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(tmp_path / "stub.c"), "-o", str(torch_lib)], check=True)
+    copies = {}
+    for d, name in ((torch_dir, "libgomp-0a1b2c3d.so.1"), (other_dir, "libgomp-99ee88ff.so.1")):
+        copies[d] = d / name
+        shutil.copy(gomp[0], copies[d])
+        subprocess.run([patchelf, "--set-soname", name, str(copies[d])], check=True)
+
+    def run(*load: Path) -> str:
+        out = subprocess.run([sys.executable, "-c", _FIND_GOMP, kernel, str(torch_lib), *map(str, load)],
+                             capture_output=True, text=True, timeout=120, check=True)
+        return out.stdout.strip()
+
+    assert run(copies[torch_dir]) == "1 True"  # torch's, under a hashed name: found, and a region runs
+    assert run(copies[other_dir]) == "0 True"  # another directory's: not torch's; threads per call
+    assert run() == "0 True"  # none loaded: threads per call

@@ -12,6 +12,9 @@
  * float64 results differ from it only where the compiler fuses a multiply-add. bfloat16 and float16
  * values are widened to float32, updated, and rounded once when stored.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* dl_iterate_phdr, RTLD_NOLOAD */
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -336,7 +339,7 @@ static void run_task(void *arg) {
 #define MAX_THREADS 256
 
 /*
- * Where torch runs on GNU OpenMP (libgomp.so.1, loaded by torch before this library), a step runs on
+ * Where torch runs on GNU OpenMP (its libgomp, loaded by torch before this library), a step runs on
  * torch's own OpenMP threads, through libgomp's entry point for a parallel region: they are the
  * threads torch's operations just used, awake (they spin a while after each region) and on their own
  * cores, so nothing competes with them and nothing waits for a thread to start. Elsewhere (another
@@ -344,8 +347,10 @@ static void run_task(void *arg) {
  * would hang, as torch's own operations do there) threads are started and joined in every call.
  * benchmarks/threads.py measures the two; the library is only looked up, never loaded.
  */
-#ifndef _WIN32
+#if defined(__linux__)
 #include <dlfcn.h>
+#include <link.h>
+#define HAVE_GOMP_LOOKUP 1
 #endif
 
 static struct {
@@ -364,10 +369,51 @@ static void gomp_forget(void) {
 }
 __attribute__((constructor)) static void gomp_watch_fork(void) { pthread_atfork(NULL, NULL, gomp_forget); }
 
+#ifdef HAVE_GOMP_LOOKUP
+/* The loaded libraries: torch's libtorch_cpu and every libgomp (torch wheels up to about 2.9 carried
+ * theirs under a hashed name, libgomp-<hash>.so.1, in torch/lib; later ones as libgomp.so.1). */
+typedef struct {
+    char torch_dir[4096];
+    char gomp[8][4096];
+    int n_gomp;
+} loaded_t;
+
+static int note_object(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    loaded_t *seen = (loaded_t *)data;
+    const char *path = info->dlpi_name;
+    const char *base = path ? strrchr(path, '/') : NULL;
+    if (!base || strlen(path) >= sizeof seen->torch_dir) return 0;
+    base++;
+    if (strncmp(base, "libtorch_cpu.", 13) == 0) {
+        memcpy(seen->torch_dir, path, (size_t)(base - path));
+        seen->torch_dir[base - path] = 0;
+    } else if (strncmp(base, "libgomp", 7) == 0 && strstr(base, ".so") && seen->n_gomp < 8) {
+        strcpy(seen->gomp[seen->n_gomp++], path);
+    }
+    return 0;
+}
+
+/* torch's libgomp: the one beside libtorch_cpu, else whichever libgomp.so.1 is loaded; never loads one. */
+static void *torch_gomp(void) {
+    loaded_t seen;
+    memset(&seen, 0, sizeof seen);
+    dl_iterate_phdr(note_object, &seen);
+    const size_t dir = strlen(seen.torch_dir);
+    for (int i = 0; dir && i < seen.n_gomp; i++) {
+        if (strncmp(seen.gomp[i], seen.torch_dir, dir) == 0 && !strchr(seen.gomp[i] + dir, '/')) {
+            void *lib = dlopen(seen.gomp[i], RTLD_NOW | RTLD_NOLOAD);
+            if (lib) return lib;
+        }
+    }
+    return dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
+}
+#endif
+
 static void gomp_find(void) {
-#if !defined(_WIN32) && defined(RTLD_NOLOAD)
+#ifdef HAVE_GOMP_LOOKUP
     if (forked_child) return;
-    void *lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD); /* only if already loaded */
+    void *lib = torch_gomp();
     if (!lib) return;
     *(void **)&gomp.parallel = dlsym(lib, "GOMP_parallel");
     *(void **)&gomp.thread_num = dlsym(lib, "omp_get_thread_num");
