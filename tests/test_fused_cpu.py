@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -573,3 +574,39 @@ def test_torch_libgomp_is_found_under_a_hashed_name_beside_libtorch(tmp_path: Pa
     assert run(copies[torch_dir]) == "1 True"  # torch's, under a hashed name: found, and a region runs
     assert run(copies[other_dir]) == "0 True"  # another directory's: not torch's; threads per call
     assert run() == "0 True"  # none loaded: threads per call
+
+
+@needs_kernel
+@pytest.mark.parametrize("openmp", [True, False], ids=["torch-openmp-threads", "threads-per-call"])
+def test_two_python_threads_stepping_at_once_get_their_sequential_results(openmp: bool) -> None:
+    # ctypes releases the GIL during the C call, so two optimizers in two Python threads run their
+    # parallel steps at the same time (each host thread gets its own OpenMP team).
+    def make(seed: int) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        g = torch.Generator().manual_seed(seed)
+        params = [torch.randn(150_000, generator=g).requires_grad_(True) for _ in range(2)]
+        return params, [[torch.randn(150_000, generator=g) for _ in params] for _ in range(10)]
+
+    def run(params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        opt = adoptim.ADOPT(params, lr=0.01, fused=True)
+        for row in grads:
+            for p, g in zip(params, row):
+                p.grad = g
+            opt.step()
+        return [p.detach() for p in params]
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _threading(openmp):
+            alone = [run(*make(seed)) for seed in (1, 2)]
+            together: list = [None, None]
+            threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, run(*make(i + 1))))
+                       for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(alone, together, strict=True):
+        assert b is not None and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
