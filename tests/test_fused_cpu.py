@@ -610,3 +610,20 @@ def test_two_python_threads_stepping_at_once_get_their_sequential_results(openmp
         torch.set_num_threads(old)
     for a, b in zip(alone, together, strict=True):
         assert b is not None and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@needs_kernel
+def test_the_default_threads_are_torchs_openmp_threads_where_torch_loaded_libgomp() -> None:
+    maps = Path("/proc/self/maps")
+    torch_dir = str(Path(torch.__file__).parent / "lib")
+    loaded = maps.exists() and any("/libgomp" in line and torch_dir in line for line in maps.read_text().split("\n"))
+    if not (loaded and "OpenMP" in torch.__config__.parallel_info()):
+        pytest.skip("torch does not run on its own libgomp here")
+    lib = fused_cpu._library()
+    before = lib.adopt_cpu_openmp(-1)
+    try:
+        lib.adopt_cpu_openmp(1)
+        assert lib.adopt_cpu_openmp(-1) == 1  # found
+    finally:
+        lib.adopt_cpu_openmp(before)
+    assert before == 1  # and chosen by default (no test leaves it switched off)
