@@ -545,7 +545,7 @@ print(found, ok)
 @needs_kernel
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lookup of torch's libgomp is for Linux")
 def test_torch_libgomp_is_found_under_a_hashed_name_beside_libtorch(tmp_path: Path) -> None:
-    # Older torch wheels carry libgomp as torch/lib/libgomp-<hash>.so.1 (its soname renamed too), so a
+    # Some torch wheels carry libgomp as torch/lib/libgomp-<hash>.so.1 (its soname renamed too), so a
     # lookup by the name libgomp.so.1 misses it. The kernel takes the libgomp loaded from libtorch_cpu's
     # directory, and no other: one loaded from elsewhere under another name is not torch's.
     patchelf, cc = shutil.which("patchelf"), shutil.which("cc") or shutil.which("gcc")

@@ -370,8 +370,8 @@ static void gomp_forget(void) {
 __attribute__((constructor)) static void gomp_watch_fork(void) { pthread_atfork(NULL, NULL, gomp_forget); }
 
 #ifdef HAVE_GOMP_LOOKUP
-/* The loaded libraries: torch's libtorch_cpu and every libgomp (torch wheels up to about 2.9 carried
- * theirs under a hashed name, libgomp-<hash>.so.1, in torch/lib; later ones as libgomp.so.1). */
+/* The loaded libraries: torch's libtorch_cpu and every libgomp (some torch wheels carry theirs in
+ * torch/lib under a hashed name, libgomp-<hash>.so.1, soname included; others as libgomp.so.1). */
 typedef struct {
     char torch_dir[4096];
     char gomp[8][4096];
