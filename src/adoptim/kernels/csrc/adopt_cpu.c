@@ -396,7 +396,7 @@ static int note_object(struct dl_phdr_info *info, size_t size, void *data) {
 
 /* torch's libgomp: the one beside libtorch_cpu, else whichever libgomp.so.1 is loaded; never loads one. */
 static void *torch_gomp(void) {
-    loaded_t seen;
+    static loaded_t seen; /* 36 KiB: not on the stack of whichever thread steps first (once only) */
     memset(&seen, 0, sizeof seen);
     dl_iterate_phdr(note_object, &seen);
     const size_t dir = strlen(seen.torch_dir);
