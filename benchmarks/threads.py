@@ -1,11 +1,11 @@
 """How the fused CPU kernel should run its threads: on torch's OpenMP threads, or started per call.
 
-Builds the kernel's C source with the system C compiler as the package does, then times one step over
-10M parameters (float32, or ``--dtype``) in 100 tensors on torch's own OpenMP threads (what the library
-does where torch runs on libgomp) and on threads started and joined in the call (what it does
-elsewhere), taking turns every round, in two situations: alone, and right after a torch operation that
-leaves torch's OpenMP threads busy or spinning, as in training, where the forward and backward passes
-run just before the step. Prints one table; the README quotes it for the choice.
+Times one step of the installed kernel over 10M parameters (float32, or ``--dtype``) in 100 tensors on
+torch's own OpenMP threads (what the library does where torch runs on libgomp) and on threads started
+and joined in the call (what it does elsewhere), taking turns every round, in two situations: alone,
+and right after a torch operation that leaves torch's OpenMP threads busy or spinning, as in training,
+where the forward and backward passes run just before the step. Prints one table; the README quotes it
+for the choice.
 
     python benchmarks/threads.py [--threads 2] [--steps 20] [--dtype float16]
 """
@@ -13,20 +13,16 @@ run just before the step. Prints one table; the README quotes it for the choice.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from array import array
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parents[1] / "src" / "adoptim" / "kernels" / "csrc" / "adopt_cpu.c"
-CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}  # the C loops' dtype codes (float32 steps)
+from adoptim.kernels import fused_cpu
+
 # name -> threads: 1 torch's OpenMP threads where found, 0 threads started per call (set before each step)
 VARIANTS = {
     "torch's OpenMP threads (the package, where torch runs on libgomp)": 1,
@@ -34,52 +30,39 @@ VARIANTS = {
 }
 
 
-def build(flags: list[str], out: Path) -> ctypes.CDLL:
-    cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-O3", "-fno-math-errno", "-fPIC", "-shared", *flags, str(SOURCE), "-o", str(out), "-ldl"]
-    subprocess.run(cmd, check=True)
-    lib = ctypes.CDLL(str(out))
-    lib.adopt_cpu_step.restype = ctypes.c_int
-    lib.adopt_cpu_step.argtypes = [
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-        ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int,
-        ctypes.c_double, ctypes.c_int,
-    ]
-    return lib
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dtype", choices=list(CODES), default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
+    lib = fused_cpu._library()
+    if lib is None:
+        raise SystemExit("the fused CPU kernel is not built")
 
     p, g, m, v = ([(torch.randn(100_000) * 0.01).to(dtype) for _ in range(100)] for _ in range(4))
     v = [x.abs() for x in v]
     steps = [torch.tensor(1.0) for _ in range(100)]
-    table = array("q", [x.data_ptr() for x in (*p, *g, *m, *v, *steps)] + [100_000] * 100 + [CODES[args.dtype]] * 100)
+    table = fused_cpu._bulk_table(p, g, m, v, steps)
     busy_a, busy_b = torch.randn(4_000_000), torch.randn(4_000_000)
 
     def step(name: str) -> None:
-        lib, backend = libs[name]
-        lib.adopt_cpu_openmp(backend)
+        lib.adopt_cpu_openmp(VARIANTS[name])
         lib.adopt_cpu_step(100, table.buffer_info()[0], 1e-3, 0.9, 0.9999, 1e-6, 0.0, 0, 1, 0.25, 0, 0, 1.0,
                            args.threads)
 
+    names = list(VARIANTS)
+    found = lib.adopt_cpu_openmp(-1)
+    if not lib.adopt_cpu_openmp(1):
+        print("torch's libgomp is not loaded here: both rows start threads per call", file=sys.stderr)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        lib = build(["-pthread"], Path(tmp) / "adopt_cpu.so")
-        libs = {name: (lib, backend) for name, backend in VARIANTS.items()}
-        names = list(libs)
-        if not lib.adopt_cpu_openmp(1):
-            print("torch's libgomp.so.1 is not loaded here: both rows start threads per call", file=sys.stderr)
+    try:
         for situation in ("alone", "after a torch op"):
             times: dict[str, list[float]] = {name: [] for name in names}
             for name in names:
-                step(name)  # warm-up (and the pool's workers start)
+                step(name)  # warm-up
             # The variants take turns every round (each goes first in turn): this machine's speed drifts
             # within seconds, and rows timed one after the other would compare different machines.
             for r in range(args.steps):
@@ -93,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
             for name in names:
                 ratio = statistics.median(a / b for a, b in zip(times[name], base))
                 rows.append((situation, name, statistics.median(times[name]) * 1e3, min(times[name]) * 1e3, ratio))
+    finally:
+        lib.adopt_cpu_openmp(found)
 
     maps = Path("/proc/self/maps")
     lines = maps.read_text().splitlines() if maps.exists() else []
