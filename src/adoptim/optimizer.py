@@ -281,8 +281,6 @@ class ADOPT(Optimizer):
         """Create the state of the parameters at ``missing`` (from :meth:`_gather`) and fill the lists."""
         # Steps live on the host unless capturable or fused (reading them there costs no device sync);
         # the fused CUDA kernel keeps them on the device so it never waits for the host.
-        # Steps live on the host unless capturable or fused (reading them there costs no device sync);
-        # the fused CUDA kernel keeps them on the device so it never waits for the host.
         on_device = group["capturable"] or group["fused"]
         state = self.state
         zero_steps: dict[torch.device, Tensor] = {}  # one zero step per device, cloned for each parameter
