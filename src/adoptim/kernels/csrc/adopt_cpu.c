@@ -474,17 +474,22 @@ static void parallel_for(void (*fn)(void *), void *args, size_t size, int n) {
     }
 }
 
+/* Thread k's share [lo, hi) of total elements: equal shares, cut at multiples of 64 elements so threads
+ * do not share cache lines; the last takes the rest. */
+static void share_of(int64_t total, int nthreads, int k, int64_t *lo, int64_t *hi) {
+    const int64_t share = (total / nthreads + 63) / 64 * 64;
+    *lo = share * k < total ? share * k : total;
+    *hi = share * (k + 1) < total && k + 1 < nthreads ? share * (k + 1) : total;
+}
+
 static void run_parallel(const table_t *tab, int64_t total, int nthreads) {
     int64_t max_threads = total / MIN_PER_THREAD;
     if (nthreads > max_threads) nthreads = (int)(max_threads > 1 ? max_threads : 1);
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     task_t tasks[MAX_THREADS];
-    /* Equal shares, cut at multiples of 64 elements so threads do not share cache lines. */
-    int64_t share = (total / nthreads + 63) / 64 * 64;
     for (int k = 0; k < nthreads; k++) {
         tasks[k].tab = tab;
-        tasks[k].lo = share * k < total ? share * k : total;
-        tasks[k].hi = share * (k + 1) < total && k + 1 < nthreads ? share * (k + 1) : total;
+        share_of(total, nthreads, k, &tasks[k].lo, &tasks[k].hi);
     }
     parallel_for(run_task, tasks, sizeof(task_t), nthreads);
 }
@@ -608,11 +613,9 @@ EXPORT void adopt_cpu_bound(float *p, float *g, float *m, float *v, int64_t n, i
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     bound_task_t tasks[MAX_THREADS];
-    int64_t share = (n / nthreads + 63) / 64 * 64;
     for (int k = 0; k < nthreads; k++) {
-        int64_t lo = share * k < n ? share * k : n;
-        int64_t hi = share * (k + 1) < n && k + 1 < nthreads ? share * (k + 1) : n;
-        bound_task_t bt = {p, g, m, v, lo, hi};
+        bound_task_t bt = {p, g, m, v, 0, 0};
+        share_of(n, nthreads, k, &bt.lo, &bt.hi);
         tasks[k] = bt;
     }
     parallel_for(bound_task, tasks, sizeof(bound_task_t), nthreads);
