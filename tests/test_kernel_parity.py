@@ -9,6 +9,7 @@ import torch
 from capabilities import KERNELS
 
 import adoptim
+from adoptim.reference import adopt_step
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -54,14 +55,21 @@ def test_foreach_matches_forloop_bitwise(a: str, b: str, dtype: torch.dtype) -> 
     assert [float(o1.state[p]["step"]) for p in m1.parameters()] == [5, 5, 11, 11, 11, 11]
 
 
-def test_capturable_matches_eager_closely() -> None:
-    """The arithmetic first-step form differs from the branching one only in rounding."""
-    m1 = _model().double()
+@pytest.mark.parametrize("eager,capturable", [("forloop", "forloop-capturable"), ("foreach", "foreach-capturable")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_capturable_matches_eager_bitwise(eager: str, capturable: str, dtype: torch.dtype) -> None:
+    """The capturable form runs the eager form's operations with the same scalars on later calls and
+    folds the first call in only through exact multiplications by 0 or 1 and a select, so it gives the
+    same bits in every dtype (a coefficient derived from the step, such as 1 - beta2 * min(step, 1),
+    would be rounded to bfloat16, where 0.99 becomes 0.988)."""
+    m1 = _model().to(dtype)
     m2 = copy.deepcopy(m1)
-    _train(m1, foreach=False)
-    _train(m2, foreach=False, capturable=True)
+    o1 = _train(m1, **KERNELS[eager])
+    o2 = _train(m2, **KERNELS[capturable])
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p1, p2, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(o1.state[p1][key], o2.state[p2][key], rtol=0, atol=0)
 
 
 def test_step_with_no_grads_changes_nothing() -> None:
@@ -72,3 +80,41 @@ def test_step_with_no_grads_changes_nothing() -> None:
     assert len(opt.state) == 0
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_first_call_sets_only_v_even_where_g_over_eps_overflows(kernel: str, dtype: torch.dtype) -> None:
+    # With v still 0 on the first call, g / eps (1e6 * g) exceeds float16's range (65504). The capturable
+    # forms fold the first call into the arithmetic; they once computed (g / eps) * 0 = inf * 0 = nan
+    # into m. The first call must set v = g * g (rounded once) and change nothing else.
+    gen = torch.Generator().manual_seed(5)
+    init = torch.randn(64, generator=gen).to(dtype)
+    grads = [torch.randn(64, generator=gen).to(dtype) for _ in range(3)]
+    p = init.clone().requires_grad_()
+    opt = adoptim.ADOPT([p], lr=0.01, betas=(0.9, 0.99), eps=1e-6, **KERNELS[kernel])
+    p.grad = grads[0]
+    opt.step()
+    st = opt.state[p]
+    assert torch.equal(p.detach(), init) and torch.equal(st["exp_avg"], torch.zeros_like(init))
+    assert torch.equal(st["exp_avg_sq"], (grads[0].double() ** 2).to(dtype))
+    # Two more calls, each against the float64 reference started from the kernel's stored (rounded) values.
+    # The non-fused kernels compute in the parameter's dtype, each stored value a few roundings (sqrt,
+    # division, lerp, product, sum: each within half a unit of the dtype's epsilon of its operands' size)
+    # away; the fused kernel computes in float32 and rounds once. So the bound is 4 epsilons of the size of
+    # the terms each value sums (its magnitude alone would not do: m can be a small difference of terms).
+    unit = 4 * torch.finfo(dtype).eps
+    for step, g in enumerate(grads[1:], start=1):
+        p0, m0, v0 = (x.detach().double() for x in (p, st["exp_avg"], st["exp_avg_sq"]))
+        want = adopt_step(p0.tolist(), g.double().tolist(), m0.tolist(), v0.tolist(), step, lr=0.01, beta1=0.9,
+                          beta2=0.99, eps=1e-6, clip_exponent=0.25)
+        want_p, want_m, want_v = (torch.tensor(x, dtype=torch.float64) for x in want[:3])
+        normed = (g.double() / v0.sqrt().clamp(min=1e-6)).clamp(-(step**0.25), step**0.25)
+        sizes = (p0.abs() + 0.01 * want_m.abs(), 0.9 * m0.abs() + 0.1 * normed.abs(),
+                 0.99 * v0 + 0.01 * g.double() ** 2)
+        p.grad = g
+        opt.step()
+        for name, got, expected, size in zip("pmv", (p.detach(), st["exp_avg"], st["exp_avg_sq"]),
+                                             (want_p, want_m, want_v), sizes):
+            error = (got.double() - expected).abs()
+            assert (error <= unit * size).all(), (name, step, float((error / size).max() / torch.finfo(dtype).eps))

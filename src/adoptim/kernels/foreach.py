@@ -139,15 +139,16 @@ def _capturable_update(
     clip_exponent: float | None,
     eps: float,
 ) -> None:
-    """The same arithmetic as the for-loop kernel's capturable form, on lists."""
+    """The same arithmetic as the for-loop kernel's capturable form, on lists (see there why only
+    multiplications by ``nf``, exactly 0 or 1, and a select fold the first call in)."""
     nf = [torch.clamp(t, max=1.0).to(x.dtype) for t, x in zip(s, p)]
     if weight_decay != 0 and decoupled_weight_decay:
-        torch._foreach_sub_(p, torch._foreach_mul(p, [f * (lr * weight_decay) for f in nf]))
+        _scale_sub_(p, torch._foreach_mul(p, nf), lr * weight_decay)
     denom = torch._foreach_sqrt(v)
     torch._foreach_clamp_min_(denom, eps)
-    normed = torch._foreach_div(g, denom)
+    normed = torch._foreach_mul(g, nf)  # zeroed before the division: g / eps can overflow in float16
+    torch._foreach_div_(normed, denom)
     del denom
-    torch._foreach_mul_(normed, nf)
     if clip_exponent is not None:
         bounds = [(t.double() ** clip_exponent).to(x.dtype) for t, x in zip(s, p)]
         torch._foreach_maximum_(normed, torch._foreach_neg(bounds))
@@ -155,7 +156,7 @@ def _capturable_update(
     torch._foreach_lerp_(m, normed, 1 - beta1)
     del normed
     _scale_sub_(p, m, lr)
-    delta = torch._foreach_mul(g, g)
-    torch._foreach_sub_(delta, v)
-    torch._foreach_mul_(delta, [1 - beta2 * f for f in nf])
-    torch._foreach_add_(v, delta)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    for vi, squared, t in zip(v, torch._foreach_mul(g, g), s):
+        torch.where(t == 0, squared, vi, out=vi)  # v = g^2 on the first call

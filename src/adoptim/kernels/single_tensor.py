@@ -103,18 +103,24 @@ def _capturable_update(
     clip_exponent: float | None,
     eps: float,
 ) -> None:
-    """One step with no host synchronisation: the first call is ``nf == 0``, every later one ``nf == 1``."""
+    """One step with no host synchronisation: the first call is ``nf == 0``, every later one ``nf == 1``.
+
+    Later calls run the eager form's operations with the same scalars, so they give its bits. The first
+    call is folded in only through multiplications by ``nf`` (exactly 0 or 1 in any dtype) and one
+    select: a coefficient computed from ``nf`` (``1 - beta2 * nf``) would be rounded to the parameter's
+    dtype, and bfloat16 rounds 0.99 to 0.988, a different beta2.
+    """
     nf = torch.clamp(step_t, max=1.0).to(param.dtype)
     if weight_decay != 0 and decoupled_weight_decay:
-        param.sub_(param * (nf * (lr * weight_decay)))
-    normed = grad / torch.clamp(exp_avg_sq.sqrt(), min=eps)
-    normed = normed * nf  # the first call leaves m (and so p) untouched
+        _scale_sub_(param, param * nf, lr * weight_decay)
+    # nf zeroes the gradient before the division: g / eps can overflow (to inf, and inf * 0 is nan) in
+    # float16, where v is still 0 on the first call. So m (and p) stay as they are on the first call.
+    normed = (grad * nf) / torch.clamp(exp_avg_sq.sqrt(), min=eps)
     if clip_exponent is not None:
         # The bound in float64, as the eager form computes it on the host, then in the parameter's dtype.
         bound = (step_t.double() ** clip_exponent).to(param.dtype)
         normed = torch.minimum(torch.maximum(normed, -bound), bound)
     exp_avg.lerp_(normed, 1 - beta1)
     _scale_sub_(param, exp_avg, lr)
-    # v += w * (g^2 - v) with w = 1 - beta2*nf: v = g^2 exactly on the first call.
-    weight = 1 - beta2 * nf
-    exp_avg_sq.add_((grad * grad - exp_avg_sq) * weight)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    torch.where(step_t == 0, grad * grad, exp_avg_sq, out=exp_avg_sq)  # v = g^2 on the first call
