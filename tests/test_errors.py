@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from capabilities import KERNELS
 
 import adoptim
 
@@ -102,3 +104,41 @@ def test_differentiable_step_counter_with_grad_is_refused_before_anything_change
     with pytest.raises(RuntimeError, match=r"`step` in differentiable mode \(param group 1 parameter 0\)"):
         opt.step()
     assert len(opt.state[a]) == 0 and torch.equal(a.detach(), torch.ones(2))
+
+
+def _two_layer_steps(dtype: torch.dtype, **flags: object) -> tuple[list[torch.nn.Linear], adoptim.ADOPT]:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 3).to(dtype), torch.nn.Linear(3, 2).to(dtype)]
+    opt = adoptim.ADOPT([{"params": layers[0].parameters()}, {"params": layers[1].parameters()}], **flags)
+    for _ in range(2):
+        for layer in layers:
+            for p in layer.parameters():
+                p.grad = torch.randn_like(p)
+        opt.step()
+    return layers, opt
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_state_narrower_than_a_parameter_cast_after_steps_is_refused_before_anything_changes(kernel: str) -> None:
+    # A model cast to a wider dtype after some steps (model.half() ... model.float()) keeps its state in
+    # the old dtype. The kernels would raise inside the second group, after the first had stepped.
+    layers, opt = _two_layer_steps(torch.float16, **KERNELS[kernel])
+    layers[1].float()
+    for layer in layers:
+        for p in layer.parameters():
+            p.grad = torch.ones_like(p)
+    before = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for layer in layers for p in layer.parameters()]
+    with pytest.raises(RuntimeError, match=r"param group 1 parameter 0: exp_avg is torch.float16, which cannot "
+                                           r"hold the parameter's torch.float32"):
+        opt.step()
+    after = opt.state_dict()
+    for i, st in before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(after["state"][i][key], value), (i, key)
+    assert all(torch.equal(a, b) for a, b in zip(weights, (p for layer in layers for p in layer.parameters())))
+    # The remedy the message names: reloading casts the state to its parameter's dtype.
+    opt.load_state_dict(opt.state_dict())
+    opt.step()
+    assert opt.state[layers[1].weight]["exp_avg"].dtype == torch.float32
+    assert float(opt.state[layers[1].weight]["step"]) == 3

@@ -627,3 +627,41 @@ def test_the_default_threads_are_torchs_openmp_threads_where_torch_loaded_libgom
     finally:
         lib.adopt_cpu_openmp(before)
     assert before == 1  # and chosen by default (no test leaves it switched off)
+
+
+@needs_kernel
+def test_wider_state_goes_to_the_for_loop_kernel_and_narrower_state_is_refused_before_anything_changes() -> None:
+    # A model cast after some steps keeps its state's dtype. Wider state (float64 state of a float32
+    # parameter) is updated by the for-loop kernel in the same call, by type promotion; narrower state
+    # would fail inside it, so the call refuses it first, naming the tensor.
+    from adoptim.kernels.single_tensor import single_tensor_adopt
+
+    hyper = dict(beta1=0.9, beta2=0.99, lr=0.01, weight_decay=0.1, decoupled_weight_decay=False,
+                 clip_exponent=0.25, eps=1e-6, maximize=False, capturable=False, differentiable=False)
+    gen = torch.Generator().manual_seed(21)
+
+    def lists() -> list[list[torch.Tensor]]:
+        gen.manual_seed(21)
+        params = [torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen)]
+        state = [torch.rand(6, generator=gen, dtype=torch.float64) for _ in range(2)]
+        state += [torch.rand(5, generator=gen, dtype=torch.float64) for _ in range(2)]  # wider than p[1]
+        return [params, [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params],
+                [state[0], state[2]], [state[1], state[3]], [torch.tensor(3.0), torch.tensor(3.0)]]
+
+    fused, loop = lists(), lists()
+    fused_cpu.fused_cpu_adopt(*fused, grad_scale=None, found_inf=None, **hyper)
+    single_tensor_adopt(*loop, **hyper)
+    for f, lp in zip(fused, loop):
+        # Tensor 0 went through the C loops (float64, a few ulps from the for-loop's rounding), tensor 1
+        # through the for-loop kernel itself: the same bits.
+        torch.testing.assert_close(f[0], lp[0], rtol=1e-13, atol=1e-15)
+        assert f[1].dtype == lp[1].dtype and torch.equal(f[1], lp[1])
+    assert fused[2][1].dtype == torch.float64 and not torch.equal(fused[2][1], lists()[2][1])
+
+    narrow = lists()
+    narrow[0][1], narrow[1][1] = narrow[0][1].double(), narrow[1][1].double()
+    narrow[3][1] = narrow[3][1].float()  # exp_avg_sq of tensor 1 narrower than its float64 parameter
+    before = [x.clone() for x in sum(narrow, [])]
+    with pytest.raises(ValueError, match=r"tensor 1: exp_avg \(torch.float64\) and exp_avg_sq \(torch.float32\)"):
+        fused_cpu.fused_cpu_adopt(*narrow, grad_scale=None, found_inf=None, **hyper)
+    assert all(torch.equal(a, b) for a, b in zip(sum(narrow, []), before))  # tensor 0 included

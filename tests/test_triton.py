@@ -330,18 +330,18 @@ def test_bad_input_is_named() -> None:
         K.triton_adopt([p], [torch.ones(2, 2)], [m], [v], [s], **kw)
     with pytest.raises(ValueError, match="exp_avg_sq of parameter 1"):
         K.triton_adopt([p, p.clone()], [g, g], [m, m.clone()], [v, torch.zeros(5)], [s, s.clone()], **kw)
-    with pytest.raises(ValueError, match="exp_avg of parameter 0"):
-        K.triton_adopt([p], [g], [m.double()], [v], [s], **kw)
+    with pytest.raises(ValueError, match="exp_avg of parameter 0 .* its dtype or a wider one: torch.float32"):
+        K.triton_adopt([p.double()], [g.double()], [m], [v.double()], [s], **kw)  # narrower state
     assert float(s) == 0 and torch.equal(p, torch.zeros(4)) and torch.equal(m, torch.zeros(4))  # nothing ran
 
 
 @pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
 def test_tensors_the_kernel_cannot_take_go_to_the_forloop_kernel_in_the_same_call(found_inf) -> None:
     # A gradient of another dtype (grad_dtype), state of another layout (a model made channels_last after
-    # its first step), a parameter that is not dense: the for-loop kernel updates these in the same call,
-    # so a step never stops half-way with an error.
+    # its first step), a parameter that is not dense, wider state (a model cast to float32 after steps
+    # in float64): the for-loop kernel updates these in the same call, so a step never stops half-way.
     gen = torch.Generator().manual_seed(13)
-    shapes = [(10,), (2, 3, 4, 5), (6,), (7,)]
+    shapes = [(10,), (2, 3, 4, 5), (6,), (7,), (5,)]
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     kw = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
 
@@ -351,6 +351,7 @@ def test_tensors_the_kernel_cannot_take_go_to_the_forloop_kernel_in_the_same_cal
         buf = torch.zeros(6, 2, dtype=torch.float64)
         buf[:, 0] = init[2]
         params[2] = buf[:, 0]  # not dense
+        params[4] = params[4].float()  # its state stays float64
         m = [torch.zeros(s, dtype=torch.float64) for s in shapes]
         return [params, m, [x.clone() for x in m], [torch.zeros((), dtype=torch.float64) for _ in shapes]]
 
@@ -360,6 +361,7 @@ def test_tensors_the_kernel_cannot_take_go_to_the_forloop_kernel_in_the_same_cal
     for _ in range(3):
         grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
         grads[3] = grads[3].float()  # another dtype than the parameter's
+        grads[4] = grads[4].float()  # the parameter's dtype, narrower than its state's
         K.triton_adopt(fused[0], [g * scale for g in grads], *fused[1:],
                        **_fused(**kw) | dict(grad_scale=scale, found_inf=inf))
         if found_inf != 1.0:

@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 
 from . import _validate as V
 from .functional import adopt
+from .kernels.common import state_holds
 from .migration import translate_group
 
 _CPU = torch.device("cpu")
@@ -40,6 +41,17 @@ def _use_grad_for_differentiable(step: Callable) -> Callable:
             torch.set_grad_enabled(prev)
 
     return wrapper
+
+
+def _check_state_dtype(gi: int, pi: int, p: Tensor, m: Tensor, v: Tensor) -> None:
+    """Raise unless ``exp_avg`` and ``exp_avg_sq`` hold the parameter's values (its dtype or wider)."""
+    for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
+        if not state_holds(p, t):
+            raise RuntimeError(
+                f"state of param group {gi} parameter {pi}: {name} is {t.dtype}, which cannot hold the "
+                f"parameter's {p.dtype} (was the parameter cast after some steps?); reload the state with "
+                "opt.load_state_dict(opt.state_dict()), which casts it to its parameter's dtype and device"
+            )
 
 
 def _check_fused(group: dict[str, Any], params: Iterable[Any] = ()) -> None:
@@ -254,6 +266,9 @@ class ADOPT(Optimizer):
                         f"state of param group {gi} parameter {pi} does not match it: parameter shape "
                         f"{tuple(shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq {tuple(v.shape)}"
                     )
+                dtype = p.dtype
+                if m.dtype is not dtype or v.dtype is not dtype:  # rare: wider state passes, narrower raises
+                    _check_state_dtype(gi, pi, p, m, v)
                 if differentiable and s.requires_grad:
                     raise RuntimeError(
                         f"`requires_grad` is not supported for `step` in differentiable mode (param group {gi} "

@@ -5,9 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["share_memory", "without_amp"]
+__all__ = ["share_memory", "state_holds", "without_amp"]
+
+
+def state_holds(param: Tensor, state: Tensor) -> bool:
+    """Whether a state tensor's dtype holds its parameter's values: the parameter's dtype or a wider one.
+
+    Wider state (float32 state of a parameter cast to float16 after some steps) is computed in the
+    state's precision by type promotion; narrower state would fail inside a kernel, half-way through.
+    """
+    return state.dtype is param.dtype or (
+        state.is_complex() == param.is_complex() and torch.promote_types(param.dtype, state.dtype) == state.dtype
+    )
 
 
 def without_amp(

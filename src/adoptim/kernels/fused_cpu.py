@@ -31,7 +31,7 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from .common import without_amp
+from .common import state_holds, without_amp
 from .foreach import foreach_adopt
 from .single_tensor import single_tensor_adopt
 
@@ -263,6 +263,12 @@ def _table_per_tensor(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
         shape = p.shape
         if g.shape != shape or m.shape != shape or v.shape != shape:
             raise _shape_error(i, p, g, m, v)
+        if not (state_holds(p, m) and state_holds(p, v)):
+            # Wider state goes to the for-loop kernel (type promotion); narrower would fail half-way.
+            raise ValueError(
+                f"tensor {i}: exp_avg ({m.dtype}) and exp_avg_sq ({v.dtype}) must have the parameter's dtype "
+                f"({p.dtype}) or a wider one"
+            )
         if dtensor is not None and isinstance(p, dtensor):
             # A DTensor (FSDP2 shard) has no data pointer of its own: update its local shard, which is
             # right when all four tensors share one layout; otherwise the for-loop kernel takes it.

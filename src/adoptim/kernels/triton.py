@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Absolute: the tests load this file on its own, under Triton's interpreter.
-from adoptim.kernels.common import share_memory, without_amp
+from adoptim.kernels.common import share_memory, state_holds, without_amp
 from adoptim.kernels.single_tensor import single_tensor_adopt
 
 __all__ = ["triton_adopt"]
@@ -294,8 +294,9 @@ def _plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
     Returns the groups, whether they may be reused for the same tensors (not when a gradient had to be
     copied to its parameter's layout), and the indices of the tensors the kernel does not take, which the
     for-loop kernel updates in the same call: a gradient of another dtype than the parameter's
-    (``grad_dtype``), state of another layout (a model made channels_last after its first step), a
-    parameter that is not dense. What no kernel can take raises ``ValueError``.
+    (``grad_dtype``), state of another dtype (float32 state of a parameter cast to float16 after some
+    steps) or layout (a model made channels_last after its first step), a parameter that is not dense.
+    What no kernel can take (narrower state among it) raises ``ValueError``.
     """
     by_key: dict[tuple, list[int]] = defaultdict(list)
     slow: list[int] = []
@@ -311,11 +312,15 @@ def _plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
                 f"{p.dtype} {tuple(p.shape)} on {p.device}"
             )
         for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
-            if t.shape != p.shape or t.device != p.device or t.dtype != p.dtype:
-                raise ValueError(f"{name} of parameter {i} must have its parameter's shape, device and dtype")
+            if t.shape != p.shape or t.device != p.device or not state_holds(p, t):
+                raise ValueError(
+                    f"{name} of parameter {i} must have its parameter's shape and device, and its dtype or a "
+                    f"wider one: {t.dtype} {tuple(t.shape)} on {t.device} vs {p.dtype} {tuple(p.shape)} on {p.device}"
+                )
         if state_steps[i].dtype not in (torch.float32, torch.float64) or state_steps[i].numel() != 1:
             raise ValueError(f"state_steps[{i}] must be a one-element float32 or float64 tensor")
-        if g.dtype != p.dtype or not _is_dense(p) or not _same_layout(m, p) or not _same_layout(v, p):
+        if (g.dtype != p.dtype or m.dtype != p.dtype or v.dtype != p.dtype or not _is_dense(p)
+                or not _same_layout(m, p) or not _same_layout(v, p)):
             slow.append(i)
             continue
         by_key[(p.device, dtype)].append(i)
