@@ -205,18 +205,22 @@ def test_adoptw_defaults() -> None:
     assert (g["lr"], g["betas"], g["eps"], g["clip_exponent"]) == (1e-3, (0.9, 0.9999), 1e-6, 0.25)
 
 
-def test_differentiable_step_passes_gradcheck() -> None:
-    """With differentiable=True the update is a differentiable function of the parameter and gradient."""
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("step", [0.0, 3.0])
+def test_differentiable_step_passes_gradcheck(capturable: bool, step: float) -> None:
+    """With differentiable=True the update (p and v, on the first call and a later one) is a
+    differentiable function of the parameter, the gradient and v, in the eager and capturable forms."""
 
-    def update(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def update(p: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = p.clone()  # a non-leaf, so the optimizer may update it in place under autograd
         p.grad = g
-        opt = adoptim.ADOPT([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1, differentiable=True)
+        opt = adoptim.ADOPT([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.1, differentiable=True,
+                            capturable=capturable)
         opt.state[p] = {
-            "step": torch.tensor(3.0, dtype=torch.float64), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v.clone()
+            "step": torch.tensor(step, dtype=torch.float64), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v.clone()
         }
         opt.step()
-        return p
+        return p, opt.state[p]["exp_avg_sq"]
 
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -123,4 +123,5 @@ def _capturable_update(
     exp_avg.lerp_(normed, 1 - beta1)
     _scale_sub_(param, exp_avg, lr)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    torch.where(step_t == 0, grad * grad, exp_avg_sq, out=exp_avg_sq)  # v = g^2 on the first call
+    # v = g^2 on the first call (copy_, not where's out=, which autograd refuses when differentiable).
+    exp_avg_sq.copy_(torch.where(step_t == 0, grad * grad, exp_avg_sq))
