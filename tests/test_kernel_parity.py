@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from capabilities import KERNELS
+from capabilities import FLAG_COMBOS, KERNELS
 
 import adoptim
 from adoptim.reference import adopt_step
@@ -60,16 +60,27 @@ def test_foreach_matches_forloop_bitwise(a: str, b: str, dtype: torch.dtype) -> 
 def test_capturable_matches_eager_bitwise(eager: str, capturable: str, dtype: torch.dtype) -> None:
     """The capturable form runs the eager form's operations with the same scalars on later calls and
     folds the first call in only through exact multiplications by 0 or 1 and a select, so it gives the
-    same bits in every dtype (a coefficient derived from the step, such as 1 - beta2 * min(step, 1),
-    would be rounded to bfloat16, where 0.99 becomes 0.988)."""
-    m1 = _model().to(dtype)
-    m2 = copy.deepcopy(m1)
-    o1 = _train(m1, **KERNELS[eager])
-    o2 = _train(m2, **KERNELS[capturable])
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(o1.state[p1][key], o2.state[p2][key], rtol=0, atol=0)
+    same bits in every dtype, for every flag set and a tensor lr, with a parameter whose gradients start
+    late (a coefficient derived from the step, such as 1 - beta2 * min(step, 1), would be rounded to
+    bfloat16, where 0.99 becomes 0.988)."""
+    gen = torch.Generator().manual_seed(1)
+    init = [torch.randn(50, generator=gen).to(dtype) for _ in range(3)]
+    grads = [[torch.randn(50, generator=gen).to(dtype) for _ in range(3)] for _ in range(6)]
+    for flags in FLAG_COMBOS:
+        for lr in (0.01, torch.tensor(0.01)):
+            results = []
+            for kernel in (eager, capturable):
+                params = [x.clone().requires_grad_() for x in init]
+                opt = adoptim.ADOPT(params, lr=lr, **flags, **KERNELS[kernel])
+                for t, step_grads in enumerate(grads):
+                    for p, g in zip(params, step_grads):
+                        p.grad = None if t < 2 and p is params[2] else g  # params[2] starts at step 2
+                    opt.step()
+                results.append([x for p in params for x in (p.detach(), opt.state[p]["exp_avg"],
+                                                             opt.state[p]["exp_avg_sq"], opt.state[p]["step"])])
+            where = f"{flags}, lr {lr!r}"
+            for a, b in zip(*results):
+                assert a.dtype == b.dtype and torch.equal(a, b), where
 
 
 def test_step_with_no_grads_changes_nothing() -> None:
