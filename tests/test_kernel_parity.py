@@ -129,3 +129,27 @@ def test_half_precision_first_call_sets_only_v_even_where_g_over_eps_overflows(k
                                              (want_p, want_m, want_v), sizes):
             error = (got.double() - expected).abs()
             assert (error <= unit * size).all(), (name, step, float((error / size).max() / torch.finfo(dtype).eps))
+
+
+@pytest.mark.parametrize("kernel", sorted(set(KERNELS) - {"forloop"}))
+@pytest.mark.parametrize("clip_exponent", [0.25, None])
+def test_nan_and_inf_gradients_propagate_as_in_the_forloop_kernel(kernel: str, clip_exponent) -> None:
+    # A NaN gradient element must reach m and p as it does through torch.clamp and the reference, not
+    # become a finite, clipped update (a max/min that drops NaN would do that); inf, then inf / inf, too.
+    # Parameter 0 takes them on its first call, parameter 1 on a later one; then finite gradients.
+    bad = torch.tensor([0.5, float("nan"), float("inf"), -0.25], dtype=torch.float64)
+    good = torch.tensor([0.5, 0.5, -0.5, 0.25], dtype=torch.float64)
+    results = []
+    for flags in (KERNELS["forloop"], KERNELS[kernel]):
+        params = [torch.ones(4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+        opt = adoptim.ADOPT(params, lr=0.05, clip_exponent=clip_exponent, **flags)
+        for t, grad in enumerate((good, good, bad, good, bad, good)):
+            params[0].grad = None if t < 2 else grad  # parameter 0 starts with the bad gradient
+            params[1].grad = grad
+            opt.step()
+        results.append([x for p in params for x in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])])
+    for a, b in zip(*results):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        finite = a.isfinite()
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-13, atol=1e-15)
+    assert results[1][0][1].isnan() and results[1][3][1].isnan()  # NaN reached both parameters

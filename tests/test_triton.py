@@ -424,3 +424,33 @@ def test_parameters_sharing_memory_go_to_the_for_loop_kernel_and_disjoint_views_
             results.append(buf)
         assert calls == ([2] * 3 if routed else []), cut
         torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("clip_exponent", [0.25, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_and_inf_gradients_propagate_as_in_the_forloop_kernel(clip_exponent, dtype: torch.dtype) -> None:
+    # Triton's maximum and minimum return the operand that is not NaN unless told otherwise: a NaN
+    # gradient became a finite, clipped update of m and p (and eps the normaliser of every later call),
+    # where torch.clamp and the reference keep the NaN. Element 1 gets NaN, element 2 inf (and then
+    # inf / inf), on the first call of tensor 0 and a later call of tensor 1; then finite gradients.
+    kw = dict(HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=clip_exponent, maximize=False)
+    bad = torch.tensor([0.5, float("nan"), float("inf"), -0.25], dtype=dtype)
+    good = torch.tensor([0.5, 0.5, -0.5, 0.25], dtype=dtype)
+
+    def state(step: float) -> list[torch.Tensor]:
+        v = 0.25 if step else 0.0  # a first call starts from v = 0, as the optimizer creates it
+        return [torch.ones(4, dtype=dtype), torch.zeros(4, dtype=dtype), torch.full((4,), v, dtype=dtype),
+                torch.tensor(step, dtype=dtype)]
+
+    # The finite values: a few roundings of the dtype apart (the kernel's sums are ordered differently).
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
+    fused, loop = [state(0.0), state(3.0)], [state(0.0), state(3.0)]
+    for grad in (bad, good, bad, good):
+        for lists, kernel, extra in ((fused, K.triton_adopt, _fused(**kw)), (loop, single_tensor_adopt, _plain(**kw))):
+            p, m, v, s = ([t[i] for t in lists] for i in range(4))
+            kernel(p, [grad, grad], m, v, s, **extra)
+        for a, b in zip(sum(fused, []), sum(loop, [])):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+            finite = a.isfinite()
+            torch.testing.assert_close(a[finite], b[finite], **tol)
+    assert fused[0][0][1].isnan() and fused[1][0][1].isnan()  # NaN reached p

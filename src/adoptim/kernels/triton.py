@@ -198,9 +198,12 @@ def _adopt_kernel(
         if WD != 0.0 and DECOUPLED:
             new_p = p - lrwd * p
         # v still holds v_{t-1}: the normaliser excludes the current gradient.
-        n = _div(g, tl.maximum(_sqrt(v, F64), eps), F64)
+        # NaN propagates as through torch.clamp: Triton's maximum and minimum otherwise return the operand
+        # that is not NaN, which would turn a NaN gradient into a finite, clipped update.
+        n = _div(g, tl.maximum(_sqrt(v, F64), eps, propagate_nan=tl.PropagateNan.ALL), F64)
         if HAS_CLIP:
-            n = tl.minimum(tl.maximum(n, -bound), bound)
+            n = tl.minimum(tl.maximum(n, -bound, propagate_nan=tl.PropagateNan.ALL), bound,
+                           propagate_nan=tl.PropagateNan.ALL)
         # torch.lerp's two forms, so the momentum matches the for-loop kernel's lerp_ exactly.
         if ONE_MINUS_BETA1 < 0.5:
             new_m = m + ONE_MINUS_BETA1 * (n - m)
