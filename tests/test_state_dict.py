@@ -101,6 +101,14 @@ def _snapshot(opt: torch.optim.Optimizer) -> dict:
         (lambda sd: sd["param_groups"][0]["params"].pop(), "has 3 parameters"),
         (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "2 param groups"),
         (lambda sd: sd.pop("state"), "'state' and 'param_groups'"),
+        (lambda sd: sd["state"][1].__setitem__("step", None), "parameter 1 has step None"),
+        (lambda sd: sd["state"][1].__setitem__("step", "3"), "parameter 1 has step '3'"),
+        (lambda sd: sd["state"][1].__setitem__("step", torch.tensor(True)), "of torch.bool"),
+        (lambda sd: sd["state"].__setitem__(2, torch.zeros(7)), "parameter 2 is a Tensor, not a dict"),
+        (lambda sd: sd["param_groups"][0].__setitem__("lr", -1.0), r"param group 0 of the state_dict: Invalid lr"),
+        (lambda sd: sd["param_groups"][0].__setitem__("betas", (1.5, 0.9)), "beta parameter at index 0"),
+        (lambda sd: sd["param_groups"][0].update(foreach=True, fused=True), "param group 0 of the state_dict: .*fused"),
+        (lambda sd: sd["param_groups"][0].update(amsgrad=False), "Adam or AdamW"),
     ],
 )
 def test_mismatched_state_dict_is_rejected_before_any_change(corrupt, message: str) -> None:
@@ -120,3 +128,55 @@ def test_mismatched_state_dict_is_rejected_before_any_change(corrupt, message: s
     for k, st in before["state"].items():
         for key, value in st.items():
             assert torch.equal(after["state"][k][key], value)
+
+
+def test_load_pre_hooks_run_first_and_what_they_return_is_checked() -> None:
+    # torch.optim runs the load pre-hooks before anything else: one may adapt a dict (here: drop a key
+    # adoptim would refuse). What a hook returns is checked like any dict, before anything changes.
+    model = _model()
+    opt = adoptim.ADOPT(model.parameters(), lr=0.01)
+    _steps(model, opt, 0, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["amsgrad"] = False
+    calls = []
+
+    def adapt(o: torch.optim.Optimizer, d: dict) -> dict:
+        calls.append(1)
+        return {**d, "param_groups": [{k: v for k, v in g.items() if k != "amsgrad"} for g in d["param_groups"]]}
+
+    handle = opt.register_load_state_dict_pre_hook(adapt)
+    opt.load_state_dict(sd)
+    assert calls == [1]  # once, not again inside torch.optim's load_state_dict
+    handle.remove()
+
+    def corrupt(o: torch.optim.Optimizer, d: dict) -> dict:
+        d = copy.deepcopy(d)
+        d["state"][0]["exp_avg"] = torch.zeros(3)
+        return d
+
+    opt.register_load_state_dict_pre_hook(corrupt)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="param group 0 parameter 0 has shape"):
+        opt.load_state_dict(_snapshot(opt))
+    after = _snapshot(opt)
+    for k, st in before["state"].items():
+        assert all(torch.equal(after["state"][k][key], value) for key, value in st.items())
+
+
+def test_complex_state_is_cast_to_its_parameter_on_load() -> None:
+    # torch.optim casts loaded state to its parameter's dtype for floating-point parameters only. After
+    # a complex64 parameter is cast to complex128, step() refuses the narrower state and names reloading
+    # as the remedy, which must then work.
+    p = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    opt = adoptim.ADOPT([p], lr=0.01)
+    for _ in range(2):
+        p.grad = torch.randn(3, dtype=torch.complex64)
+        opt.step()
+    p.data = p.data.to(torch.complex128)
+    p.grad = torch.randn(3, dtype=torch.complex128)
+    with pytest.raises(RuntimeError, match="complex64, which cannot hold the parameter's torch.complex128"):
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.complex128
+    opt.step()
+    assert float(opt.state[p]["step"]) == 3

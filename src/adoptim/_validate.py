@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 
-def _is_real(x: Any) -> bool:
+def is_real(x: Any) -> bool:
+    """A real number that is not a bool (True is an int to Python, not a step count or a rate)."""
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
@@ -22,7 +23,7 @@ def check_lr(lr: Any) -> float | Tensor:
         if lr.device.type == "cpu" and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"Invalid lr: {value} (must be a finite number >= 0)")
         return lr.reshape(()) if lr.dim() else lr
-    if not _is_real(lr) or not math.isfinite(lr) or lr < 0:
+    if not is_real(lr) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0)")
     return float(lr)
 
@@ -31,19 +32,19 @@ def check_betas(betas: Any) -> tuple[float, float]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
     for i, b in enumerate(betas):
-        if not _is_real(b) or not 0.0 <= b < 1.0:
+        if not is_real(b) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
     return float(betas[0]), float(betas[1])
 
 
 def check_eps(eps: Any) -> float:
-    if not _is_real(eps) or not math.isfinite(eps) or eps <= 0:
+    if not is_real(eps) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"Invalid eps: {eps!r} (must be a finite number > 0: the first update divides by it)")
     return float(eps)
 
 
 def check_weight_decay(weight_decay: Any) -> float:
-    if not _is_real(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+    if not is_real(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be a finite number >= 0)")
     return float(weight_decay)
 
@@ -51,7 +52,7 @@ def check_weight_decay(weight_decay: Any) -> float:
 def check_clip_exponent(clip_exponent: Any) -> float | None:
     if clip_exponent is None:
         return None
-    if not _is_real(clip_exponent) or not math.isfinite(clip_exponent) or clip_exponent < 0:
+    if not is_real(clip_exponent) or not math.isfinite(clip_exponent) or clip_exponent < 0:
         raise ValueError(f"Invalid clip_exponent: {clip_exponent!r} (must be None or a finite number >= 0)")
     return float(clip_exponent)
 

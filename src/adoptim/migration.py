@@ -14,6 +14,10 @@ clip_exponent          (not saved: a lambda)   clip_exp (default 0.333)
 
 torch-adopt keeps its clip rule in a lambda outside the state_dict; a group from it keeps the clip
 exponent of the optimizer it is loaded into (0.25 by default, the same as torch-adopt's default).
+
+The kernel choice of another port's group (``foreach``, ``fused``, ``capturable``, ``differentiable``)
+is that port's, not the run's: ``foreach=None`` means its for-loop kernel on the CPU there and the fused
+kernel here. Those keys are dropped, so the loading optimizer's own choice stays.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Any
 _RENAMED = {"decouple": "decoupled_weight_decay", "decoupled": "decoupled_weight_decay", "clip_exp": "clip_exponent"}
 # Flags of other ports that change nothing when they hold these values; any other value changes the
 # arithmetic in a way adoptim does not implement, so loading is refused rather than silently different.
-_INERT = {"caution": (False,), "corrected_weight_decay": (False,), "max_lr_snapshot": None, "fused": (None, False)}
+_INERT = {"caution": (False,), "corrected_weight_decay": (False,), "max_lr_snapshot": None}
+_KERNEL_CHOICE = ("foreach", "fused", "capturable", "differentiable")
 
 
 def translate_group(group: dict[str, Any], index: int, own_keys: Iterable[str] = ()) -> dict[str, Any]:
@@ -32,8 +37,16 @@ def translate_group(group: dict[str, Any], index: int, own_keys: Iterable[str] =
 
     ``own_keys`` are adoptim's own group keys (a flag such as ``fused`` is adoptim's, not foreign).
     """
+    if "amsgrad" in group:
+        raise ValueError(
+            f"param group {index} was saved by torch.optim's Adam or AdamW (it has 'amsgrad'): their exp_avg "
+            "is a momentum of raw gradients, ADOPT's of normalised ones, so the state cannot continue as ADOPT"
+        )
     out = dict(group)
     own = set(own_keys)
+    if any(old in out for old in _RENAMED):  # another port's group
+        for key in _KERNEL_CHOICE:
+            out.pop(key, None)
     for old, new in _RENAMED.items():
         if old in out:
             value = out.pop(old)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -185,14 +186,62 @@ class ADOPT(Optimizer):
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of adoptim, torch-adopt or timm's ``Adopt``; nothing changes if it is invalid."""
+        """Load a state_dict of adoptim, torch-adopt or timm's ``Adopt``; nothing changes if it is invalid.
+
+        As in torch.optim, the load pre-hooks run first (one may adapt a foreign dict); what they leave is
+        translated (other ports' key names), checked against the parameters, and its groups validated
+        as ``add_param_group`` validates them, all before anything changes. A key a saved group lacks
+        takes the value of the loading optimizer's group, and so does the kernel choice of another port's
+        group.
+        """
+        if not isinstance(state_dict, dict):
+            raise ValueError(
+                f"state_dict must be a dict (from Optimizer.state_dict()), got {type(state_dict).__name__}"
+            )
+        state_dict = state_dict.copy()  # shallow, as torch.optim does: hooks may change its keys
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError(
                 "state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())"
             )
         groups = [translate_group(g, i, self.defaults) for i, g in enumerate(state_dict["param_groups"])]
         self._check_state_matches(state_dict["state"], groups)
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        for gi, (saved, own) in enumerate(zip(groups, self.param_groups, strict=True)):
+            for key in self.defaults:
+                if key not in saved:
+                    saved[key] = own[key]
+            try:
+                _check_fused(saved, own["params"])
+                V.check_group(saved)
+            except ValueError as exc:
+                raise ValueError(f"param group {gi} of the state_dict: {exc}") from None
+        state = self._cast_complex_state(state_dict["state"], groups)
+        # torch.optim's load_state_dict would run the pre-hooks a second time: hand it none.
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        try:
+            super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
+
+    def _cast_complex_state(self, saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]) -> dict[Any, Any]:
+        """The saved state with the moments of complex parameters in their parameter's dtype.
+
+        torch.optim casts loaded state to its parameter's dtype for floating-point parameters only; a
+        complex parameter cast after some steps (complex64 to complex128) would otherwise keep state its
+        step refuses, with no way to reload it.
+        """
+        out = dict(saved_state)
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            for key, p in zip(saved["params"], group["params"], strict=True):
+                st = out.get(key)
+                if st and p.is_complex():
+                    out[key] = {k: v.to(p.dtype) if k != "step" and torch.is_tensor(v) and v.is_complex() else v
+                                for k, v in st.items()}
+        return out
 
     def _check_state_matches(self, saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]) -> None:
         if len(saved_groups) != len(self.param_groups):
@@ -208,8 +257,13 @@ class ADOPT(Optimizer):
                 )
             for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
                 st = saved_state.get(key)
-                if not st:
+                if st is None or (isinstance(st, dict) and not st):
                     continue
+                if not isinstance(st, dict):
+                    raise ValueError(
+                        f"state of param group {gi} parameter {pi} is a {type(st).__name__}, not a dict of "
+                        "'step', 'exp_avg' and 'exp_avg_sq'"
+                    )
                 missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
                 if missing:
                     raise ValueError(f"state of param group {gi} parameter {pi} lacks {missing}")
@@ -222,9 +276,16 @@ class ADOPT(Optimizer):
                             f"shape {tuple(p.shape)} but its {name} has shape {shape}"
                         )
                 step = st["step"]
-                if torch.is_tensor(step) and step.numel() != 1:
+                if torch.is_tensor(step):
+                    if step.numel() != 1 or step.dtype == torch.bool or step.is_complex():
+                        raise ValueError(
+                            f"state of param group {gi} parameter {pi} has a step of {step.numel()} elements "
+                            f"of {step.dtype} (must be one real number)"
+                        )
+                elif not V.is_real(step):
                     raise ValueError(
-                        f"state of param group {gi} parameter {pi} has a step with {step.numel()} elements"
+                        f"state of param group {gi} parameter {pi} has step {step!r} (must be a number or a "
+                        "one-element tensor)"
                     )
 
     # ------------------------------------------------------------------ step

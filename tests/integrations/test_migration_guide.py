@@ -103,3 +103,14 @@ def test_convert_refuses_what_adoptim_does_not_implement():
         convert_state_dict(sd)
     with pytest.raises(ValueError, match="not a pytorch_optimizer"):
         convert_state_dict(ADOPT([p]).state_dict())
+
+
+def test_pytorch_optimizer_state_saved_before_its_first_step_converts():
+    po = pytest.importorskip("pytorch_optimizer")
+    p = torch.nn.Parameter(torch.ones(2))
+    sd = convert_state_dict(po.ADOPT([p], lr=0.02, weight_decay=0.1, weight_decouple=True).state_dict())
+    new = ADOPT([p], foreach=False)
+    new.load_state_dict(sd)
+    group = new.param_groups[0]
+    assert sd["state"] == {} and group["lr"] == 0.02 and group["decoupled_weight_decay"] is True
+    assert group["foreach"] is False  # its foreach=None did not replace the loading optimizer's kernel choice
