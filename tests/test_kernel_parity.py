@@ -153,3 +153,31 @@ def test_nan_and_inf_gradients_propagate_as_in_the_forloop_kernel(kernel: str, c
         finite = a.isfinite()
         torch.testing.assert_close(a[finite], b[finite], rtol=1e-13, atol=1e-15)
     assert results[1][0][1].isnan() and results[1][3][1].isnan()  # NaN reached both parameters
+
+
+@pytest.mark.parametrize("eager,capturable", [("forloop", "forloop-capturable"), ("foreach", "foreach-capturable")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_capturable_matches_eager_bitwise_with_state_wider_than_its_parameter(eager: str, capturable: str,
+                                                                              dtype: torch.dtype) -> None:
+    # model.half() after steps in float32 keeps float32 state: normed, its clip bound and the first
+    # call's g * g are then in float32 in the eager form, and must be in the capturable form too.
+    # Parameter 1 has its first call after the cast.
+    gen = torch.Generator().manual_seed(2)
+    init = [torch.randn(40, generator=gen) for _ in range(2)]
+    grads = [[torch.randn(40, generator=gen) for _ in range(2)] for _ in range(6)]
+    results = []
+    for kernel in (eager, capturable):
+        params = [x.clone().requires_grad_() for x in init]
+        opt = adoptim.ADOPT(params, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, **KERNELS[kernel])
+        for t, step_grads in enumerate(grads):
+            if t == 3:
+                for p in params:
+                    p.data = p.data.to(dtype)
+            for p, g in zip(params, step_grads):
+                p.grad = None if t < 3 and p is params[1] else g.to(p.dtype)
+            opt.step()
+        assert opt.state[params[1]]["exp_avg"].dtype == dtype  # created after the cast
+        assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
+        results.append([x for p in params for x in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from capabilities import KERNELS
 
 import adoptim
 from adoptim.kernels import fused_cpu
@@ -120,18 +121,22 @@ def test_fused_follows_the_forloop_kernel_through_every_move_of_memory() -> None
                 torch.testing.assert_close(fopt.state[a][key], lopt.state[b][key], **TOL)
 
 
-def test_a_parameter_listed_twice_gets_one_state() -> None:
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_a_parameter_listed_twice_gets_one_state(kernel: str) -> None:
     # torch.optim only warns about a repeated parameter; its state must be one, stepped twice per call
-    # as torch's own for-loop optimizers do, not two states of which one is lost.
+    # as torch's own for-loop optimizers do, not two states of which one is lost. The foreach kernel
+    # would read the step of both entries before it moves (v = 2 g^2, no update): it hands such a call
+    # to the for-loop kernel, as the fused kernels do.
     p = torch.zeros(3, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        opt = adoptim.ADOPT([p, p], foreach=False, lr=0.1)
+        opt = adoptim.ADOPT([p, p], lr=0.1, **KERNELS[kernel])
     p.grad = torch.ones(3)
     opt.step()
     assert len(opt.state) == 1 and float(opt.state[p]["step"]) == 2
     # The first entry's call set v = g*g; the second made the first update: -lr * (1 - beta1) * 1.
     torch.testing.assert_close(p.detach(), torch.full((3,), -0.1 * 0.1))
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"], torch.ones(3))  # beta2 * 1 + (1 - beta2) * 1
 
 
 @needs_kernel

@@ -132,14 +132,17 @@ def test_zero_grad_and_step_hooks() -> None:
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_complex_equals_view_as_real(kernel: str) -> None:
-    z0 = torch.randn(4, 3, dtype=torch.complex64)
+    # Bit for bit, coupled decay included: the kernels add weight_decay * p on the real view, since
+    # complex arithmetic rounds the product and the sum separately where a real add may fuse them. (On
+    # 12 elements the difference showed for about one draw in forty; on 2048 it shows at every run.)
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(64, 32, dtype=torch.complex64, generator=g)
     z = z0.clone().requires_grad_()
     r = torch.view_as_real(z0).clone().requires_grad_()
     oz = adoptim.ADOPT([z], lr=0.01, weight_decay=0.1, **KERNELS[kernel])
     orr = adoptim.ADOPT([r], lr=0.01, weight_decay=0.1, **KERNELS[kernel])
-    g = torch.Generator().manual_seed(3)
     for _ in range(8):
-        gr = torch.randn(4, 3, 2, generator=g)
+        gr = torch.randn(64, 32, 2, generator=g)
         z.grad, r.grad = torch.view_as_complex(gr.clone()), gr.clone()
         oz.step()
         orr.step()

@@ -13,6 +13,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from .single_tensor import single_tensor_adopt
+
 
 def _group_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -55,6 +57,15 @@ def foreach_adopt(
         raise ValueError("differentiable=True needs the for-loop kernel (foreach=False)")
     if not params:
         return
+    if len(set(map(id, params))) < len(params):
+        # A parameter listed twice (torch.optim only warns): each foreach operation would see both
+        # entries before the step counter moves, so the for-loop kernel updates them one after the other.
+        single_tensor_adopt(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1, beta2=beta2, lr=lr,
+            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
+            eps=eps, maximize=maximize, capturable=capturable, differentiable=False,
+        )
+        return
     for idx in _group_by_device_and_dtype(params).values():
         p = [params[i] for i in idx]
         g = [grads[i] for i in idx]
@@ -64,12 +75,13 @@ def foreach_adopt(
 
         if maximize:
             g = torch._foreach_neg(g)
+        # Complex tensors as pairs of reals before the coupled decay, as in the for-loop kernel.
+        p, g, m, v = _real(p), _real(g), _real(m), _real(v)
         if weight_decay != 0 and not decoupled_weight_decay:
-            if maximize:  # g is already a fresh list
+            if maximize:  # g is already a fresh list (of views of fresh tensors)
                 torch._foreach_add_(g, p, alpha=weight_decay)
             else:
                 g = torch._foreach_add(g, p, alpha=weight_decay)
-        p, g, m, v = _real(p), _real(g), _real(m), _real(v)
 
         kwargs = dict(
             beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
@@ -146,11 +158,12 @@ def _capturable_update(
         _scale_sub_(p, torch._foreach_mul(p, nf), lr * weight_decay)
     denom = torch._foreach_sqrt(v)
     torch._foreach_clamp_min_(denom, eps)
-    normed = torch._foreach_mul(g, nf)  # zeroed before the division: g / eps can overflow in float16
-    torch._foreach_div_(normed, denom)
+    # Zeroed before the division (g / eps can overflow in float16), which promotes to v's dtype as the
+    # eager form's does where the state is wider than the parameter.
+    normed = torch._foreach_div(torch._foreach_mul(g, nf), denom)
     del denom
     if clip_exponent is not None:
-        bounds = [(t.double() ** clip_exponent).to(x.dtype) for t, x in zip(s, p)]
+        bounds = [(t.double() ** clip_exponent).to(x.dtype) for t, x in zip(s, normed)]
         torch._foreach_maximum_(normed, torch._foreach_neg(bounds))
         torch._foreach_minimum_(normed, bounds)
     torch._foreach_lerp_(m, normed, 1 - beta1)
@@ -158,5 +171,6 @@ def _capturable_update(
     _scale_sub_(p, m, lr)
     torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-    for vi, squared, t in zip(v, torch._foreach_mul(g, g), s):
-        torch.where(t == 0, squared, vi, out=vi)  # v = g^2 on the first call
+    for vi, gi, t in zip(v, g, s):
+        gi = gi.to(vi.dtype)  # squared in v's dtype, as the eager form's addcmul_ does
+        torch.where(t == 0, gi * gi, vi, out=vi)  # v = g^2 on the first call

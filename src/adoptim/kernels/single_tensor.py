@@ -48,14 +48,16 @@ def single_tensor_adopt(
         grad = -grads[i] if maximize else grads[i]
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
 
-        if weight_decay != 0 and not decoupled_weight_decay:
-            grad = grad.add(param, alpha=weight_decay)
-
         if torch.is_complex(param):
             grad = torch.view_as_real(grad)
             exp_avg = torch.view_as_real(exp_avg)
             exp_avg_sq = torch.view_as_real(exp_avg_sq)
             param = torch.view_as_real(param)
+
+        # On the real view: a complex parameter is exactly a pair of reals (complex arithmetic rounds
+        # weight_decay * p and the sum separately, where the real add may fuse them into one rounding).
+        if weight_decay != 0 and not decoupled_weight_decay:
+            grad = grad.add(param, alpha=weight_decay)
 
         if capturable:
             _capturable_update(
@@ -118,10 +120,14 @@ def _capturable_update(
     normed = (grad * nf) / torch.clamp(exp_avg_sq.sqrt(), min=eps)
     if clip_exponent is not None:
         # The bound in float64, as the eager form computes it on the host, then in the parameter's dtype.
-        bound = (step_t.double() ** clip_exponent).to(param.dtype)
+        # (normed has the state's dtype where that is wider than the parameter's: float32 state of a
+        # float16 parameter, whose eager form clamps at the float32 bound.)
+        bound = (step_t.double() ** clip_exponent).to(normed.dtype)
         normed = torch.minimum(torch.maximum(normed, -bound), bound)
     exp_avg.lerp_(normed, 1 - beta1)
     _scale_sub_(param, exp_avg, lr)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    # v = g^2 on the first call (copy_, not where's out=, which autograd refuses when differentiable).
-    exp_avg_sq.copy_(torch.where(step_t == 0, grad * grad, exp_avg_sq))
+    # v = g^2 on the first call, squared in v's dtype as the eager form's addcmul_ does (copy_, not
+    # where's out=, which autograd refuses when differentiable).
+    g_v = grad.to(exp_avg_sq.dtype)
+    exp_avg_sq.copy_(torch.where(step_t == 0, g_v * g_v, exp_avg_sq))
