@@ -127,3 +127,46 @@ def test_smoke_run_writes_labelled_results(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics" / "adoptw-s0.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2] and np.isfinite([x["train_loss"] for x in lines]).all()
     assert len(list((tmp_path / "smoke_data" / "train").rglob("*.png"))) == 40
+
+
+@pytest.mark.timm
+@needs_fashion
+@pytest.mark.slow
+def test_a_run_resumed_after_its_first_epoch_ends_where_an_uninterrupted_one_does(tmp_path):
+    # Mixup and CutMix draw from numpy's generator and RandAugment from Python's: both are seeded per
+    # epoch with torch's, so two runs, and a run resumed from its epoch checkpoint, give the same numbers.
+    _timm_or_skip()
+    from adoptim.experiments.runner import run_experiment
+
+    sets = {**EXPERIMENT.quick, "smoke_per_class": 4, "batch_size": 8, "epochs": 2, "warmup_epochs": 1,
+            "optimizers": ("adoptw",)}
+    cfg = resolve(ImagenetConfig, list(sets.items()))
+    whole = run_experiment(EXPERIMENT, cfg, tmp_path / "whole", log=lambda s: None)
+
+    class Stop(Exception):
+        pass
+
+    import adoptim.experiments.imagenet as imagenet
+
+    real = imagenet.evaluate
+    calls = []
+
+    def evaluate_then_stop(*args, **kwargs):  # the first epoch's evaluation, then its checkpoint, then a stop
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop
+        return real(*args, **kwargs)
+
+    imagenet.evaluate = evaluate_then_stop
+    try:
+        with pytest.raises(Stop):
+            run_experiment(EXPERIMENT, cfg, tmp_path / "resumed", log=lambda s: None)
+    finally:
+        imagenet.evaluate = real
+    assert (tmp_path / "resumed" / "checkpoints" / "adoptw-s0.pt").is_file()
+    resumed = run_experiment(EXPERIMENT, cfg, tmp_path / "resumed", log=lambda s: None)
+    assert resumed["final"] == whole["final"]
+    for name in ("whole", "resumed"):
+        assert len((tmp_path / name / "metrics" / "adoptw-s0.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "whole" / "metrics" / "adoptw-s0.jsonl").read_text() == \
+        (tmp_path / "resumed" / "metrics" / "adoptw-s0.jsonl").read_text()

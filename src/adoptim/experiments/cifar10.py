@@ -174,6 +174,8 @@ def run(cfg: Cifar10Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     opt = make_optimizer(unit.optimizer, model.parameters(), spec)
     n = len(train)
     steps_per_epoch = n // cfg.batch_size  # the last partial batch is dropped, so every step splits evenly
+    if steps_per_epoch == 0:
+        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) exceeds the {n} training images")
     total = steps_per_epoch * cfg.epochs
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"config key 'batch_size' ({cfg.batch_size}) must split evenly over "

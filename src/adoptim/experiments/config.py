@@ -41,9 +41,12 @@ def _parse_scalar(tp: Any, text: str, key: str) -> Any:
         return int(value)
     if tp is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ConfigError(f"config key {key!r} expects a float, got {text!r}") from None
+        if math.isnan(value):  # passes every range check (all comparisons are false) and never resumes
+            raise ConfigError(f"config key {key!r} expects a number, got {text!r}")
+        return value
     if tp is str:
         return text
     raise ConfigError(f"config key {key!r} has type {want}, which cannot be set from the command line")
@@ -87,6 +90,8 @@ def _check_type(tp: Any, value: Any, key: str) -> Any:
             raise bad
         return tuple(_check_type(a, v, key) for a, v in zip(args, value, strict=True))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
         return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
@@ -118,7 +123,7 @@ def resolve(cls: type, overrides: Iterable[tuple[str, Any]] = ()) -> Any:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(types_))}")
         tp = types_[name]
         if typing.get_origin(tp) in (dict, Mapping) or tp is dict:
-            raise ConfigError(f"config key {key!r} is a table; set one entry as {key}.NAME.attr=value")
+            raise ConfigError(f"config key {key!r} is a table; set one entry as NAME.attr=value (e.g. adam.lr=1e-3)")
         parsed = parse_value(tp, value, key) if isinstance(value, str) and tp is not str else value
         setattr(cfg, name, _check_type(tp, parsed, key))
     check(cfg)

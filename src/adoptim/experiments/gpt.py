@@ -78,13 +78,18 @@ class Config:
     def validate(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"key 'model' must be one of {', '.join(MODELS)}, got {self.model!r}")
-        for key in ("steps", "block_size", "n_layer", "n_head", "n_embd", "eval_seqs", "final_window"):
+        for key in ("steps", "block_size", "n_layer", "n_head", "n_embd", "eval_seqs", "final_window", "eval_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"key {key!r} must be >= 1, got {getattr(self, key)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"key 'batch_sizes' must list sizes >= 1, got {self.batch_sizes}")
         if self.micro_batch < 0:
             raise ValueError(f"key 'micro_batch' must be >= 0, got {self.micro_batch}")
+        if self.val_every < 2:
+            raise ValueError(f"key 'val_every' must be >= 2 (every val_every-th play is held out), "
+                             f"got {self.val_every}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"key 'dropout' must be in [0, 1), got {self.dropout}")
         if self.model == "tiny" and self.n_embd % self.n_head:
             raise ValueError(f"key 'n_embd' ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.spike_factor <= 1 or self.spike_window < 1:

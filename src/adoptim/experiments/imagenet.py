@@ -18,11 +18,13 @@ Needs ``timm`` (which needs ``torchvision``); both are imported only when a run 
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -200,7 +202,13 @@ def run(cfg: ImagenetConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     t0 = time.time()
     while epoch < cfg.epochs:
         train_loader.sampler.set_epoch(epoch)
-        torch.manual_seed(unit.seed * 1_000_003 + epoch)  # Mixup's draws, reproducible after a resume
+        # The epoch's random draws, the same after a resume: torch's (crops, flips), numpy's (timm's Mixup
+        # and CutMix) and Python's (RandAugment) generators, in this process (workers=0) or as the seeds
+        # of the loader's workers.
+        epoch_seed = unit.seed * 1_000_003 + epoch
+        torch.manual_seed(epoch_seed)
+        np.random.seed(epoch_seed % 2**32)
+        random.seed(epoch_seed)
         for x, y in train_loader:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             if mix is not None and len(y) % 2 == 0:

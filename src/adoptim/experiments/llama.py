@@ -99,9 +99,11 @@ class Config:
 
     def validate(self) -> None:
         for key in ("hidden", "layers", "heads", "intermediate", "pretrain_steps", "pretrain_batch",
-                    "block_size", "steps", "batch", "max_len", "eval_records"):
+                    "block_size", "steps", "batch", "max_len", "eval_records", "eval_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"key {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.micro_batch < 0:
+            raise ValueError(f"key 'micro_batch' must be >= 0, got {self.micro_batch}")
         if self.hidden % self.heads:
             raise ValueError(f"key 'hidden' ({self.hidden}) must be a multiple of heads ({self.heads})")
         for key in ("model", "mmlu"):

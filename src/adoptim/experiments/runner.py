@@ -64,6 +64,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -180,7 +181,14 @@ class RunContext:
         """The state of the last checkpoint of this unit, or ``None`` to start from scratch."""
         saved = None
         if self.checkpoint_path.exists():
-            saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            try:
+                saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+                if not isinstance(saved, dict) or not {"metrics_offset", "state"} <= set(saved):
+                    raise ValueError("not a checkpoint of this runner")
+            except Exception as e:  # written atomically, so only damage from outside gets here
+                raise ConfigError(
+                    f"checkpoint {self.checkpoint_path} cannot be read ({type(e).__name__}: {e}); delete it to "
+                    "restart this unit from scratch") from None
         if self.is_main:
             # Metrics logged after the checkpoint will be logged again by the resumed run: drop them.
             offset = saved["metrics_offset"] if saved else 0
@@ -241,13 +249,45 @@ def _config_meta(exp: Experiment, cfg: Any) -> Record:
     return {"experiment": exp.name, "config": to_dict(cfg)}
 
 
+def _read_result(path: Path, what: str, check: Callable[[Any], bool]) -> Any:
+    """A results file of ``out`` parsed, or a :class:`ConfigError` naming it (results are written
+    atomically, so only damage from outside makes one unreadable)."""
+    try:
+        value = _io.read_json(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e}); {what}") from None
+    if not check(value):
+        raise ConfigError(f"{path} does not hold what this runner writes there; {what}")
+    return value
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` is (or can be made) a directory this process can write into, or a :class:`ConfigError`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot hold results: {e.strerror or e}") from None
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    # A kill during an atomic write leaves its temporary file (never read: the target is renamed into
+    # place only when complete). Checkpoints are large, so they are removed before a run goes on.
+    for tmp in out.glob("**/.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _check_out(out: Path, meta: Record) -> None:
     path = out / "config.json"
     if not path.exists():
         return
-    old = _io.read_json(path)
+    old = _read_result(path, "remove it (and the results beside it) or use another --out",
+                       lambda v: isinstance(v, dict) and isinstance(v.get("config"), dict))
     if old.get("experiment") != meta["experiment"]:
         raise ConfigError(f"{out} holds results of experiment {old.get('experiment')!r}; use another --out")
+    if not any(out.glob("runs/*.json")) and not any(out.glob("checkpoints/*.pt")):
+        return  # nothing finished or saved under the old config (it failed early): the new one may start
     new_cfg = json.loads(json.dumps(meta["config"]))
     for key in sorted(set(old["config"]) | set(new_cfg)):
         # More (or fewer) seeds only add (or leave out) units: the finished ones stay valid.
@@ -264,19 +304,24 @@ def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu",
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     dist = init_distributed(device)
     meta = _config_meta(exp, cfg)
+    units = exp.units(cfg)
+    keys = [u.key for u in units]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:  # e.g. --set optimizers=adam,adam: the same run twice
+        raise ConfigError(f"the config asks for the same run twice: {', '.join(repeated)}; list each value once")
     if dist.is_main:
+        _check_writable(out)
         _check_out(out, meta)
+        _remove_stale_temporaries(out)
         _io.write_json(out / "config.json", meta)
     dist.barrier()
     dev = torch.device(device)
-    units = exp.units(cfg)
-    if len({u.key for u in units}) != len(units):
-        raise RuntimeError(f"experiment {exp.name} produced duplicate unit keys")
     results: list[RunResult] = []
     for i, unit in enumerate(units, 1):
         path = out / "runs" / f"{unit.key}.json"
         if path.exists():
-            records = _io.read_json(path)["records"]
+            records = _read_result(path, "delete it to run this unit again",
+                                   lambda v: isinstance(v, dict) and isinstance(v.get("records"), list))["records"]
             if dist.is_main:  # left behind when a kill came between the result and its cleanup
                 (out / "checkpoints" / f"{unit.key}.pt").unlink(missing_ok=True)
         else:
@@ -294,7 +339,12 @@ def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu",
                                       "wall_s": round(time.perf_counter() - start, 3)})
                 ctx.checkpoint_path.unlink(missing_ok=True)
             dist.barrier()
-        history = list(_io.read_jsonl(out / "metrics" / f"{unit.key}.jsonl"))
+        metrics = out / "metrics" / f"{unit.key}.jsonl"
+        try:
+            history = list(_io.read_jsonl(metrics))
+        except ValueError as e:
+            raise ConfigError(f"{metrics} has a line that is not JSON ({e}); delete it and {path} to run this "
+                              "unit again") from None
         results.append(RunResult(unit, records, history))
     summary = {**meta, "final": exp.summarize(cfg, [r for res in results for r in res.records])}
     if dist.is_main:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 __all__ = [
     "ALPACA_PROMPT",
     "TextSplits",
@@ -144,13 +146,16 @@ def split_records(records: list[dict[str, str]], val_every: int = 10) -> tuple[l
 
 def load_alpaca_json(path: str | Path) -> list[dict[str, str]]:
     """Records of an Alpaca-format JSON file: a list of {instruction, input, output} objects."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config key 'data': {path} is not a JSON file ({e})") from None
     if not isinstance(data, list) or not data:
-        raise ValueError(f"{path}: expected a non-empty JSON list of Alpaca records")
+        raise ConfigError(f"config key 'data': {path}: expected a non-empty JSON list of Alpaca records")
     for i, rec in enumerate(data):
         if not isinstance(rec, dict) or "instruction" not in rec or "output" not in rec:
-            raise ValueError(f"{path}: record {i} lacks 'instruction' or 'output'")
+            raise ConfigError(f"config key 'data': {path}: record {i} lacks 'instruction' or 'output'")
     return data
 
 
@@ -167,7 +172,7 @@ def load_token_file(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"data_file {str(path)!r} does not exist")
     if path.stat().st_size < 4 or path.stat().st_size % 2:
-        raise ValueError(f"data_file {str(path)!r} is not a flat uint16 token file (odd or tiny size)")
+        raise ConfigError(f"config key 'data_file': {str(path)!r} is not a flat uint16 token file (odd or tiny size)")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -180,7 +185,7 @@ def sample_batch(
     its own slice, so the global batch does not depend on the number of processes.
     """
     if len(data) <= block_size + 1:
-        raise ValueError(f"text of {len(data)} tokens is too short for block_size {block_size}")
+        raise ConfigError(f"config key 'block_size' ({block_size}) needs more than the {len(data)} tokens of the text")
     starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
     windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts])
     tokens = torch.from_numpy(windows)
