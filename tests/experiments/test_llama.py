@@ -77,7 +77,7 @@ class _AlwaysLetter(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def test_mmlu_accuracy_of_a_constant_answerer(tmp_path):
+def test_mmlu_accuracy_of_a_constant_answerer(tmp_path, capsys):
     _write_mmlu(tmp_path, {"anatomy": ["A", "B", "A", "D"], "virology": ["C", "C", "A"]})
     enc = ByteTokenizer().encode
     got = mmlu.evaluate(_AlwaysLetter("A"), enc, tmp_path, shots=1)
@@ -85,6 +85,9 @@ def test_mmlu_accuracy_of_a_constant_answerer(tmp_path):
     assert got["accuracy"] == pytest.approx(3 / 7) and got["questions"] == 7
     assert got["macro"] == pytest.approx((2 / 4 + 1 / 3) / 2)
     assert mmlu.evaluate(_AlwaysLetter("C"), enc, tmp_path, shots=0, limit=2)["accuracy"] == pytest.approx(2 / 4)
+    capsys.readouterr()
+    assert mmlu.evaluate(_AlwaysLetter("A"), enc, tmp_path, shots=1, progress=True) == got
+    assert "mmlu subjects" in capsys.readouterr().err  # a long phase at full size shows its progress
     prompt = mmlu.subject_prompt("anatomy", mmlu.read_subject(tmp_path / "dev" / "anatomy_dev.csv"))
     assert prompt.endswith("Example?\nA. w\nB. x\nC. y\nD. z\nAnswer: B\n\n")
 

@@ -285,7 +285,8 @@ def finetune(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     if cfg.mmlu is not None:
         from . import mmlu
 
-        got = mmlu.evaluate(model, tok.encode, cfg.mmlu, cfg.mmlu_shots, cfg.mmlu_limit or None, ctx.device)
+        got = mmlu.evaluate(model, tok.encode, cfg.mmlu, cfg.mmlu_shots, cfg.mmlu_limit or None, ctx.device,
+                            progress=ctx.is_main)
         record.update(mmlu_accuracy=got["accuracy"], mmlu_macro=got["macro"], mmlu_questions=got["questions"])
     return record
 
