@@ -142,3 +142,28 @@ def test_state_narrower_than_a_parameter_cast_after_steps_is_refused_before_anyt
     opt.step()
     assert opt.state[layers[1].weight]["exp_avg"].dtype == torch.float32
     assert float(opt.state[layers[1].weight]["step"]) == 3
+
+
+def _functional(params: list[torch.Tensor], **kwargs: object) -> list[list[torch.Tensor]]:
+    lists = [params, [torch.ones_like(p) for p in params], [torch.zeros_like(p) for p in params],
+             [torch.ones_like(p) for p in params], [torch.tensor(1.0) for _ in params]]
+    adoptim.adopt(*lists, beta1=0.9, beta2=0.99, weight_decay=0.0, decoupled_weight_decay=False,
+                  clip_exponent=0.25, eps=1e-6, maximize=False, **{"lr": 0.1, **kwargs})
+    return lists
+
+
+def test_functional_fused_refuses_an_unsupported_device_before_any_parameter_steps() -> None:
+    cpu = torch.ones(3)
+    with pytest.raises(ValueError, match="fused=True supports parameters on cpu and cuda, got one on meta"):
+        _functional([cpu, torch.ones(3, device="meta")], fused=True)
+    assert torch.equal(cpu, torch.ones(3))  # the CPU parameter, listed first, did not step
+
+
+@pytest.mark.parametrize("kernel", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
+def test_functional_takes_a_one_element_tensor_lr_of_any_shape(kernel: dict) -> None:
+    # The optimizer's groups hold a 0-dim lr; the functional form gets what the caller has.
+    want = _functional([torch.ones(3)], **kernel)
+    got = _functional([torch.ones(3)], lr=torch.tensor([0.1]), **kernel)
+    assert all(torch.equal(a, b) for a, b in zip(sum(want, []), sum(got, [])))
+    with pytest.raises(ValueError, match=r"a tensor lr must have one element, got shape \(2,\)"):
+        _functional([torch.ones(3)], lr=torch.tensor([0.1, 0.2]), **kernel)

@@ -59,7 +59,7 @@ def test_foreach_matches_forloop_bitwise(a: str, b: str, dtype: torch.dtype) -> 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_capturable_matches_eager_bitwise(eager: str, capturable: str, dtype: torch.dtype) -> None:
     """The capturable form runs the eager form's operations with the same scalars on later calls and
-    folds the first call in only through exact multiplications by 0 or 1 and a select, so it gives the
+    folds the first call in only through selects and an exact multiplication by 0 or 1, so it gives the
     same bits in every dtype, for every flag set and a tensor lr, with a parameter whose gradients start
     late (a coefficient derived from the step, such as 1 - beta2 * min(step, 1), would be rounded to
     bfloat16, where 0.99 becomes 0.988)."""
@@ -139,20 +139,30 @@ def test_nan_and_inf_gradients_propagate_as_in_the_forloop_kernel(kernel: str, c
     # Parameter 0 takes them on its first call, parameter 1 on a later one; then finite gradients.
     bad = torch.tensor([0.5, float("nan"), float("inf"), -0.25], dtype=torch.float64)
     good = torch.tensor([0.5, 0.5, -0.5, 0.25], dtype=torch.float64)
-    results = []
+    # Compared after every call: a later inf / inf makes NaN of an element in every kernel, which would
+    # hide a kernel that made it NaN too early (an inf gradient on a first call must only set v = inf).
+    runs = []
     for flags in (KERNELS["forloop"], KERNELS[kernel]):
         params = [torch.ones(4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
         opt = adoptim.ADOPT(params, lr=0.05, clip_exponent=clip_exponent, **flags)
+        history = []
         for t, grad in enumerate((good, good, bad, good, bad, good)):
             params[0].grad = None if t < 2 else grad  # parameter 0 starts with the bad gradient
             params[1].grad = grad
             opt.step()
-        results.append([x for p in params for x in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])])
-    for a, b in zip(*results):
-        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
-        finite = a.isfinite()
-        torch.testing.assert_close(a[finite], b[finite], rtol=1e-13, atol=1e-15)
-    assert results[1][0][1].isnan() and results[1][3][1].isnan()  # NaN reached both parameters
+            none = torch.zeros(0, dtype=torch.float64)  # no state yet
+            history.append([x.clone() for p in params for x in (
+                p.detach(), opt.state[p].get("exp_avg", none), opt.state[p].get("exp_avg_sq", none))])
+        runs.append(history)
+    for t, (want, got) in enumerate(zip(*runs)):
+        for a, b in zip(want, got):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), (t, a, b)
+            finite = a.isfinite()
+            torch.testing.assert_close(b[finite], a[finite], rtol=1e-13, atol=1e-15)
+    first = runs[1][2]  # parameter 0's first call, with the bad gradient: p and m unchanged, v = g^2
+    assert torch.equal(first[0], torch.ones(4, dtype=torch.float64)) and not first[1].any()
+    assert first[2][1].isnan() and first[2][2].isinf()
+    assert runs[1][-1][0][1].isnan() and runs[1][-1][3][1].isnan()  # NaN reached both parameters
 
 
 @pytest.mark.parametrize("eager,capturable", [("forloop", "forloop-capturable"), ("foreach", "foreach-capturable")])

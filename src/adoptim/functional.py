@@ -120,6 +120,10 @@ def adopt(
         raise ValueError("fused=True and foreach=True cannot be combined: choose one kernel")
     if fused and differentiable:
         raise ValueError("fused=True does not support differentiable=True (use the for-loop kernel)")
+    if isinstance(lr, Tensor) and lr.dim():
+        if lr.numel() != 1:
+            raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr = lr.reshape(())  # every kernel takes a 0-dim lr (the optimizer's groups hold one already)
     # default_fused says yes only for all-CPU parameters outside torch.compile: then nothing below needs
     # to look at the devices again, and foreach is not used.
     all_cpu = fused is None and foreach is None and default_fused(params, differentiable)
@@ -145,6 +149,11 @@ def adopt(
             by_device = {}
             for i, p in enumerate(params):
                 by_device.setdefault(p.device.type, []).append(i)
+            other = sorted(set(by_device) - {"cpu", "cuda"})
+            if other:  # before any device's parameters step
+                raise ValueError(
+                    f"fused=True supports parameters on cpu and cuda, got one on {other[0]}; use foreach=True there"
+                )
         for device_type, idx in by_device.items():
             part = list(lists) if idx is None else [[x[i] for i in idx] for x in lists]
             if device_type == "cpu" and not compiling:
@@ -153,14 +162,9 @@ def adopt(
                 # Neither the C call nor the Triton launch (its host code reads tensor addresses) can be
                 # traced; the compiled foreach step is fused by the compiler instead.
                 without_amp(foreach_adopt, part, grad_scale, found_inf, hyper)
-            elif device_type == "cuda":
+            else:  # cuda
                 from .kernels.triton import triton_adopt  # imported lazily: Triton ships with CUDA torch
 
                 triton_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, **hyper)
-            else:
-                raise ValueError(
-                    f"fused=True supports parameters on cpu and cuda, got one on {device_type}; "
-                    "use foreach=True there"
-                )
         return
     without_amp(foreach_adopt if foreach else single_tensor_adopt, lists, grad_scale, found_inf, hyper)

@@ -158,9 +158,9 @@ def _capturable_update(
         _scale_sub_(p, torch._foreach_mul(p, nf), lr * weight_decay)
     denom = torch._foreach_sqrt(v)
     torch._foreach_clamp_min_(denom, eps)
-    # Zeroed before the division (g / eps can overflow in float16), which promotes to v's dtype as the
-    # eager form's does where the state is wider than the parameter.
-    normed = torch._foreach_div(torch._foreach_mul(g, nf), denom)
+    # Zeroed before the division by a select (g / eps can overflow in float16, and inf * 0 is nan); the
+    # division promotes to v's dtype as the eager form's does where the state is wider than the parameter.
+    normed = torch._foreach_div([torch.where(t == 0, 0.0, x) for t, x in zip(s, g)], denom)
     del denom
     if clip_exponent is not None:
         bounds = [(t.double() ** clip_exponent).to(x.dtype) for t, x in zip(s, normed)]

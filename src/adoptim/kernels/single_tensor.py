@@ -108,16 +108,17 @@ def _capturable_update(
     """One step with no host synchronisation: the first call is ``nf == 0``, every later one ``nf == 1``.
 
     Later calls run the eager form's operations with the same scalars, so they give its bits. The first
-    call is folded in only through multiplications by ``nf`` (exactly 0 or 1 in any dtype) and one
-    select: a coefficient computed from ``nf`` (``1 - beta2 * nf``) would be rounded to the parameter's
+    call is folded in only through selects on ``step == 0`` and a multiplication by ``nf`` (exactly 0 or
+    1 in any dtype): a coefficient computed from ``nf`` (``1 - beta2 * nf``) would be rounded to the parameter's
     dtype, and bfloat16 rounds 0.99 to 0.988, a different beta2.
     """
     nf = torch.clamp(step_t, max=1.0).to(param.dtype)
     if weight_decay != 0 and decoupled_weight_decay:
         _scale_sub_(param, param * nf, lr * weight_decay)
-    # nf zeroes the gradient before the division: g / eps can overflow (to inf, and inf * 0 is nan) in
-    # float16, where v is still 0 on the first call. So m (and p) stay as they are on the first call.
-    normed = (grad * nf) / torch.clamp(exp_avg_sq.sqrt(), min=eps)
+    # The gradient is zeroed before the division, by a select: g / eps can overflow in float16 where v
+    # is still 0 on the first call, and an inf gradient times nf = 0 would be nan, while the first call
+    # leaves m and p as they are whatever the gradient (and sets v = g^2, inf included).
+    normed = torch.where(step_t == 0, 0.0, grad) / torch.clamp(exp_avg_sq.sqrt(), min=eps)
     if clip_exponent is not None:
         # The bound in float64, as the eager form computes it on the host, then in the parameter's dtype.
         # (normed has the state's dtype where that is wider than the parameter's: float32 state of a
