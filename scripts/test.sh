@@ -18,5 +18,6 @@ if [ "${SKIP_TIMM:-0}" != 1 ]; then
   "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "timm==1.0.31" "pillow<13"
   # The torch pin above stays: nothing below asks for another torch.
   "$VENV/bin/python" -m pip install -q -e ".[test,experiments]" "torch==2.14.1"
-  "$VENV/bin/python" -m pytest -n 2 -q -m timm "$@"
+  # Status 5 is pytest's "no tests selected": arguments such as -k state_dict select none of this stage.
+  "$VENV/bin/python" -m pytest -n 2 -q -m timm "$@" || [ $? = 5 ]
 fi

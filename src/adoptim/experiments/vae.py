@@ -159,7 +159,7 @@ EXPERIMENT = Experiment(
     name="vae",
     summary="conv VAE on binarised MNIST (scaled-down NVAE experiment): adamax vs adopt, test -ELBO in nats",
     paper_scale="NVAE on MNIST, hundreds of epochs on GPUs; the default here: 1500 steps x 3 seeds, "
-                "~5 min of one CPU core (30 ms/step)",
+                "12 min with its evaluations on a 2-core CPU",
     config=VaeConfig,
     quick={"steps": 200, "seeds": 2, "eval_every": 100, "log_every": 25},
     units=seed_units,
