@@ -20,6 +20,7 @@ statistics stay per process (as in CleanRL's multi-GPU PPO), so results differ f
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,47 @@ class RLConfig:
                              f"({self.rollout_steps})")
 
 
+def _time_limit(env: Any) -> Any:
+    """The ``TimeLimit`` wrapper around ``env`` (it counts the episode's steps), or None."""
+    while env is not None:
+        if hasattr(env, "_elapsed_steps") and hasattr(env, "_max_episode_steps"):
+            return env
+        env = getattr(env, "env", None)
+    return None
+
+
+def _env_state(env: Any) -> dict[str, Any] | None:
+    """A simulator's whole state, to continue an episode in flight exactly; None when it cannot be saved.
+
+    MuJoCo environments keep it in ``MjData``, which pickles whole: the integration state and the
+    derived quantities some rewards read before stepping (Ant's torso position). Other environments
+    (classic control) keep it in their attributes.
+    """
+    unwrapped, limit = env.unwrapped, _time_limit(env)
+    data = getattr(unwrapped, "data", None)
+    try:
+        if type(data).__name__ == "MjData":
+            sim = {"mjdata": pickle.dumps(data), "np_random": unwrapped.np_random.bit_generator.state}
+        else:
+            sim = {"attrs": pickle.dumps(vars(unwrapped))}
+    except (TypeError, AttributeError, pickle.PicklingError):
+        return None
+    return {**sim, "elapsed": None if limit is None else limit._elapsed_steps}
+
+
+def _load_env_state(env: Any, saved: dict[str, Any]) -> None:
+    unwrapped, limit = env.unwrapped, _time_limit(env)
+    if "mjdata" in saved:
+        import mujoco
+
+        mujoco.mj_copyData(unwrapped.data, unwrapped.model, pickle.loads(saved["mjdata"]))
+        unwrapped.np_random.bit_generator.state = saved["np_random"]
+    else:
+        vars(unwrapped).update(pickle.loads(saved["attrs"]))
+    if limit is not None:
+        limit._elapsed_steps = saved["elapsed"]
+
+
 def _make_env(name: str) -> Any:
     try:
         import gymnasium as gym
@@ -227,21 +269,48 @@ class PPO:
         self.ep_ret = np.zeros(self.n_envs)
 
     # -- resume -----------------------------------------------------------------------------------
+    def _local_state(self) -> dict[str, Any]:
+        """What differs between processes: statistics, random stream, finished episodes, and the
+        episodes in flight (each simulator's state, its last observation and running return)."""
+        return {"obs_rms": self.norm.obs.state(), "ret_rms": self.norm.ret.state(),
+                "rng": self.rng.bit_generator.state, "episodes": self.episodes,
+                "envs": [_env_state(e) for e in self.envs], "raw": self.raw.copy(), "obs": self.obs.copy(),
+                "ep_ret": self.ep_ret.copy(), "discounted": self.norm.discounted.copy()}
+
     def state(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly; every process's part (a collective under
+        torchrun: call it on every process)."""
+        local = self._local_state()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            ranks: list[Any] = [None] * self.world
+            dist.all_gather_object(ranks, local)
+        else:
+            ranks = [local]
         return {"iteration": self.iteration, "agent": self.agent.state_dict(), "opt": self.opt.state_dict(),
-                "obs_rms": self.norm.obs.state(), "ret_rms": self.norm.ret.state(),
-                "rng": self.rng.bit_generator.state, "episodes": self.episodes}
+                "ranks": ranks}
 
     def load(self, st: dict[str, Any]) -> None:
-        """Continue from ``state()``; episodes in flight restart (simulator state is not saved)."""
+        """Continue from ``state()`` exactly, episodes in flight included. A checkpoint without
+        simulator states (another world size, or an older version) restarts the episodes in flight."""
         self.iteration = st["iteration"]
         self.agent.load_state_dict(st["agent"])
         self.opt.load_state_dict(st["opt"])
-        self.norm.obs.load(st["obs_rms"])
-        self.norm.ret.load(st["ret_rms"])
-        self.rng.bit_generator.state = st["rng"]
-        self.episodes = [tuple(e) for e in st["episodes"]]
-        self._start_episodes(update=False)  # the statistics stay exactly as saved
+        ranks = st.get("ranks") or [st]  # older checkpoints held process 0's part at the top level
+        local = ranks[self.rank] if len(ranks) == self.world else ranks[0]
+        self.norm.obs.load(local["obs_rms"])
+        self.norm.ret.load(local["ret_rms"])
+        self.rng.bit_generator.state = local["rng"]
+        self.episodes = [tuple(e) for e in local["episodes"]]
+        envs = local.get("envs")
+        if len(ranks) == self.world and envs is not None and all(e is not None for e in envs):
+            for env, saved in zip(self.envs, envs, strict=True):
+                _load_env_state(env, saved)
+            self.raw, self.obs, self.ep_ret = local["raw"].copy(), local["obs"].copy(), local["ep_ret"].copy()
+            self.norm.discounted = local["discounted"].copy()
+        else:
+            self._start_episodes(update=False)  # the statistics stay exactly as saved
 
     # -- one iteration: a rollout and the PPO update ------------------------------------------------
     def _rollout(self) -> tuple[np.ndarray, ...]:
