@@ -243,6 +243,46 @@ def test_a_step_in_a_forked_child_does_not_hang() -> None:
         torch.set_num_threads(old)
 
 
+_FORK_BEFORE_THE_FIRST_STEP = """
+import os, sys, time, signal
+import torch
+import adoptim
+torch.set_num_threads(2)
+params = [torch.randn(20_000, generator=torch.Generator().manual_seed(i)).requires_grad_(True) for i in range(10)]
+for p in params:
+    p.grad = torch.ones_like(p)
+opt = adoptim.ADOPT(params, lr=0.1, fused=True)  # no step before the fork
+torch.mul(torch.ones(4_000_000), 2.0)  # torch's OpenMP threads exist now
+pid = os.fork()
+if pid == 0:
+    try:
+        opt.step()  # state of 20k elements a tensor: torch fills it inline; the kernel takes 200k on 2 threads
+        opt.step()
+    finally:
+        os._exit(0)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(0 if status == 0 else 2)
+    time.sleep(0.01)
+os.kill(pid, signal.SIGKILL)
+sys.exit(1)
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_before_the_first_step_does_not_hang() -> None:
+    # The fork handler that keeps a child off libgomp's threads exists only once the library is loaded;
+    # loaded at the first step, as before, a child whose first step loaded it joined the parent's team
+    # and hung. It is now loaded when adoptim is imported. A fresh interpreter, so that the library is
+    # loaded by the import there; exit status 1 means the child hung.
+    done = subprocess.run([sys.executable, "-c", _FORK_BEFORE_THE_FIRST_STEP], timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0
+
+
 @needs_kernel
 def test_strided_layouts() -> None:
     g = torch.Generator().manual_seed(6)

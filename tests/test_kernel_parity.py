@@ -191,3 +191,35 @@ def test_capturable_matches_eager_bitwise_with_state_wider_than_its_parameter(ea
         results.append([x for p in params for x in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])])
     for a, b in zip(*results):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_gradients_of_half_precision_parameters_through_grad_dtype(kernel: str, dtype: torch.dtype) -> None:
+    # grad_dtype=float32 keeps a bfloat16 model's gradients in float32. The normalised gradient is then
+    # float32 and went into lerp_ with the bfloat16 momentum, which refused it at the first update, in
+    # every kernel. Now it is rounded into the state's dtype: each update is the reference from the
+    # stored values within a few roundings of the dtype (4 of its epsilons of the size of the terms; m sums
+    # 0.9 m + 0.1 n with |n| <= 1 and may cancel).
+    p = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)).to(dtype))
+    p.grad_dtype = torch.float32
+    opt = adoptim.ADOPT([p], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, decoupled_weight_decay=True,
+                        **KERNELS[kernel])
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        g = torch.randn(64, generator=gen)
+        p.grad = g
+        st = opt.state[p]
+        before = [x.detach().double().tolist() for x in (p, st["exp_avg"], st["exp_avg_sq"])] if step else None
+        opt.step()
+        if step == 0:
+            assert torch.equal(st["exp_avg_sq"], (g * g).to(dtype))  # v = g^2 in float32, then v's dtype
+            continue
+        want = adopt_step(before[0], g.double().tolist(), before[1], before[2], step, lr=0.01, beta1=0.9,
+                          beta2=0.99, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+                          clip_exponent=0.25)
+        for got, expected in zip((p.detach(), st["exp_avg"], st["exp_avg_sq"]), want[:3]):
+            expected = torch.tensor(expected, dtype=torch.float64)
+            size = expected.abs() + 0.1 * (got is st["exp_avg"])
+            assert ((got.double() - expected).abs() <= 4 * torch.finfo(dtype).eps * size).all(), step
+    assert p.dtype == st["exp_avg"].dtype == st["exp_avg_sq"].dtype == dtype

@@ -236,3 +236,21 @@ def test_docstring_examples_run() -> None:
     for module in (adoptim.functional, adoptim.optimizer):
         failed, attempted = doctest.testmod(module, extraglobs={"torch": torch, "ADOPT": adoptim.ADOPT})
         assert attempted > 0 and failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_a_step_bumps_the_parameters_version_counters(kernel: str) -> None:
+    # As any in-place update: autograd then refuses a backward through a graph that saved a parameter
+    # before the step, rather than silently using the stepped values. (The fused C loops write behind
+    # autograd's back, so they bump the counters themselves; torch's CPU fused AdamW does not.)
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = adoptim.ADOPT([w], lr=0.1, **KERNELS[kernel])
+    w.grad = torch.ones(3)
+    opt.step()  # the first call only sets v
+    x = torch.randn(3, requires_grad=True)
+    y = (w * x).sum()  # saves w
+    before = w._version
+    opt.step()
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -27,6 +27,14 @@ def _real(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
+def _in_dtypes_of(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    """``tensors`` cast to the dtypes of ``like`` where they differ: the normalised gradient of a gradient
+    wider than the state (``grad_dtype=float32`` on a bfloat16 parameter) goes into the state's dtype."""
+    if all(t.dtype is x.dtype for t, x in zip(tensors, like)):
+        return tensors
+    return [t.to(x.dtype) for t, x in zip(tensors, like)]
+
+
 def _scale_sub_(targets: list[Tensor], sources: list[Tensor], scale: float | Tensor) -> None:
     """``targets -= scale * sources``, elementwise over the lists."""
     if isinstance(scale, Tensor):
@@ -129,6 +137,7 @@ def _eager_update(
         bounds = [t**clip_exponent for t in steps]
         torch._foreach_clamp_min_(normed, [-b for b in bounds])
         torch._foreach_clamp_max_(normed, bounds)
+    normed = _in_dtypes_of(normed, m)
     torch._foreach_lerp_(m, normed, 1 - beta1)
     del normed
     _scale_sub_(p, m, lr)
@@ -166,11 +175,12 @@ def _capturable_update(
         bounds = [(t.double() ** clip_exponent).to(x.dtype) for t, x in zip(s, normed)]
         torch._foreach_maximum_(normed, torch._foreach_neg(bounds))
         torch._foreach_minimum_(normed, bounds)
+    normed = _in_dtypes_of(normed, m)
     torch._foreach_lerp_(m, normed, 1 - beta1)
     del normed
     _scale_sub_(p, m, lr)
     torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, g, g, value=1 - beta2)
     for vi, gi, t in zip(v, g, s):
-        gi = gi.to(vi.dtype)  # squared in v's dtype, as the eager form's addcmul_ does
-        torch.where(t == 0, gi * gi, vi, out=vi)  # v = g^2 on the first call
+        gi = gi.to(torch.promote_types(gi.dtype, vi.dtype))  # squared as the eager form's addcmul_ does
+        vi.copy_(torch.where(t == 0, gi * gi, vi))  # v = g^2 on the first call, rounded once into v

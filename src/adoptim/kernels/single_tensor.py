@@ -84,6 +84,8 @@ def single_tensor_adopt(
         if clip_exponent is not None:
             bound = t**clip_exponent
             normed.clamp_(-bound, bound)
+        if normed.dtype != exp_avg.dtype:  # a gradient wider than the state (grad_dtype=float32, bf16 param)
+            normed = normed.to(exp_avg.dtype)
         exp_avg.lerp_(normed, 1 - beta1)
         _scale_sub_(param, exp_avg, lr)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -125,10 +127,12 @@ def _capturable_update(
         # float16 parameter, whose eager form clamps at the float32 bound.)
         bound = (step_t.double() ** clip_exponent).to(normed.dtype)
         normed = torch.minimum(torch.maximum(normed, -bound), bound)
+    if normed.dtype != exp_avg.dtype:  # a gradient wider than the state, as in the eager form
+        normed = normed.to(exp_avg.dtype)
     exp_avg.lerp_(normed, 1 - beta1)
     _scale_sub_(param, exp_avg, lr)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    # v = g^2 on the first call, squared in v's dtype as the eager form's addcmul_ does (copy_, not
-    # where's out=, which autograd refuses when differentiable).
-    g_v = grad.to(exp_avg_sq.dtype)
+    # v = g^2 on the first call, squared in the wider of g's and v's dtypes and rounded once into v, as
+    # the eager form's addcmul_ does (copy_, not where's out=, which autograd refuses when differentiable).
+    g_v = grad.to(torch.promote_types(grad.dtype, exp_avg_sq.dtype))
     exp_avg_sq.copy_(torch.where(step_t == 0, g_v * g_v, exp_avg_sq))
