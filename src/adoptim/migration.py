@@ -22,7 +22,6 @@ kernel here. Those keys are dropped, so the loading optimizer's own choice stays
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 _RENAMED = {"decouple": "decoupled_weight_decay", "decoupled": "decoupled_weight_decay", "clip_exp": "clip_exponent"}
@@ -32,18 +31,14 @@ _INERT = {"caution": (False,), "corrected_weight_decay": (False,), "max_lr_snaps
 _KERNEL_CHOICE = ("foreach", "fused", "capturable", "differentiable")
 
 
-def translate_group(group: dict[str, Any], index: int, own_keys: Iterable[str] = ()) -> dict[str, Any]:
-    """Return a copy of a saved param group with other ports' keys renamed to adoptim's.
-
-    ``own_keys`` are adoptim's own group keys (a flag such as ``fused`` is adoptim's, not foreign).
-    """
+def translate_group(group: dict[str, Any], index: int) -> dict[str, Any]:
+    """Return a copy of a saved param group with other ports' keys renamed to adoptim's."""
     if "amsgrad" in group:
         raise ValueError(
             f"param group {index} was saved by torch.optim's Adam or AdamW (it has 'amsgrad'): their exp_avg "
             "is a momentum of raw gradients, ADOPT's of normalised ones, so the state cannot continue as ADOPT"
         )
     out = dict(group)
-    own = set(own_keys)
     if any(old in out for old in _RENAMED):  # another port's group
         for key in _KERNEL_CHOICE:
             out.pop(key, None)
@@ -53,7 +48,7 @@ def translate_group(group: dict[str, Any], index: int, own_keys: Iterable[str] =
             if new not in out:
                 out[new] = value
     for key, allowed in _INERT.items():
-        if key not in out or key in own:
+        if key not in out:
             continue
         value = out.pop(key)
         if allowed is not None and value not in allowed:

@@ -207,7 +207,7 @@ class ADOPT(Optimizer):
             raise ValueError(
                 "state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())"
             )
-        groups = [translate_group(g, i, self.defaults) for i, g in enumerate(state_dict["param_groups"])]
+        groups = [translate_group(g, i) for i, g in enumerate(state_dict["param_groups"])]
         self._check_state_matches(state_dict["state"], groups)
         for gi, (saved, own) in enumerate(zip(groups, self.param_groups, strict=True)):
             for key in self.defaults:
