@@ -160,16 +160,17 @@ def _capturable_update(
     clip_exponent: float | None,
     eps: float,
 ) -> None:
-    """The same arithmetic as the for-loop kernel's capturable form, on lists (see there why only
-    multiplications by ``nf``, exactly 0 or 1, and a select fold the first call in)."""
-    nf = [torch.clamp(t, max=1.0).to(x.dtype) for t, x in zip(s, p)]
+    """The same arithmetic as the for-loop kernel's capturable form, on lists (see there why only selects
+    on ``step == 0`` and a multiplication by ``nf``, exactly 0 or 1, fold the first call in)."""
+    first = [t == 0 for t in s]
     if weight_decay != 0 and decoupled_weight_decay:
+        nf = [torch.clamp(t, max=1.0).to(x.dtype) for t, x in zip(s, p)]
         _scale_sub_(p, torch._foreach_mul(p, nf), lr * weight_decay)
     denom = torch._foreach_sqrt(v)
     torch._foreach_clamp_min_(denom, eps)
     # Zeroed before the division by a select (g / eps can overflow in float16, and inf * 0 is nan); the
     # division promotes to v's dtype as the eager form's does where the state is wider than the parameter.
-    normed = torch._foreach_div([torch.where(t == 0, 0.0, x) for t, x in zip(s, g)], denom)
+    normed = torch._foreach_div([torch.where(f, 0.0, x) for f, x in zip(first, g)], denom)
     del denom
     if clip_exponent is not None:
         bounds = [(t.double() ** clip_exponent).to(x.dtype) for t, x in zip(s, normed)]
@@ -181,6 +182,6 @@ def _capturable_update(
     _scale_sub_(p, m, lr)
     torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-    for vi, gi, t in zip(v, g, s):
+    for vi, gi, f in zip(v, g, first):
         gi = gi.to(torch.promote_types(gi.dtype, vi.dtype))  # squared as the eager form's addcmul_ does
-        vi.copy_(torch.where(t == 0, gi * gi, vi))  # v = g^2 on the first call, rounded once into v
+        vi.copy_(torch.where(f, gi * gi, vi))  # v = g^2 on the first call, rounded once into v

@@ -107,20 +107,22 @@ def _capturable_update(
     clip_exponent: float | None,
     eps: float,
 ) -> None:
-    """One step with no host synchronisation: the first call is ``nf == 0``, every later one ``nf == 1``.
+    """One step with no host synchronisation: the first call (step 0) is told apart by tensor selects, not
+    by a branch on the step's value.
 
     Later calls run the eager form's operations with the same scalars, so they give its bits. The first
-    call is folded in only through selects on ``step == 0`` and a multiplication by ``nf`` (exactly 0 or
-    1 in any dtype): a coefficient computed from ``nf`` (``1 - beta2 * nf``) would be rounded to the parameter's
-    dtype, and bfloat16 rounds 0.99 to 0.988, a different beta2.
+    call is folded in only through selects on ``step == 0`` and, for decoupled decay, a multiplication by
+    ``nf = min(step, 1)`` (exactly 0 or 1 in any dtype): a coefficient computed from the step
+    (``1 - beta2 * nf``) would be rounded to the parameter's dtype, and bfloat16 rounds 0.99 to 0.988.
     """
-    nf = torch.clamp(step_t, max=1.0).to(param.dtype)
+    first = step_t == 0
     if weight_decay != 0 and decoupled_weight_decay:
+        nf = torch.clamp(step_t, max=1.0).to(param.dtype)
         _scale_sub_(param, param * nf, lr * weight_decay)
     # The gradient is zeroed before the division, by a select: g / eps can overflow in float16 where v
     # is still 0 on the first call, and an inf gradient times nf = 0 would be nan, while the first call
     # leaves m and p as they are whatever the gradient (and sets v = g^2, inf included).
-    normed = torch.where(step_t == 0, 0.0, grad) / torch.clamp(exp_avg_sq.sqrt(), min=eps)
+    normed = torch.where(first, 0.0, grad) / torch.clamp(exp_avg_sq.sqrt(), min=eps)
     if clip_exponent is not None:
         # The bound in float64, as the eager form computes it on the host, then in the parameter's dtype.
         # (normed has the state's dtype where that is wider than the parameter's: float32 state of a
@@ -135,4 +137,4 @@ def _capturable_update(
     # v = g^2 on the first call, squared in the wider of g's and v's dtypes and rounded once into v, as
     # the eager form's addcmul_ does (copy_, not where's out=, which autograd refuses when differentiable).
     g_v = grad.to(torch.promote_types(grad.dtype, exp_avg_sq.dtype))
-    exp_avg_sq.copy_(torch.where(step_t == 0, g_v * g_v, exp_avg_sq))
+    exp_avg_sq.copy_(torch.where(first, g_v * g_v, exp_avg_sq))
