@@ -93,3 +93,42 @@ def test_inductor_compiled_step_matches_eager(device: str) -> None:
     # float32, inductor fuses the update into one loop and may contract multiply-adds: a few ulps.
     for a, b in zip(compiled.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_compiling_a_second_optimizer_with_other_hyperparameters(kernel: str) -> None:
+    # A second optimizer compiled in the same process, whose weight decay differs from the first's, makes
+    # dynamo treat that float as dynamic; under an AOT backend (inductor's too) it is made a tensor, then
+    # specialised while tracing, and the analysis restarts. The replay
+    # must take the path of the first pass, although that pass created the state: the traced code never
+    # reads the state itself (only the eagerly run `_init_group` does), and the result matches eager.
+    torch._dynamo.reset()
+    for wd in (0.01, 0.02, 0.0):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8, dtype=torch.float64))
+        q = p.detach().clone().requires_grad_(True)
+        opt = adoptim.ADOPT([p], lr=torch.tensor(0.01), weight_decay=wd, **KERNELS[kernel])
+        ref = adoptim.ADOPT([q], lr=torch.tensor(0.01), weight_decay=wd, **KERNELS[kernel])
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+        for _ in range(3):
+            g = torch.randn(8, dtype=torch.float64)
+            p.grad, q.grad = g.clone(), g.clone()
+            step()
+            ref.step()
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        assert float(opt.state[p]["step"]) == 3
+
+
+def test_compiled_step_that_fails_in_a_later_group_creates_no_state() -> None:
+    # Under torch.compile every group is checked inside the first `_init_group` call, before any state
+    # exists: a bad state in group 1 leaves group 0 without state, and the error names the bad entry.
+    torch._dynamo.reset()
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    opt = adoptim.ADOPT([{"params": [a]}, {"params": [b]}], lr=torch.tensor(0.01), foreach=True)
+    opt.state[b] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    a.grad, b.grad = torch.randn(4), torch.randn(3)
+    before = a.detach().clone()
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="param group 1 parameter 0 does not match it"):
+        step()
+    assert a not in opt.state and torch.equal(a.detach(), before)

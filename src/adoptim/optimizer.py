@@ -386,8 +386,19 @@ class ADOPT(Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> None:
-        """Collect one group's tensors, creating missing state (torch.optim's name: dynamo runs it eagerly)."""
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        """Collect one group's tensors, creating missing state (torch.optim's name: dynamo runs it eagerly).
+
+        Used only under ``torch.compile``. Called for the first group, it first checks every group (into
+        throwaway lists), so a step that fails changes nothing. The traced code never reads ``self.state``
+        itself: this call creates state, and dynamo restarts an analysis (e.g. when a float hyperparameter
+        that differs between compiled optimizers has to be specialised) by replaying the traced code,
+        which must then take the same path.
+        """
+        groups = self.param_groups
+        if group is groups[0]:
+            for gi, g in enumerate(groups):
+                self._gather(gi, g, [], [], [], [], [])
+        gi = next(i for i, g in enumerate(groups) if g is group)
         missing = self._gather(gi, group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
         self._create_state(group, params, exp_avgs, exp_avg_sqs, state_steps, missing)
 
@@ -399,9 +410,7 @@ class ADOPT(Optimizer):
         groups = self.param_groups
         if torch.compiler.is_compiling():
             # dynamo runs `_init_group` eagerly instead of tracing it (state creation stays out of the
-            # graph), so the checks of all groups run first, through `_gather` into throwaway lists.
-            for gi, group in enumerate(groups):
-                self._gather(gi, group, [], [], [], [], [])
+            # graph); the checks of all groups run inside its first call.
             out = []
             for group in groups:
                 lists: list[list[Tensor]] = [[], [], [], [], []]
