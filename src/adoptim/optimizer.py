@@ -266,7 +266,12 @@ class ADOPT(Optimizer):
                     )
                 missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
                 if missing:
-                    raise ValueError(f"state of param group {gi} parameter {pi} lacks {missing}")
+                    hint = ""
+                    if missing == ["step"] and "step" in saved:
+                        # pytorch_optimizer's ADOPT counts steps per param group, not per parameter.
+                        hint = (" (its param group holds the step count, as pytorch_optimizer's ADOPT saves it: "
+                                "convert it with adoptim.integrations.pytorch_optimizer.convert_state_dict)")
+                    raise ValueError(f"state of param group {gi} parameter {pi} lacks {missing}{hint}")
                 for name in ("exp_avg", "exp_avg_sq"):
                     t = st[name]
                     if not torch.is_tensor(t) or t.shape != p.shape:
