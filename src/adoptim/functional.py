@@ -60,6 +60,24 @@ def _all_plain(params: list[Tensor]) -> bool:
     return all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params)
 
 
+def _grads_placed_like_params(dtensor: type, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """The gradients, each DTensor one laid out as its parameter (the ``.grad`` attributes are left as they are).
+
+    A gradient of another placement than its parameter's (tensor parallelism: a ``Partial`` gradient of a
+    ``Replicate`` parameter, a ``Shard(1)`` gradient of a ``Shard(0)`` one) is redistributed once, here.
+    Left to the kernels, DTensor would redistribute it in every operation that reads it, and refuses to in
+    an in-place operation on a tensor computed from it (``normed.clamp_``), after the step had begun.
+    """
+    if not any(issubclass(t, dtensor) for t in set(map(type, grads))):
+        return grads
+    out = list(grads)
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if (isinstance(g, dtensor) and isinstance(p, dtensor) and g.placements != p.placements
+                and g.device_mesh == p.device_mesh):
+            out[i] = g.redistribute(p.device_mesh, p.placements)
+    return out
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -120,6 +138,9 @@ def adopt(
         raise ValueError("fused=True and foreach=True cannot be combined: choose one kernel")
     if fused and differentiable:
         raise ValueError("fused=True does not support differentiable=True (use the for-loop kernel)")
+    dtensor = fused_cpu.dtensor_type()
+    if dtensor is not None:
+        grads = _grads_placed_like_params(dtensor, params, grads)
     if isinstance(lr, Tensor) and lr.dim():
         if lr.numel() != 1:
             raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from . import _validate as V
 from .functional import adopt
 from .kernels.common import state_holds
+from .kernels.fused_cpu import dtensor_type
 from .migration import translate_group
 
 _CPU = torch.device("cpu")
@@ -244,6 +245,7 @@ class ADOPT(Optimizer):
         return out
 
     def _check_state_matches(self, saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]) -> None:
+        dtensor = dtensor_type()
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} param groups but the optimizer has "
@@ -279,6 +281,14 @@ class ADOPT(Optimizer):
                         raise ValueError(
                             f"state_dict does not match the parameters: param group {gi} parameter {pi} has "
                             f"shape {tuple(p.shape)} but its {name} has shape {shape}"
+                        )
+                    if dtensor is not None and isinstance(p, dtensor) != isinstance(t, dtensor):
+                        raise ValueError(
+                            f"state_dict does not match the parameters: param group {gi} parameter {pi} is a "
+                            f"{type(p).__name__} but its {name} is a {type(t).__name__}. A sharded (FSDP2, "
+                            "DTensor) optimizer loads a full or sharded state dict through torch.distributed."
+                            "checkpoint.state_dict.set_optimizer_state_dict, which lays the state out as the "
+                            "parameters are"
                         )
                 step = st["step"]
                 if torch.is_tensor(step):

@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from dist_harness import HYPER, make_model, train
+from dist_harness import HYPER, batch, local_slice, make_model, train
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -108,3 +110,112 @@ def fsdp2_resume(
     load(path, model, opt)
     train(model, opt, range(first, total), rank, world_size)
     return snapshot(model, opt)
+
+
+def tensor_parallel_grads(t: int) -> list[torch.Tensor]:
+    """The whole gradients of step ``t`` for the two parameters of ``tensor_parallel`` (4 x 5 each)."""
+    g = torch.Generator().manual_seed(2000 + t)
+    return [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def tensor_parallel_start() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def tensor_parallel(rank: int, world_size: int, kernel: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Gradients laid out otherwise than their parameters, as tensor parallelism makes them.
+
+    A ``Replicate`` parameter whose gradient is ``Partial`` (each process holds a share of the sum) and a
+    ``Shard(0)`` parameter whose gradient is ``Shard(1)``.
+    """
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    start = tensor_parallel_start()
+    params = [torch.nn.Parameter(distribute_tensor(start[0].clone(), mesh, [Replicate()])),
+              torch.nn.Parameter(distribute_tensor(start[1].clone(), mesh, [Shard(0)]))]
+    opt = ADOPT(params, **HYPER, **kernel)
+    for t in range(steps):
+        whole = tensor_parallel_grads(t)
+        share = whole[0] * (rank + 1) / sum(range(1, world_size + 1))  # unequal shares summing to the whole
+        params[0].grad = DTensor.from_local(share, mesh, [Partial()])
+        params[1].grad = distribute_tensor(whole[1], mesh, [Shard(1)])
+        opt.step()
+    return {
+        "params": [_full(p) for p in params],
+        "state": [{k: _full(v) for k, v in opt.state[p].items()} for p in params],
+        "grad_placements": [str(p.grad.placements) for p in params],
+    }
+
+
+def load_plain_state_into_fsdp2(rank: int, world_size: int, kernel: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``opt.load_state_dict`` of an unsharded run's state dict into an FSDP2 model's optimizer."""
+    plain = make_model()
+    plain_opt = ADOPT(plain.parameters(), **HYPER, **kernel)
+    train(plain, plain_opt, range(steps))
+    model = fsdp2_model(world_size)
+    opt = ADOPT(model.parameters(), **HYPER, **kernel)
+    try:
+        opt.load_state_dict(plain_opt.state_dict())
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    return {"error": error, "state_entries": len(opt.state)}
+
+
+LATE = 4  # the step at which the last layer's bias first gets a gradient in the *_late workers
+
+
+def train_late(model: torch.nn.Module, opt: ADOPT, steps: range, rank: int, world_size: int) -> None:
+    """``train``, with the last layer's bias given no gradient before step ``LATE`` (an unused branch)."""
+    part = local_slice(rank, world_size)
+    for t in steps:
+        x, y = batch(t)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
+        if t < LATE:
+            model[2].bias.grad = None
+        opt.step()
+
+
+def fsdp2_late_save_and_continue(
+    rank: int, world_size: int, kernel: dict[str, Any], path: str, first: int, total: int
+) -> dict[str, Any]:
+    """``fsdp2_save_and_continue`` with ``train_late``: at the save, the last bias has no state yet."""
+    model = fsdp2_model(world_size)
+    opt = ADOPT(model.parameters(), **HYPER, **kernel)
+    train_late(model, opt, range(first), rank, world_size)
+    stateless = model[2].bias not in opt.state
+    _save(path, model, opt)
+    train_late(model, opt, range(first, total), rank, world_size)
+    return {**snapshot(model, opt), "stateless_at_save": stateless}
+
+
+def load_keeping_unsaved_params_stateless(path: str, model: torch.nn.Module, opt: ADOPT) -> None:
+    """The README's recipe: ``load``, except that parameters without state in the checkpoint stay without."""
+    reader = FileSystemReader(path)
+    saved_keys = reader.read_metadata().state_dict_metadata.keys()
+    model_sd, optim_sd = get_state_dict(model, opt)  # on a fresh optimizer: creates state for all
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, p in model.named_parameters():
+        if f"optim.state.{name}.step" not in saved_keys:
+            opt.state.pop(p, None)  # no state when saved: drop what get_state_dict's lr=0 call made
+
+
+def fsdp2_late_resume(
+    rank: int, world_size: int, kernel: dict[str, Any], path: str, first: int, total: int, recipe: bool
+) -> dict[str, Any]:
+    """A fresh process group resumes the ``fsdp2_late_save_and_continue`` checkpoint (``recipe``: the
+    README's; else ``load``, which fails) and trains on with ``train_late``."""
+    model = fsdp2_model(world_size)
+    opt = ADOPT(model.parameters(), **HYPER, **kernel)
+    try:
+        (load_keeping_unsaved_params_stateless if recipe else load)(path, model, opt)
+    except (Exception, CheckpointException) as exc:  # reported to the test, which checks it (DCP's is a BaseException)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    stateless = model[2].bias not in opt.state
+    train_late(model, opt, range(first, total), rank, world_size)
+    return {**snapshot(model, opt), "stateless_after_load": stateless, "error": None}

@@ -90,3 +90,37 @@ def test_zero_redundancy_matches_single_process(kernel, reference):
     restored = ADOPT(model.parameters(), **HYPER, **kernel)
     restored.load_state_dict(results[0]["state_dict"])
     _assert_state([restored.state[p] for p in model.parameters()], opt, "ZeRO consolidated state")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradients_placed_otherwise_than_their_parameters(kernel):
+    # Tensor parallelism: a Partial gradient of a Replicate parameter, a Shard(1) gradient of a Shard(0)
+    # one. The step reduces / redistributes each gradient once, then matches the float64 reference on
+    # the whole gradients (for the Partial one, the sum of the processes' unequal shares).
+    from adoptim.reference import ReferenceADOPT
+
+    results = launch(W.tensor_parallel, 2, kernel, STEPS)
+    params = [p.clone() for p in W.tensor_parallel_start()]
+    hyper = {k: v for k, v in HYPER.items() if k != "betas"}
+    ref = ReferenceADOPT(params, beta1=HYPER["betas"][0], beta2=HYPER["betas"][1], **hyper)
+    for t in range(STEPS):
+        ref.step(W.tensor_parallel_grads(t))
+    expected = ref.params()
+    for p0, e in zip(W.tensor_parallel_start(), expected):
+        assert (e - p0).abs().min() > 100 * ATOL  # every element moved
+    for rank, res in enumerate(results):
+        assert res["grad_placements"] == ["(Partial(sum),)", "(Shard(dim=1),)"], res["grad_placements"]
+        assert_close(res["params"], expected, f"tensor-parallel rank {rank}")
+        for st in res["state"]:
+            assert float(st["step"]) == STEPS
+
+
+def test_plain_state_dict_into_a_sharded_optimizer_is_refused_by_name():
+    # An unsharded run's opt.state_dict() has plain tensors where FSDP2's parameters are DTensors: the
+    # shapes match (DTensor shapes are global), but a step would fail inside DTensor. Refused at load,
+    # naming the API that shards a full state dict, with nothing loaded.
+    results = launch(W.load_plain_state_into_fsdp2, 2, {"foreach": False}, 2)
+    for res in results:
+        assert res["error"] is not None and "set_optimizer_state_dict" in res["error"], res["error"]
+        assert "is a DTensor but its exp_avg is a Tensor" in res["error"], res["error"]
+        assert res["state_entries"] == 0

@@ -91,7 +91,7 @@ def _library() -> ctypes.CDLL | None:
 _load()
 
 
-def _dtensor_type() -> type | None:
+def dtensor_type() -> type | None:
     """``DTensor`` if torch.distributed.tensor was imported (no DTensor can exist otherwise), else None."""
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
@@ -235,7 +235,7 @@ def _bulk_table(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     so the host work per tensor stays far below the per-tensor loop's; anything unusual (a complex or
     channels_last parameter, a DTensor, a mismatch to report) returns None for the per-tensor loop.
     """
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is not None and any(issubclass(t, dtensor) for t in set(map(type, params))):
         return None
     tensors = (params, grads, exp_avgs, exp_avg_sqs)
@@ -269,7 +269,7 @@ def _table_per_tensor(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     fast: list[int] = []
     rows: list[list[int]] = [[], [], [], [], [], [], []]
     rp, rg, rm, rv, rs, rn, rc = rows
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     for i in range(n):
         p, g, m, v, s = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         shape = p.shape
