@@ -30,6 +30,9 @@ def _p() -> list[torch.Tensor]:
         (dict(betas=(0.9, 1.5)), r"beta parameter at index 1: 1\.5"),
         (dict(betas=(0.9,)), r"Invalid betas: \(0\.9,\)"),
         (dict(betas=0.9), r"Invalid betas: 0\.9"),
+        (dict(betas=(torch.tensor([0.9, 0.8]), 0.9)), r"beta parameter at index 0: a tensor of 2 elements"),
+        (dict(betas=(0.9, torch.tensor(1))), r"beta parameter at index 1: a tensor of 1 elements of torch\.int64"),
+        (dict(betas=(0.9, torch.tensor(1.0))), r"beta parameter at index 1: 1\.0"),
         (dict(eps=0.0), r"Invalid eps: 0\.0"),
         (dict(eps=-1e-8), r"Invalid eps: -1e-08"),
         (dict(weight_decay=-0.1), r"Invalid weight_decay: -0\.1"),
@@ -52,6 +55,32 @@ def test_invalid_group_in_add_param_group() -> None:
     with pytest.raises(ValueError, match=r"Invalid lr: -2"):
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": -2})
     assert len(opt.param_groups) == 1
+
+
+def test_add_param_group_of_a_non_dict_raises_torchs_type_error() -> None:
+    opt = adoptim.ADOPT(_p())
+    for bad in ([torch.zeros(1, requires_grad=True)], torch.zeros(1, requires_grad=True), None):
+        with pytest.raises(TypeError, match=r"param_group must be a dict, but got"):
+            opt.add_param_group(bad)
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("kernel", KERNELS.values(), ids=list(KERNELS))
+def test_one_element_tensor_betas_are_read_as_numbers(kernel: dict) -> None:
+    # torch.optim takes them; ADOPT reads each once into a float, so both forms step alike, bit for bit.
+    torch.manual_seed(0)
+    p = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    q = p.detach().clone().requires_grad_(True)
+    a = adoptim.ADOPT([p], betas=(torch.tensor(0.8), torch.tensor(0.95, dtype=torch.float64)), **kernel)
+    betas = (float(torch.tensor(0.8)), 0.95)  # the float32 tensor holds 0.800000011920929
+    b = adoptim.ADOPT([q], betas=betas, **kernel)
+    assert a.param_groups[0]["betas"] == betas and all(type(x) is float for x in a.param_groups[0]["betas"])
+    for _ in range(3):
+        g = torch.randn(5, dtype=torch.float64)
+        p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert torch.equal(p, q)
 
 
 def test_adoptw_validates_too() -> None:

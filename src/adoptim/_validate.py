@@ -31,10 +31,20 @@ def check_lr(lr: Any) -> float | Tensor:
 def check_betas(betas: Any) -> tuple[float, float]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    values = []
     for i, b in enumerate(betas):
+        if torch.is_tensor(b):
+            # torch.optim takes one-element tensor betas too; ADOPT's kernels take numbers: read it once.
+            if b.numel() != 1 or b.dtype == torch.bool or b.is_complex() or not b.dtype.is_floating_point:
+                raise ValueError(
+                    f"Invalid beta parameter at index {i}: a tensor of {b.numel()} elements of {b.dtype} "
+                    "(must be a number in [0, 1), or a one-element floating-point tensor)"
+                )
+            b = b.item()
         if not is_real(b) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
-    return float(betas[0]), float(betas[1])
+        values.append(float(b))
+    return values[0], values[1]
 
 
 def check_eps(eps: Any) -> float:

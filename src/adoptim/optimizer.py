@@ -161,6 +161,8 @@ class ADOPT(Optimizer):
             self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         if not isinstance(param_group["params"], (Tensor, set)):
             param_group["params"] = list(param_group["params"])  # a generator is read only once
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
