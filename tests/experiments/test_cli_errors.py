@@ -99,3 +99,12 @@ def test_a_run_that_failed_before_saving_anything_may_be_rerun_with_another_conf
     assert (out / "config.json").exists()
     assert run_cli("gpt", "--quick", "--set", "steps=4", "--set", "batch_sizes=2", "--out", out) == 0
     assert "was made with" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("experiment", ["mnist", "vae"])
+def test_evaluations_that_would_be_skipped_are_refused(experiment: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Evaluations happen at logged steps: eval_every=15 with log_every=10 would evaluate at 30, 60, ...
+    args = ("--quick", "--set", "eval_every=15", "--set", "log_every=10", "--out", tmp_path / "o")
+    assert run_cli(experiment, *args) == 2
+    assert "'eval_every' (15) must be a multiple of 'log_every' (10)" in _error(capsys)

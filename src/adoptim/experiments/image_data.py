@@ -246,7 +246,11 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 
 
 def augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
-    """The standard CIFAR augmentation on a float batch: random crop after zero padding, random flip."""
+    """The standard CIFAR augmentation on a standardised float batch: random crop after padding, random flip.
+
+    The padding is zeros of the standardised batch, i.e. each channel's mean, where torchvision's
+    ``RandomCrop(32, padding=4)`` before ``Normalize`` pads black pixels.
+    """
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)

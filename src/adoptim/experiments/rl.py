@@ -340,7 +340,8 @@ class PPO:
                     self.ep_ret[k] = 0.0
                     o, _ = env.reset()
                 self.raw[k] = o
-            # A time-limit truncation ends the episode in the advantage estimate, as CleanRL and SB3 do.
+            # A time-limit truncation ends the episode in the advantage estimate, as CleanRL's PPO does
+            # (Stable-Baselines3 instead bootstraps from the value of the truncated state).
             b_rew[t], b_done[t] = self.norm.reward(rew, done), done
             self.obs = self.norm.observation(self.raw, update=True)
         with torch.no_grad():

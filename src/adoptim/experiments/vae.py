@@ -46,6 +46,11 @@ class VaeConfig:
         for key in ("steps", "batch_size", "latent", "channels", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.eval_every % self.log_every:
+            # Evaluations happen at logged steps only: any other eval_every would skip some silently.
+            raise ValueError(
+                f"config key 'eval_every' ({self.eval_every}) must be a multiple of 'log_every' ({self.log_every})"
+            )
         check_available(self.data_dir)
 
 
