@@ -12,7 +12,7 @@ import torch
 
 from adoptim.experiments import image_data
 from adoptim.experiments.config import ConfigError, resolve
-from adoptim.experiments.imagenet import EXPERIMENT, ImagenetConfig, lr_at, param_groups
+from adoptim.experiments.imagenet import EXPERIMENT, ImagenetConfig, lr_at, model_label, param_groups
 
 needs_fashion = pytest.mark.skipif(not (image_data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
                                    reason="Debian package dataset-fashion-mnist is not installed")
@@ -88,6 +88,12 @@ def test_paper_recipe_defaults_and_config_errors():
         resolve(ImagenetConfig, [])
     with pytest.raises(ConfigError, match="'warmup_epochs'"):
         resolve(ImagenetConfig, [("data_dir", "x"), ("warmup_epochs", "300")])
+
+
+def test_tables_name_the_architecture_overrides_of_a_smoke_model():
+    assert model_label(resolve(ImagenetConfig, [("data_dir", "x")])) == "swin_tiny_patch4_window7_224"
+    smoke = resolve(ImagenetConfig, [("data_dir", "x"), ("embed_dim", "24"), ("depths", "1,1,1")])
+    assert model_label(smoke) == "swin_tiny_patch4_window7_224 with embed_dim=24, depths=(1, 1, 1)"
 
 
 @pytest.mark.timm

@@ -94,10 +94,19 @@ def _timm() -> Any:
     return timm
 
 
+_ARCH_KEYS = ("patch_size", "window_size", "embed_dim", "depths", "num_heads")
+
+
+def model_label(cfg: ImagenetConfig) -> str:
+    """``cfg.model``, followed by the architecture fields that override timm's for it (as in the tables)."""
+    overrides = [f"{k}={getattr(cfg, k)}" for k in _ARCH_KEYS if getattr(cfg, k) is not None]
+    return f"{cfg.model} with {', '.join(overrides)}" if overrides else cfg.model
+
+
 def build_model(cfg: ImagenetConfig, num_classes: int) -> nn.Module:
     """timm's ``cfg.model``, with any architecture fields that are set overriding its defaults."""
     kw: dict[str, Any] = {"num_classes": num_classes, "img_size": cfg.img_size, "drop_path_rate": cfg.drop_path}
-    for key in ("patch_size", "window_size", "embed_dim", "depths", "num_heads"):
+    for key in _ARCH_KEYS:
         if getattr(cfg, key) is not None:
             kw[key] = getattr(cfg, key)
     return _timm().create_model(cfg.model, pretrained=False, **kw)
@@ -231,7 +240,7 @@ def run(cfg: ImagenetConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
         ctx.checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "step": step},
                        force=epoch < cfg.epochs)
     dataset = f"ImageFolder {root.name}" if cfg.data_dir else SMOKE_NAME
-    return {"dataset": dataset, "model": cfg.model, "params": sum(p.numel() for p in model.parameters()),
+    return {"dataset": dataset, "model": model_label(cfg), "params": sum(p.numel() for p in model.parameters()),
             "img_size": cfg.img_size, "epochs": cfg.epochs, "train_images": len(train_loader.dataset),
             "val_top1": evaluate(model, val_loader, ctx), "train_seconds": round(time.time() - t0, 1)}
 
