@@ -454,3 +454,48 @@ def test_nan_and_inf_gradients_propagate_as_in_the_forloop_kernel(clip_exponent,
             finite = a.isfinite()
             torch.testing.assert_close(a[finite], b[finite], **tol)
     assert fused[0][0][1].isnan() and fused[1][0][1].isnan()  # NaN reached p
+
+
+def test_betas_and_weight_decay_that_change_every_step_reuse_one_compiled_kernel(monkeypatch) -> None:
+    # OneCycleLR(cycle_momentum=True) writes a new beta1 at every step. The hyperparameters a schedule
+    # may change are kernel arguments, not compile-time constants, so every launch has the same
+    # constants (one compiled kernel on a GPU); the results follow each step's values exactly as the
+    # for-loop kernel does (float64: the parts sum to the float64 value exactly).
+    constants: list[dict] = []
+    kernel = K._adopt_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def run(*args, **kwargs):
+                constants.append({k: v for k, v in kwargs.items() if k != "num_warps"})
+                return launch(*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(K, "_adopt_kernel", Recording())
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=gen, dtype=torch.float64) for n in (7, 1500)]
+    fused, loop = State(params), State(params)
+    schedule = [(0.95, 0.999, 0.1), (0.85, 0.99, 0.05), (0.3, 0.9, 0.01), (0.6, 0.5, 0.0), (0.9, 0.9999, 0.02)]
+    for beta1, beta2, wd in schedule:
+        row = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        hyper = dict(lr=0.05, beta1=beta1, beta2=beta2, eps=1e-6, weight_decay=wd, decoupled_weight_decay=False,
+                     clip_exponent=0.25, maximize=False)
+        fused.step(K.triton_adopt, row, **_fused(**hyper))
+        loop.step(single_tensor_adopt, row, **_plain(**hyper))
+    # Only whether there is weight decay at all is a constant (wd = 0 at the fourth step).
+    assert len({tuple(sorted(c.items())) for c in constants}) == 2, constants
+    assert {c["HAS_WD"] for c in constants} == {True, False}
+    for a, b, ma, mb, va, vb in zip(fused.p, loop.p, fused.m, loop.m, fused.v, loop.v):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(ma, mb, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(va, vb, rtol=1e-13, atol=1e-14)
+
+
+def test_float32_parts_sum_to_the_float64_hyperparameter_exactly() -> None:
+    for x in (0.9, 0.999, 0.9999, 1 - 0.9, 1 - 0.9999, 1e-4, 0.05, 0.1 + 1e-12, 0.3, 0.0):
+        hi, mid, lo = K._f32_triple(x)
+        assert all(K._f32(part) == part for part in (hi, mid, lo))  # each part is a float32
+        assert (hi + mid) + lo == x and hi == K._f32(x)

@@ -82,6 +82,17 @@ def _div(x, y, F64: tl.constexpr):
 
 
 @triton.jit
+def _hyper(hi, mid, lo, F64: tl.constexpr):
+    # A hyperparameter passed as float32 parts (see _f32_triple): exact in float64, its float32 rounding
+    # otherwise (what torch uses for a Python scalar in float32 arithmetic).
+    if F64:
+        x = tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        x = tl.cast(hi, tl.float32)
+    return x
+
+
+@triton.jit
 def _round(x, DTYPE: tl.constexpr, BF16: tl.constexpr):
     if BF16:
         # Round to nearest even in integer arithmetic, as torch does: the GPU's conversion does so too,
@@ -104,6 +115,11 @@ def _adopt_kernel(
     lr_lo,
     lrwd_hi,
     lrwd_lo,
+    omb1_hi, omb1_mid, omb1_lo,  # 1 - beta1
+    rest_hi, rest_mid, rest_lo,  # beta1 as 1 - (1 - beta1), the weight of torch.lerp's second form
+    b2_hi, b2_mid, b2_lo,  # beta2
+    omb2_hi, omb2_mid, omb2_lo,  # 1 - beta2
+    wd_hi, wd_mid, wd_lo,  # weight decay
     scale_ptr,
     inf_ptr,
     DTYPE: tl.constexpr,
@@ -114,12 +130,8 @@ def _adopt_kernel(
     LR_TENSOR: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
-    LERP_REST: tl.constexpr,
-    ONE_MINUS_BETA1: tl.constexpr,
-    BETA2: tl.constexpr,
-    ONE_MINUS_BETA2: tl.constexpr,
     EPS: tl.constexpr,
-    WD: tl.constexpr,
+    HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     CLIP: tl.constexpr,
@@ -146,9 +158,14 @@ def _adopt_kernel(
     first = step == 0
     t = tl.maximum(step, 1.0)
 
+    one_minus_beta1 = _hyper(omb1_hi, omb1_mid, omb1_lo, F64)
+    lerp_rest = _hyper(rest_hi, rest_mid, rest_lo, F64)
+    beta2 = _hyper(b2_hi, b2_mid, b2_lo, F64)
+    one_minus_beta2 = _hyper(omb2_hi, omb2_mid, omb2_lo, F64)
+    wd = _hyper(wd_hi, wd_mid, wd_lo, F64)
     if LR_TENSOR:
         lr = tl.load(lr_ptr).to(CT)
-        lrwd = lr * WD
+        lrwd = lr * wd
     elif F64:
         # Triton passes Python floats as float32: a float64 lr travels as a float32 pair.
         lr = tl.cast(lr_hi, CT) + tl.cast(lr_lo, CT)
@@ -191,11 +208,11 @@ def _adopt_kernel(
             g = _div(g, inv_scale, F64)
         if MAXIMIZE:
             g = -g
-        if WD != 0.0 and not DECOUPLED:
-            g = g + WD * p
+        if HAS_WD and not DECOUPLED:
+            g = g + wd * p
 
         new_p = p
-        if WD != 0.0 and DECOUPLED:
+        if HAS_WD and DECOUPLED:
             new_p = p - lrwd * p
         # v still holds v_{t-1}: the normaliser excludes the current gradient.
         # NaN propagates as through torch.clamp: Triton's maximum and minimum otherwise return the operand
@@ -204,13 +221,11 @@ def _adopt_kernel(
         if HAS_CLIP:
             n = tl.minimum(tl.maximum(n, -bound, propagate_nan=tl.PropagateNan.ALL), bound,
                            propagate_nan=tl.PropagateNan.ALL)
-        # torch.lerp's two forms, so the momentum matches the for-loop kernel's lerp_ exactly.
-        if ONE_MINUS_BETA1 < 0.5:
-            new_m = m + ONE_MINUS_BETA1 * (n - m)
-        else:
-            new_m = n - (n - m) * LERP_REST
+        # torch.lerp's two forms, so the momentum matches the for-loop kernel's lerp_ exactly (a select:
+        # beta1 is a kernel argument, and the form depends on it).
+        new_m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (n - m), n - (n - m) * lerp_rest)
         new_p = new_p - lr * new_m
-        new_v = v * BETA2 + ONE_MINUS_BETA2 * g * g
+        new_v = v * beta2 + one_minus_beta2 * g * g
 
         new_p = tl.where(first, p, new_p)
         new_m = tl.where(first, m, new_m)
@@ -244,10 +259,27 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.stride() == b.stride() or (a.is_contiguous() and b.is_contiguous())
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def _f32_pair(x: float) -> tuple[float, float]:
     """``x`` as ``hi + lo`` with both exactly representable in float32 (about 48 bits together)."""
-    hi = struct.unpack("f", struct.pack("f", x))[0]
+    hi = _f32(x)
     return hi, x - hi
+
+
+def _f32_triple(x: float) -> tuple[float, float, float]:
+    """``x`` as ``hi + mid + lo``, three float32 values whose float64 sum is ``x`` exactly.
+
+    For hyperparameters in [0, 1] (betas, weight decay): each part carries the next 24 bits, so three
+    cover a float64's 53, and none underflows float32. Kernel arguments, not compile-time constants, so a
+    scheduler that changes beta1 every step (OneCycleLR's ``cycle_momentum``) reuses one compiled kernel.
+    """
+    hi = _f32(x)
+    mid = _f32(x - hi)
+    return hi, mid, x - hi - mid
 
 
 def _real(t: Tensor) -> Tensor:
@@ -476,13 +508,14 @@ def _launch(group: _Group, *, grad_scale: Tensor | None, found_inf: Tensor | Non
         _adopt_kernel[(group.n_chunks,)](
             group.table, group.chunks, dummy if step_values is None else step_values,
             dummy if lr_tensor is None else lr_tensor, lr_hi, lr_lo, lrwd_hi, lrwd_lo,
+            *_f32_triple(1.0 - beta1), *_f32_triple(1.0 - (1.0 - beta1)), *_f32_triple(float(beta2)),
+            *_f32_triple(1.0 - beta2), *_f32_triple(float(weight_decay)),
             dummy if scale is None else scale, dummy if inf is None else inf,
             DTYPE=_TL_DTYPES[dtype], BF16=dtype == torch.bfloat16, STEP_DTYPE=_TL_DTYPES[s[0].dtype],
             F64=dtype == torch.float64, HOST_STEPS=group.host_steps, LR_TENSOR=lr_tensor is not None,
             HAS_SCALE=scale is not None, HAS_INF=inf is not None,
-            LERP_REST=1.0 - (1.0 - beta1), ONE_MINUS_BETA1=1.0 - beta1,
-            BETA2=float(beta2), ONE_MINUS_BETA2=1.0 - beta2, EPS=float(eps), WD=float(weight_decay),
-            DECOUPLED=bool(decoupled_weight_decay), HAS_CLIP=clip_exponent is not None,
+            EPS=float(eps), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
+            HAS_CLIP=clip_exponent is not None,
             CLIP=0.0 if clip_exponent is None else float(clip_exponent), MAXIMIZE=bool(maximize),
             BLOCK=_BLOCK, CHUNK=_CHUNK, num_warps=_NUM_WARPS,
         )
