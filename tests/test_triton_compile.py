@@ -1,4 +1,4 @@
-"""The Triton kernels compiled for a Hopper GPU (sm_90: H100, H200) on a machine that has none.
+"""The Triton kernels compiled for Hopper (sm_90: H100, H200) and Ampere (sm_80: A100) on a machine with no GPU.
 
 Triton's interpreter (tests/test_triton.py) runs the kernels' arithmetic on the CPU but skips the GPU
 compiler, which is where a kernel that the interpreter accepts can still fail (types, layouts, a scalar
@@ -25,6 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from adoptim.kernels import triton as K  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+AMPERE = GPUTarget("cuda", 80, 32)
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "bf16": tl.bfloat16, "fp16": tl.float16}
 # (lr tensor, weight decay, decoupled, clip exponent, host steps, grad scale, found_inf, maximize)
 FLAGS = [
@@ -51,7 +52,7 @@ def _signature() -> dict[str, str]:
     return sig
 
 
-def _compile(dtype: str, flags: tuple) -> object:
+def _compile(dtype: str, flags: tuple, target: GPUTarget = TARGET) -> object:
     lr_tensor, wd, decoupled, clip, host, scale, inf, maximize = flags
     constants = dict(
         DTYPE=DTYPES[dtype], BF16=dtype == "bf16", STEP_DTYPE=tl.float32, F64=dtype == "fp64", HOST_STEPS=host,
@@ -60,7 +61,7 @@ def _compile(dtype: str, flags: tuple) -> object:
         BLOCK=K._BLOCK, CHUNK=K._CHUNK,
     )
     try:
-        return triton.compile(ASTSource(K._adopt_kernel, _signature(), constexprs=constants), target=TARGET,
+        return triton.compile(ASTSource(K._adopt_kernel, _signature(), constexprs=constants), target=target,
                               options={"num_warps": K._NUM_WARPS})
     except (FileNotFoundError, RuntimeError) as exc:
         if "ptxas" in str(exc):
@@ -76,6 +77,12 @@ def test_step_kernel_compiles_for_sm90(dtype: str, flags: tuple) -> None:
     if dtype != "fp64":  # computed in float32: IEEE square root and division, never the approximations
         assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
         assert "sqrt.approx" not in ptx and "div.full" not in ptx and "div.approx" not in ptx
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_step_kernel_compiles_for_sm80(dtype: str) -> None:
+    kernel = _compile(dtype, FLAGS[1], AMPERE)
+    assert kernel.asm["cubin"] and ".target sm_80" in kernel.asm["ptx"]
 
 
 @pytest.mark.parametrize("step_dtype", [tl.float32, tl.float64])
