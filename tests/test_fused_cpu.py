@@ -706,3 +706,74 @@ def test_wider_state_goes_to_the_for_loop_kernel_and_narrower_state_is_refused_b
     with pytest.raises(ValueError, match=r"tensor 1: exp_avg \(torch.float64\) and exp_avg_sq \(torch.float32\)"):
         fused_cpu.fused_cpu_adopt(*narrow, grad_scale=None, found_inf=None, **hyper)
     assert all(torch.equal(a, b) for a, b in zip(sum(narrow, []), before))  # tensor 0 included
+
+
+def _conjugate_phase_run(shape: tuple, extra_complex: bool, **kernel: object) -> torch.Tensor:
+    """A real parameter used as the imaginary part of a conjugated complex number: autograd leaves its
+    gradient as a lazy negation (is_neg() is True, memory holds the value's negative)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, dtype=torch.complex128)
+    p = torch.nn.Parameter(torch.full(shape, 0.5, dtype=torch.float64))
+    params = [p] + ([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex128))] if extra_complex else [])
+    opt = adoptim.ADOPT(params, lr=0.1, **kernel)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = (torch.complex(torch.ones(shape, dtype=torch.float64), p).conj() * x).real.sum()
+        if extra_complex:  # a complex parameter sends the call down the per-tensor path
+            loss = loss + (params[1] * x[:2]).abs().sum()
+        loss.backward()
+        assert p.grad.is_neg()
+        opt.step()
+    return p.detach()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(), (1,)])
+@pytest.mark.parametrize("extra_complex", [False, True], ids=["whole-list", "per-tensor"])
+def test_lazily_negated_gradient_is_read_with_its_sign(shape: tuple, extra_complex: bool) -> None:
+    fused = _conjugate_phase_run(shape, extra_complex, fused=True)
+    loop = _conjugate_phase_run(shape, extra_complex, foreach=False)
+    torch.manual_seed(0)
+    slope = float(torch.randn(8, dtype=torch.complex128).imag.sum())  # d loss / d p, the same x as the run
+    assert torch.equal(fused, loop) and (float(fused.reshape(-1)[0]) - 0.5) * slope < 0  # it went downhill
+
+
+@needs_kernel
+@pytest.mark.parametrize("extra_complex", [False, True], ids=["whole-list", "per-tensor"])
+def test_a_gradient_without_memory_is_refused_with_nothing_changed(extra_complex: bool) -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    params = [p] + ([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))] if extra_complex else [])
+    opt = adoptim.ADOPT(params, fused=True)
+    for q in params:
+        q.grad = torch.ones_like(q)
+    opt.step()
+    before = {id(q): {k: v.clone() for k, v in opt.state[q].items()} for q in params}
+    p.grad = torch._efficientzerotensor(4)  # a ZeroTensor: elements but no memory (data_ptr() is 0)
+    params[-1].grad = torch.ones_like(params[-1]) if extra_complex else p.grad
+    with pytest.raises(ValueError, match="has no memory"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4))
+    for q in params:
+        assert all(torch.equal(opt.state[q][k], v) for k, v in before[id(q)].items())
+
+
+@pytest.mark.parametrize("kernel", [{"foreach": False}, {"foreach": True}, {"fused": True},
+                                    {"foreach": False, "capturable": True}, {"foreach": True, "capturable": True}],
+                         ids=["forloop", "foreach", "fused", "forloop-capturable", "foreach-capturable"])
+def test_float32_tensor_lr_decays_float64_parameters_in_float64(kernel: dict) -> None:
+    # torch.tensor(0.1) is float32: its value is exact in float64, and so must lr * weight_decay be for
+    # float64 parameters (it was rounded to float32 first in the for-loop and foreach kernels: 2.6e-7 off).
+    if kernel.get("fused") and not fused_cpu.is_available():
+        pytest.skip("fused CPU kernel not built")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(50, generator=gen, dtype=torch.float64) * 10
+    grads = [torch.randn(50, generator=gen, dtype=torch.float64) for _ in range(12)]
+    p = torch.nn.Parameter(base.clone())
+    lr = torch.tensor(0.1)
+    opt = adoptim.ADOPT([p], lr=lr, weight_decay=0.3, decoupled_weight_decay=True, **kernel)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    ref = run_reference([base], [[g] for g in grads], lr=float(lr), beta1=0.9, beta2=0.9999, eps=1e-6,
+                        weight_decay=0.3, decoupled_weight_decay=True)
+    torch.testing.assert_close(p.detach(), ref.params()[0], rtol=1e-13, atol=1e-13)

@@ -107,7 +107,9 @@ def adopt(
     r"""Run one ADOPT step in place on ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``.
 
     ``state_steps`` are float tensors counting the calls made so far for each parameter (0 before the
-    first). See :mod:`adoptim.reference` for the exact arithmetic.
+    first), one tensor per parameter: a tensor shared by several parameters would be advanced once per
+    parameter by the for-loop kernel and read before any advance by the others. See
+    :mod:`adoptim.reference` for the exact arithmetic.
 
     Kernel choice: ``fused=True`` runs the fused kernel of the parameters' device (the C kernel on the
     CPU, the Triton kernel on CUDA); ``foreach=True`` the multi-tensor kernel; ``foreach=False`` the

@@ -8,7 +8,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["share_memory", "state_holds", "without_amp"]
+__all__ = ["decay_scale", "share_memory", "state_holds", "without_amp"]
+
+
+def decay_scale(lr: float | Tensor, weight_decay: float, dtype: torch.dtype) -> float | Tensor:
+    """``lr * weight_decay`` for parameters of ``dtype``, in the wider of the lr's and the parameters' precision.
+
+    A float32 tensor lr would otherwise round the product to float32 before it decays float64 parameters
+    (a relative error of 6e-8 per step, which a float lr or the fused kernel does not have).
+    """
+    if isinstance(lr, Tensor):
+        real = dtype.to_real() if dtype.is_complex else dtype
+        return lr.to(torch.promote_types(lr.dtype, real)) * weight_decay
+    return lr * weight_decay
 
 
 def state_holds(param: Tensor, state: Tensor) -> bool:

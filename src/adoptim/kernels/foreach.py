@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from .common import decay_scale
 from .single_tensor import single_tensor_adopt
 
 
@@ -128,7 +129,7 @@ def _eager_update(
     eps: float,
 ) -> None:
     if weight_decay != 0 and decoupled_weight_decay:
-        _scale_sub_(p, p, lr * weight_decay)
+        _scale_sub_(p, p, decay_scale(lr, weight_decay, p[0].dtype))
     denom = torch._foreach_sqrt(v)
     torch._foreach_clamp_min_(denom, eps)
     normed = torch._foreach_div(g, denom)
@@ -165,7 +166,7 @@ def _capturable_update(
     first = [t == 0 for t in s]
     if weight_decay != 0 and decoupled_weight_decay:
         nf = [torch.clamp(t, max=1.0).to(x.dtype) for t, x in zip(s, p)]
-        _scale_sub_(p, torch._foreach_mul(p, nf), lr * weight_decay)
+        _scale_sub_(p, torch._foreach_mul(p, nf), decay_scale(lr, weight_decay, p[0].dtype))
     denom = torch._foreach_sqrt(v)
     torch._foreach_clamp_min_(denom, eps)
     # Zeroed before the division by a select (g / eps can overflow in float16, and inf * 0 is nan); the

@@ -118,11 +118,21 @@ def _code(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor) -> int | None:
     code = _CODES.get((p.dtype, g.dtype, m.dtype, v.dtype, s.dtype))
     if code is None or not (p.is_cpu and g.is_cpu and m.is_cpu and v.is_cpu and s.is_cpu) or s.numel() != 1:
         return None
+    if p.is_neg() or g.is_neg() or m.is_neg() or v.is_neg() or s.is_neg():
+        return None  # a lazy negation: memory holds -x (see _bulk_table)
     if p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous():
         return code
     stride = p.stride()
     dense = p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
     return code if dense and g.stride() == stride and m.stride() == stride and v.stride() == stride else None
+
+
+def _no_memory_error(i: int | None) -> ValueError:
+    which = "a tensor" if i is None else f"tensor {i}"
+    return ValueError(
+        f"{which}: a parameter, gradient or state tensor with elements has no memory (data_ptr() is 0, e.g. a "
+        "ZeroTensor gradient); the fused kernel cannot update it, and nothing was changed"
+    )
 
 
 def _shape_error(i: int, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> ValueError:
@@ -199,6 +209,8 @@ def fused_cpu_adopt(
         int(maximize), int(grad_scale is not None), 1.0 if grad_scale is None else float(grad_scale),
         torch.get_num_threads(),
     )
+    if status == 2:  # only from the whole-list table: the per-tensor one was checked, with no update yet
+        raise _no_memory_error(None)
     if status == 1:
         # Two parameters share memory (one listed twice, or views of one buffer): the threads of the C
         # call would update it at once, so the for-loop kernel updates them one after the other.
@@ -225,6 +237,7 @@ _is_cpu = attrgetter("is_cpu")
 _ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _contiguous = Tensor.is_contiguous
+_is_neg = Tensor.is_neg
 
 
 def _bulk_table(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -250,6 +263,10 @@ def _bulk_table(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     if not all(all(map(_is_cpu, x)) for x in (*tensors, state_steps)):
         return None
     if not all(all(map(_contiguous, x)) for x in tensors) or set(map(_numel, state_steps)) != {1}:
+        return None
+    if any(map(_is_neg, grads)) or any(map(_is_neg, params)):
+        # A lazily negated tensor (autograd leaves one as the gradient of a real number used as the
+        # imaginary part of a conjugated complex one) holds -x in memory: the C loops would read x.
         return None
     shapes = list(map(_shape, params))
     if any(list(map(_shape, x)) != shapes for x in tensors[1:]):
@@ -293,11 +310,14 @@ def _table_per_tensor(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
         code = _code(p, g, m, v, s)
         if code is None:
             continue
+        ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
+        if (p.numel() and 0 in ptrs) or not s.data_ptr():
+            raise _no_memory_error(i)
         fast.append(i)
-        rp.append(p.data_ptr())
-        rg.append(g.data_ptr())
-        rm.append(m.data_ptr())
-        rv.append(v.data_ptr())
+        rp.append(ptrs[0])
+        rg.append(ptrs[1])
+        rm.append(ptrs[2])
+        rv.append(ptrs[3])
         rs.append(s.data_ptr())
         rn.append(p.numel())
         rc.append(code)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .common import decay_scale
+
 
 def _scale_sub_(target: Tensor, source: Tensor, scale: float | Tensor) -> None:
     """``target -= scale * source`` for a float or a 0-dim tensor ``scale``."""
@@ -76,7 +78,7 @@ def single_tensor_adopt(
             continue
 
         if weight_decay != 0 and decoupled_weight_decay:
-            _scale_sub_(param, param, lr * weight_decay)
+            _scale_sub_(param, param, decay_scale(lr, weight_decay, param.dtype))
 
         # v still holds v_{t-1}: the normaliser excludes the current gradient.
         denom = torch.clamp(exp_avg_sq.sqrt(), min=eps)
@@ -118,7 +120,7 @@ def _capturable_update(
     first = step_t == 0
     if weight_decay != 0 and decoupled_weight_decay:
         nf = torch.clamp(step_t, max=1.0).to(param.dtype)
-        _scale_sub_(param, param * nf, lr * weight_decay)
+        _scale_sub_(param, param * nf, decay_scale(lr, weight_decay, param.dtype))
     # The gradient is zeroed before the division, by a select: g / eps can overflow in float16 where v
     # is still 0 on the first call, and an inf gradient times nf = 0 would be nan, while the first call
     # leaves m and p as they are whatever the gradient (and sets v = g^2, inf included).

@@ -544,14 +544,19 @@ static int params_overlap(int64_t n, const int64_t *p, const int64_t *numel, con
  * 1 = float64). Every tensor must be dense and laid out alike in p, g, m and v. Steps are read, used,
  * and incremented here. Returns 0; 1 when the memory of two parameters overlaps (a parameter listed
  * twice, or two views of one buffer), which the threads would update at once where the for-loop kernel
- * updates them in order; -1 when memory for the bookkeeping could not be allocated. Nothing has
- * changed when it returns 1 or -1.
+ * updates them in order; 2 when a tensor with elements has a null data pointer (a ZeroTensor); -1 when
+ * memory for the bookkeeping could not be allocated. Nothing has changed when it returns 1, 2 or -1.
  */
 EXPORT int adopt_cpu_step(int64_t n, const int64_t *table, double lr, double beta1, double beta2,
                           double eps, double weight_decay, int decoupled, int has_clip,
                           double clip_exponent, int maximize, int has_scale, double grad_scale,
                           int nthreads) {
     if (n <= 0) return 0;
+    for (int64_t i = 0; i < n; i++) { /* a tensor with elements but no memory (a ZeroTensor): refuse */
+        if (table[5 * n + i] > 0 && !(table[i] && table[n + i] && table[2 * n + i] && table[3 * n + i]))
+            return 2;
+        if (!table[4 * n + i]) return 2; /* the step counter always has an element */
+    }
     const int overlap = n > 1 ? params_overlap(n, table, table + 5 * n, table + 6 * n) : 0;
     if (overlap != 0) return overlap;
     hyper_t h = {lr, beta1, beta2, eps, weight_decay, grad_scale, clip_exponent,
