@@ -1,8 +1,9 @@
 """Arithmetic cost of the fused CPU kernel per element, per dtype, with the data in cache.
 
 One tensor of ``--elements`` elements (16384 by default: p, g, m and v of float32 take 256 KiB, in L2)
-is stepped ``--calls`` times through the C library directly, on one thread, so neither memory
-bandwidth nor Python's host work counts: what is left is the loop's arithmetic and conversions.
+is stepped ``--calls`` times through the C library directly, on one thread, and so is one of 16
+elements: the difference per element leaves out memory bandwidth, Python's host work and the fixed cost
+of a call (printed beside it), so what is left is the loop's arithmetic and conversions.
 float16 is timed through both of its paths (the CPU's F16C conversions where it has them, and the
 portable integer conversions). Prints the best of ``--repeats`` repeats, in ns per element.
 
@@ -19,7 +20,8 @@ import torch
 from adoptim.kernels import fused_cpu
 
 
-def ns_per_element(dtype: torch.dtype, elements: int, calls: int, repeats: int) -> float:
+def _call_seconds(dtype: torch.dtype, elements: int, calls: int, repeats: int) -> float:
+    """Best time of one C call (one tensor of ``elements`` elements, one thread), over ``repeats``."""
     lib = fused_cpu._library()
     gen = torch.Generator().manual_seed(0)
     lists = ([torch.randn(elements, generator=gen).to(dtype)], [torch.randn(elements, generator=gen).to(dtype)],
@@ -32,8 +34,19 @@ def ns_per_element(dtype: torch.dtype, elements: int, calls: int, repeats: int) 
         for _ in range(calls):
             # lr, beta1, beta2, eps, weight decay, decoupled, clip, clip exponent, maximize, scaled, scale, threads
             lib.adopt_cpu_step(1, address, 1e-3, 0.9, 0.9999, 1e-6, 0.0, 0, 1, 0.25, 0, 0, 1.0, 1)
-        best = min(best, (time.perf_counter() - t0) / calls / elements * 1e9)
+        best = min(best, (time.perf_counter() - t0) / calls)
     return best
+
+
+SMALL = 16  # a call this small is nearly all fixed cost: ctypes' argument conversion, the checks, mallocs
+
+
+def ns_per_element(dtype: torch.dtype, elements: int, calls: int, repeats: int) -> tuple[float, float]:
+    """The slope (ns per element) between a call of ``SMALL`` and one of ``elements`` elements, and the
+    fixed cost of a call (µs): the slope leaves the per-call cost out."""
+    small = _call_seconds(dtype, SMALL, calls, repeats)
+    big = _call_seconds(dtype, elements, calls, repeats)
+    return (big - small) / (elements - SMALL) * 1e9, small * 1e6
 
 
 def main() -> None:
@@ -51,12 +64,14 @@ def main() -> None:
     if f16c:
         rows.append(("float16, F16C conversions", torch.float16, 1))
     rows.append(("float16, portable conversions", torch.float16, 0))
-    print(f"| dtype | ns per element (one thread, {args.elements} elements, best of {args.repeats}) |")
-    print("|---|---:|")
+    print(f"| dtype | ns per element (one thread, slope from {SMALL} to {args.elements} elements, best of "
+          f"{args.repeats}) | fixed cost of a call, µs |")
+    print("|---|---:|---:|")
     try:
         for name, dtype, path in rows:
             lib.adopt_cpu_f16c(path)
-            print(f"| {name} | {ns_per_element(dtype, args.elements, args.calls, args.repeats):.2f} |")
+            slope, fixed = ns_per_element(dtype, args.elements, args.calls, args.repeats)
+            print(f"| {name} | {slope:.2f} | {fixed:.2f} |")
     finally:
         lib.adopt_cpu_f16c(f16c)
 
