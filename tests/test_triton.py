@@ -499,3 +499,20 @@ def test_float32_parts_sum_to_the_float64_hyperparameter_exactly() -> None:
         hi, mid, lo = K._f32_triple(x)
         assert all(K._f32(part) == part for part in (hi, mid, lo))  # each part is a float32
         assert (hi + mid) + lo == x and hi == K._f32(x)
+
+
+def test_lazily_negated_gradients_are_read_with_their_sign_even_at_a_cached_address() -> None:
+    # A negated view holds -x in memory. The kernel must not read it as x: not when it first sees it,
+    # and not when it comes back at the address of a plain gradient whose launch plan is cached.
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(n, generator=gen) for n in (5, 1300)]
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    kw = dict(**HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
+    fused, loop = State(params), State(params)
+    for row in (grads, [torch._neg_view(g) for g in grads], grads, [grads[0], torch._neg_view(grads[1])]):
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(row, grads))  # the same addresses throughout
+        fused.step(K.triton_adopt, row, **_fused(**kw))
+        loop.step(single_tensor_adopt, row, **_plain(**kw))
+    for a, b, ma, mb in zip(fused.p, loop.p, fused.m, loop.m):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ma, mb, rtol=1e-6, atol=1e-6)

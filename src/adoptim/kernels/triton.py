@@ -252,6 +252,7 @@ _ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _contiguous = Tensor.is_contiguous
 _dtype = attrgetter("dtype")
+_is_neg = Tensor.is_neg
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -354,8 +355,11 @@ def _plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
                 )
         if state_steps[i].dtype not in (torch.float32, torch.float64) or state_steps[i].numel() != 1:
             raise ValueError(f"state_steps[{i}] must be a one-element float32 or float64 tensor")
+        # A lazily negated tensor (autograd leaves one as the gradient of a real number used as the imaginary
+        # part of a conjugated complex one) holds -x in memory, which the kernel would read as x.
         if (g.dtype != p.dtype or m.dtype != p.dtype or v.dtype != p.dtype or not _is_dense(p)
-                or not _same_layout(m, p) or not _same_layout(v, p)):
+                or not _same_layout(m, p) or not _same_layout(v, p)
+                or p.is_neg() or g.is_neg() or m.is_neg() or v.is_neg()):
             slow.append(i)
             continue
         by_key[(p.device, dtype)].append(i)
@@ -457,7 +461,7 @@ def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
 
     The plan (checks, grouping, address tables) is reused while the same tensors come back. Its key holds
     everything the plan depends on: every address, size and dtype (of parameters, gradients, state and
-    step counters) and the layouts. So a tensor that changed under the same Python object
+    step counters), the layouts and any lazy negations. So a tensor that changed under the same Python object
     (``t.data = ...``) or memory reused by another tensor never meets a stale table. Each part is one
     ``map`` in C; about a microsecond per tensor in all.
     """
@@ -466,9 +470,14 @@ def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     numels = tuple(map(_numel, params))
     contiguous = all(all(map(_contiguous, x)) for x in tensors)
     layout = () if contiguous else tuple(tuple(map(Tensor.stride, x)) for x in tensors)
+    # Which tensors are lazily negated, when any are: memory just freed by a plain gradient may come back
+    # as a negated one at the same address, which must not meet the plain one's plan.
+    negated = ()
+    if any(map(_is_neg, grads)) or any(map(_is_neg, params)):
+        negated = tuple(tuple(map(_is_neg, x)) for x in tensors)
     key = (param_ptrs, *(tuple(map(_ptr, x)) for x in (grads, exp_avgs, exp_avg_sqs, state_steps)), numels,
            *(tuple(map(_numel, x)) for x in tensors[1:]), *(tuple(map(_dtype, x)) for x in (*tensors, state_steps)),
-           layout, state_steps[0].device, capturable)
+           layout, negated, state_steps[0].device, capturable)
     plan = _PLANS.get(key)
     if plan is None:
         if share_memory(params):
