@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .kernels import fused_cpu
-from .kernels.common import without_amp
+from .kernels.common import dtensor_type, without_amp
 from .kernels.foreach import foreach_adopt
 from .kernels.single_tensor import single_tensor_adopt
 
@@ -140,7 +140,7 @@ def adopt(
         raise ValueError("fused=True and foreach=True cannot be combined: choose one kernel")
     if fused and differentiable:
         raise ValueError("fused=True does not support differentiable=True (use the for-loop kernel)")
-    dtensor = fused_cpu.dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is not None:
         grads = _grads_placed_like_params(dtensor, params, grads)
     if isinstance(lr, Tensor) and lr.dim():

@@ -13,8 +13,7 @@ from torch.optim import Optimizer
 
 from . import _validate as V
 from .functional import adopt
-from .kernels.common import state_holds
-from .kernels.fused_cpu import dtensor_type
+from .kernels.common import dtensor_type, state_holds
 from .migration import translate_group
 
 _CPU = torch.device("cpu")

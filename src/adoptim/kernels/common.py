@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["decay_scale", "share_memory", "state_holds", "without_amp"]
+__all__ = ["decay_scale", "dtensor_type", "share_memory", "state_holds", "without_amp"]
 
 
 def decay_scale(lr: float | Tensor, weight_decay: float, dtype: torch.dtype) -> float | Tensor:
@@ -21,6 +22,11 @@ def decay_scale(lr: float | Tensor, weight_decay: float, dtype: torch.dtype) -> 
         real = dtype.to_real() if dtype.is_complex else dtype
         return lr.to(torch.promote_types(lr.dtype, real)) * weight_decay
     return lr * weight_decay
+
+
+def dtensor_type() -> type | None:
+    """``DTensor`` if torch.distributed.tensor was imported (no DTensor can exist otherwise), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def state_holds(param: Tensor, state: Tensor) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
-import sys
 import warnings
 from array import array
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from .common import state_holds, without_amp
+from .common import dtensor_type, state_holds, without_amp
 from .foreach import foreach_adopt
 from .single_tensor import single_tensor_adopt
 
@@ -89,11 +88,6 @@ def _library() -> ctypes.CDLL | None:
 # child made by fork start its own threads (torch's OpenMP team stays behind in the parent), exists only
 # once the library is loaded, and a child that loaded it first would join the parent's team and hang.
 _load()
-
-
-def dtensor_type() -> type | None:
-    """``DTensor`` if torch.distributed.tensor was imported (no DTensor can exist otherwise), else None."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def _local_shards(dtensor: type, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, ...] | None:
@@ -311,14 +305,15 @@ def _table_per_tensor(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
         if code is None:
             continue
         ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
-        if (p.numel() and 0 in ptrs) or not s.data_ptr():
+        s_ptr = s.data_ptr()
+        if (p.numel() and 0 in ptrs) or not s_ptr:
             raise _no_memory_error(i)
         fast.append(i)
         rp.append(ptrs[0])
         rg.append(ptrs[1])
         rm.append(ptrs[2])
         rv.append(ptrs[3])
-        rs.append(s.data_ptr())
+        rs.append(s_ptr)
         rn.append(p.numel())
         rc.append(code)
 
