@@ -99,14 +99,20 @@ def local_slice(rank: int, world_size: int) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world_size: int = 1) -> None:
-    """Run the given global steps; each process uses its slice of every global batch."""
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world_size: int = 1,
+          bias_unused_until: int = 0) -> None:
+    """Run the given global steps; each process uses its slice of every global batch.
+
+    ``bias_unused_until``: the last layer's bias gets no gradient before that step (an unused branch).
+    """
     part = local_slice(rank, world_size)
     for t in steps:
         x, y = batch(t)
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(model(x[part]), y[part])
         loss.backward()
+        if t < bias_unused_until:
+            model[2].bias.grad = None
         opt.step()
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from dist_harness import HYPER, batch, local_slice, make_model, train
+from dist_harness import HYPER, make_model, train
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -90,26 +90,43 @@ def load(path: str, model: torch.nn.Module, opt: ADOPT) -> None:
 
 
 def fsdp2_save_and_continue(
-    rank: int, world_size: int, kernel: dict[str, Any], path: str, first: int, total: int
+    rank: int, world_size: int, kernel: dict[str, Any], path: str, first: int, total: int, late: int = 0
 ) -> dict[str, Any]:
-    """Train ``first`` steps, save a sharded checkpoint, then train on to ``total`` without stopping."""
+    """Train ``first`` steps, save a sharded checkpoint, then train on to ``total`` without stopping.
+
+    ``late``: the last layer's bias gets its first gradient at that step (``stateless_at_save`` says
+    whether it had no state when saved).
+    """
     model = fsdp2_model(world_size)
     opt = ADOPT(model.parameters(), **HYPER, **kernel)
-    train(model, opt, range(first), rank, world_size)
+    train(model, opt, range(first), rank, world_size, late)
+    stateless = model[2].bias not in opt.state
     _save(path, model, opt)
-    train(model, opt, range(first, total), rank, world_size)
-    return snapshot(model, opt)
+    train(model, opt, range(first, total), rank, world_size, late)
+    return {**snapshot(model, opt), "stateless_at_save": stateless}
 
 
 def fsdp2_resume(
-    rank: int, world_size: int, kernel: dict[str, Any], path: str, first: int, total: int
+    rank: int, world_size: int, kernel: dict[str, Any], path: str, first: int, total: int, late: int = 0,
+    recipe: bool = False,
 ) -> dict[str, Any]:
-    """A fresh process group: build the sharded model, load the checkpoint, train the remaining steps."""
+    """A fresh process group: build the sharded model, load the checkpoint, train the remaining steps.
+
+    ``late`` as in ``fsdp2_save_and_continue``; a loading error of such a run is returned to the test
+    (``error``), which checks it. ``recipe``: load with the README's recipe for parameters that had no
+    state when saved.
+    """
     model = fsdp2_model(world_size)
     opt = ADOPT(model.parameters(), **HYPER, **kernel)
-    load(path, model, opt)
-    train(model, opt, range(first, total), rank, world_size)
-    return snapshot(model, opt)
+    try:
+        (load_keeping_unsaved_params_stateless if recipe else load)(path, model, opt)
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        if not late:
+            raise
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    stateless = model[2].bias not in opt.state
+    train(model, opt, range(first, total), rank, world_size, late)
+    return {**snapshot(model, opt), "stateless_after_load": stateless, "error": None}
 
 
 def tensor_parallel_grads(t: int) -> list[torch.Tensor]:
@@ -164,32 +181,7 @@ def load_plain_state_into_fsdp2(rank: int, world_size: int, kernel: dict[str, An
     return {"error": error, "state_entries": len(opt.state)}
 
 
-LATE = 4  # the step at which the last layer's bias first gets a gradient in the *_late workers
-
-
-def train_late(model: torch.nn.Module, opt: ADOPT, steps: range, rank: int, world_size: int) -> None:
-    """``train``, with the last layer's bias given no gradient before step ``LATE`` (an unused branch)."""
-    part = local_slice(rank, world_size)
-    for t in steps:
-        x, y = batch(t)
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
-        if t < LATE:
-            model[2].bias.grad = None
-        opt.step()
-
-
-def fsdp2_late_save_and_continue(
-    rank: int, world_size: int, kernel: dict[str, Any], path: str, first: int, total: int
-) -> dict[str, Any]:
-    """``fsdp2_save_and_continue`` with ``train_late``: at the save, the last bias has no state yet."""
-    model = fsdp2_model(world_size)
-    opt = ADOPT(model.parameters(), **HYPER, **kernel)
-    train_late(model, opt, range(first), rank, world_size)
-    stateless = model[2].bias not in opt.state
-    _save(path, model, opt)
-    train_late(model, opt, range(first, total), rank, world_size)
-    return {**snapshot(model, opt), "stateless_at_save": stateless}
+LATE = 4  # the step at which the last layer's bias first gets a gradient in the late-bias checkpoint test
 
 
 def load_keeping_unsaved_params_stateless(path: str, model: torch.nn.Module, opt: ADOPT) -> None:
@@ -203,19 +195,3 @@ def load_keeping_unsaved_params_stateless(path: str, model: torch.nn.Module, opt
     for name, p in model.named_parameters():
         if f"optim.state.{name}.step" not in saved_keys:
             opt.state.pop(p, None)  # no state when saved: drop what get_state_dict's lr=0 call made
-
-
-def fsdp2_late_resume(
-    rank: int, world_size: int, kernel: dict[str, Any], path: str, first: int, total: int, recipe: bool
-) -> dict[str, Any]:
-    """A fresh process group resumes the ``fsdp2_late_save_and_continue`` checkpoint (``recipe``: the
-    README's; else ``load``, which fails) and trains on with ``train_late``."""
-    model = fsdp2_model(world_size)
-    opt = ADOPT(model.parameters(), **HYPER, **kernel)
-    try:
-        (load_keeping_unsaved_params_stateless if recipe else load)(path, model, opt)
-    except (Exception, CheckpointException) as exc:  # reported to the test, which checks it (DCP's is a BaseException)
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    stateless = model[2].bias not in opt.state
-    train_late(model, opt, range(first, total), rank, world_size)
-    return {**snapshot(model, opt), "stateless_after_load": stateless, "error": None}

@@ -85,11 +85,11 @@ def test_parameter_without_state_at_the_save_stays_without_after_resuming(kernel
     # gradient would be divided by eps; the checkpoint has no key for it, so plain DCP loading fails.
     # The README's recipe loads what was saved and drops the rest: bit for bit the uninterrupted run.
     path = str(tmp_path / "step3")
-    uninterrupted = launch(W.fsdp2_late_save_and_continue, 2, kernel, path, FIRST, TOTAL)[0]
+    uninterrupted = launch(W.fsdp2_save_and_continue, 2, kernel, path, FIRST, TOTAL, W.LATE)[0]
     assert uninterrupted["stateless_at_save"] and float(uninterrupted["state"][-1]["step"]) == TOTAL - W.LATE
-    plain = launch(W.fsdp2_late_resume, 2, kernel, path, FIRST, TOTAL, False)
+    plain = launch(W.fsdp2_resume, 2, kernel, path, FIRST, TOTAL, W.LATE, False)
     assert all("Missing key in checkpoint state_dict: optim.state.2.bias.step" in r["error"] for r in plain), plain
-    for rank, res in enumerate(launch(W.fsdp2_late_resume, 2, kernel, path, FIRST, TOTAL, True)):
+    for rank, res in enumerate(launch(W.fsdp2_resume, 2, kernel, path, FIRST, TOTAL, W.LATE, True)):
         assert res["error"] is None and res["stateless_after_load"]
         for i, (a, b) in enumerate(zip(res["params"], uninterrupted["params"])):
             assert torch.equal(a, b), f"rank {rank} parameter {i} differs after resuming"
