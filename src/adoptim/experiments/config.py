@@ -145,6 +145,12 @@ def _set_optim(cfg: Any, types_: dict[str, Any], name: str, attr: str, value: An
     table[name] = dataclasses.replace(spec, **{attr: _check_type(tp, parsed, key)})
 
 
+def check_evaluations_at_logs(eval_every: int, log_every: int) -> None:
+    """For loops that evaluate only at logged steps: any other ``eval_every`` would skip some silently."""
+    if eval_every % log_every:
+        raise ValueError(f"config key 'eval_every' ({eval_every}) must be a multiple of 'log_every' ({log_every})")
+
+
 def check(cfg: Any) -> None:
     """Common checks (seeds, optimizer names and settings), then the config's own ``validate``."""
     seeds = getattr(cfg, "seeds", 1)

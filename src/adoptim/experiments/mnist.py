@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import report
+from .config import check_evaluations_at_logs
 from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
 from .runner import Experiment, RunContext, RunResult, Unit, seed_units
@@ -44,11 +45,7 @@ class MnistConfig:
         for key in ("steps", "batch_size", "hidden", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        if self.eval_every % self.log_every:
-            # Evaluations happen at logged steps only: any other eval_every would skip some silently.
-            raise ValueError(
-                f"config key 'eval_every' ({self.eval_every}) must be a multiple of 'log_every' ({self.log_every})"
-            )
+        check_evaluations_at_logs(self.eval_every, self.log_every)
         if self.batch_size > 60_000:
             raise ValueError(f"config key 'batch_size' must be <= 60000 (the training set), got {self.batch_size}")
         check_available(self.data_dir)
