@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
-"$PY" -m adoptim demo "$@"
+"$PY" -m adoptim_repro demo "$@"

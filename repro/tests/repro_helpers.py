@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adoptim.experiments.cli import main
+from adoptim_repro.cli import main
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

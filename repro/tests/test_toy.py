@@ -11,8 +11,8 @@ import torch
 from repro_helpers import run_cli
 
 from adoptim import ADOPT
-from adoptim.experiments import toy
-from adoptim.experiments.config import resolve
+from adoptim_repro import toy
+from adoptim_repro.config import resolve
 
 
 def _cfg(**kw):

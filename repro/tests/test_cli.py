@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from adoptim import ADOPT
-from adoptim.experiments import registry
-from adoptim.experiments.optimizers import OPTIMIZERS, OptimSpec, make_optimizer
+from adoptim_repro import registry
+from adoptim_repro.optimizers import OPTIMIZERS, OptimSpec, make_optimizer
 
 
 def test_list_prints_one_line_per_experiment_with_its_full_scale():
-    out = subprocess.run([sys.executable, "-m", "adoptim", "list"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "adoptim_repro", "list"], capture_output=True, text=True, check=True)
     lines = out.stdout.strip().splitlines()
     names = [line.split()[0] for line in lines]
     assert {"toy", "mnist", "vae"} <= set(names)

@@ -3,9 +3,9 @@
 How to add an experiment (say ``foo``)
 ======================================
 
-1. Create ``adoptim/experiments/foo.py``; its first docstring states the paper's claim being tested.
+1. Create ``repro/src/adoptim_repro/foo.py``; its first docstring states the paper's claim being tested.
    Import heavy optional packages inside functions, so ``adoptim list`` works without them.
-   The registry (:mod:`adoptim.experiments.registry`) imports ``adoptim.experiments.<name>`` for each
+   The registry (:mod:`adoptim_repro.registry`) imports ``adoptim_repro.<name>`` for each
    name in ``EXPERIMENT_MODULES`` (gpt, llama, cifar10, imagenet, rl are already listed) and reads its
    module-level ``EXPERIMENT``.
 2. The config: a ``@dataclass`` whose defaults follow the paper (the *default* run must finish within
@@ -54,7 +54,7 @@ config is refused, except for ``seeds``, which adds or leaves out units), ``runs
 ``checkpoints/`` (removed when a unit finishes), ``summary.json`` = ``{"experiment", "config",
 "final": [...]}``, ``summary.md``, ``*.png``.
 
-Launched as ``torchrun --nproc_per_node N -m adoptim foo`` (``WORLD_SIZE`` > 1) the runner initialises
+Launched as ``torchrun --nproc_per_node N -m adoptim_repro foo`` (``WORLD_SIZE`` > 1) the runner initialises
 ``torch.distributed`` (gloo on CPU, nccl on CUDA) and sets each rank's CUDA device.
 """
 

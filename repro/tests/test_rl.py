@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("gymnasium")
 
-from adoptim.experiments.config import ConfigError, resolve  # noqa: E402
-from adoptim.experiments.rl import EXPERIMENT, PPO, RLConfig, RunningMeanStd, _gae  # noqa: E402
-from adoptim.experiments.runner import run_experiment  # noqa: E402
+from adoptim_repro.config import ConfigError, resolve  # noqa: E402
+from adoptim_repro.rl import EXPERIMENT, PPO, RLConfig, RunningMeanStd, _gae  # noqa: E402
+from adoptim_repro.runner import run_experiment  # noqa: E402
 
 TINY = {"env": "Pendulum-v1", "total_steps": 512, "rollout_steps": 256, "envs": 2, "minibatches": 4,
         "update_epochs": 2, "eval_episodes": 1, "seeds": 1}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from repro_helpers import run_cli, tiny_mnist
 
-from adoptim.experiments import toy
-from adoptim.experiments.config import ConfigError, resolve
+from adoptim_repro import toy
+from adoptim_repro.config import ConfigError, resolve
 
 BAD = [
     (["toy", "--set", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
@@ -58,8 +58,8 @@ def test_values_parse_by_field_type():
 
 
 def test_optional_field_accepts_none(tmp_path, monkeypatch):
-    from adoptim.experiments import mnist_data
-    from adoptim.experiments.mnist import MnistConfig
+    from adoptim_repro import mnist_data
+    from adoptim_repro.mnist import MnistConfig
 
     monkeypatch.setattr(mnist_data, "wheel_path", lambda: tmp_path)  # the wheel need not be installed
     assert resolve(MnistConfig, [("data_dir", "none")]).data_dir is None

@@ -1,4 +1,4 @@
-"""``torchrun --nproc_per_node 2 -m adoptim gpt`` (DDP over gloo, on CPU) matches one process on the
+"""``torchrun --nproc_per_node 2 -m adoptim_repro gpt`` (DDP over gloo, on CPU) matches one process on the
 same global batch.
 
 Why the tolerance: both runs compute the same global-batch gradient; they differ only in the order of
@@ -28,11 +28,11 @@ SETS = ["steps=8", "batch_sizes=8", "micro_batch=2", "eval_every=4", "eval_seqs=
 def _run(out: Path, nproc: int, sets: list[str], exp: str = "gpt") -> None:
     args = [exp, "--quick", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
     if nproc == 1:  # in this process: saves a start-up of torch
-        from adoptim.experiments.cli import main
+        from adoptim_repro.cli import main
 
         assert main(args) == 0
         return
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "adoptim"]
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "adoptim_repro"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, *launch, *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

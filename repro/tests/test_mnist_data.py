@@ -13,8 +13,8 @@ import pytest
 import torch
 from repro_helpers import tiny_mnist, write_idx
 
-from adoptim.experiments import mnist_data
-from adoptim.experiments.mnist_data import UnsafePickleError, load_arrays_pickle, load_mnist, read_idx
+from adoptim_repro import mnist_data
+from adoptim_repro.mnist_data import UnsafePickleError, load_arrays_pickle, load_mnist, read_idx
 
 # Per-digit counts of the official MNIST training and test sets (LeCun et al.).
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

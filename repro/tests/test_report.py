@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from adoptim.experiments.report import mean_ci95, t975
+from adoptim_repro.report import mean_ci95, t975
 
 # Two-sided 95% quantiles of Student's t from published tables (e.g. NIST/SEMATECH e-Handbook, 1.3.6.7.2).
 PUBLISHED = {1: 12.706, 2: 4.303, 5: 2.571, 10: 2.228, 30: 2.042, 40: 2.021, 60: 2.000, 100: 1.984, 120: 1.980}

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from adoptim.experiments import image_data
-from adoptim.experiments.config import ConfigError, resolve
-from adoptim.experiments.imagenet import EXPERIMENT, ImagenetConfig, lr_at, model_label, param_groups
+from adoptim_repro import image_data
+from adoptim_repro.config import ConfigError, resolve
+from adoptim_repro.imagenet import EXPERIMENT, ImagenetConfig, lr_at, model_label, param_groups
 
 needs_fashion = pytest.mark.skipif(not (image_data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
                                    reason="Debian package dataset-fashion-mnist is not installed")
@@ -100,7 +100,7 @@ def test_tables_name_the_architecture_overrides_of_a_smoke_model():
 @pytest.mark.slow
 def test_swin_tiny_is_swin_t_and_decay_skips_norms_biases_and_tables():
     _timm_or_skip()
-    from adoptim.experiments.imagenet import build_model
+    from adoptim_repro.imagenet import build_model
 
     cfg = resolve(ImagenetConfig, [("data_dir", "x")])
     model = build_model(cfg, 1000)
@@ -119,7 +119,7 @@ def test_swin_tiny_is_swin_t_and_decay_skips_norms_biases_and_tables():
 @pytest.mark.slow
 def test_smoke_run_writes_labelled_results(tmp_path):
     _timm_or_skip()
-    from adoptim.experiments.runner import run_experiment
+    from adoptim_repro.runner import run_experiment
 
     sets = {**EXPERIMENT.quick, "smoke_per_class": 4, "batch_size": 8, "epochs": 2, "warmup_epochs": 1}
     cfg = resolve(ImagenetConfig, list(sets.items()))
@@ -143,7 +143,7 @@ def test_a_run_resumed_after_its_first_epoch_ends_where_an_uninterrupted_one_doe
     # Mixup and CutMix draw from numpy's generator and RandAugment from Python's: both are seeded per
     # epoch with torch's, so two runs, and a run resumed from its epoch checkpoint, give the same numbers.
     _timm_or_skip()
-    from adoptim.experiments.runner import run_experiment
+    from adoptim_repro.runner import run_experiment
 
     sets = {**EXPERIMENT.quick, "smoke_per_class": 4, "batch_size": 8, "epochs": 2, "warmup_epochs": 1,
             "optimizers": ("adoptw",)}
@@ -153,7 +153,7 @@ def test_a_run_resumed_after_its_first_epoch_ends_where_an_uninterrupted_one_doe
     class Stop(Exception):
         pass
 
-    import adoptim.experiments.imagenet as imagenet
+    import adoptim_repro.imagenet as imagenet
 
     real = imagenet.evaluate
     calls = []

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..optimizer import ADOPT
+from adoptim import ADOPT
 
 OPTIMIZERS = ("adam", "adamw", "amsgrad", "adamax", "adopt", "adopt-noclip", "adoptw")
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from adoptim.experiments import text_data
-from adoptim.experiments.config import ConfigError, resolve
-from adoptim.experiments.gpt import Config
-from adoptim.experiments.gpt_model import GPT, GPTConfig
-from adoptim.experiments.lm_train import cosine_lr, count_spikes, spike_steps
+from adoptim_repro import text_data
+from adoptim_repro.config import ConfigError, resolve
+from adoptim_repro.gpt import Config
+from adoptim_repro.gpt_model import GPT, GPTConfig
+from adoptim_repro.lm_train import cosine_lr, count_spikes, spike_steps
 
 
 # -- the spike counter on known series ---------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_bad_config_is_one_clear_error():
 # -- the --quick run -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_quick_run_writes_results(tmp_path):
-    from adoptim.experiments.cli import main
+    from adoptim_repro.cli import main
 
     out = tmp_path / "gpt"
     assert main(["gpt", "--quick", "--out", str(out), "--set", "steps=30"]) == 0
@@ -152,8 +152,8 @@ class _Ctx:
 
 
 def _tiny_run(ctx):
-    from adoptim.experiments.gpt_model import decay_groups
-    from adoptim.experiments.lm_train import LoopSettings, train_loop
+    from adoptim_repro.gpt_model import decay_groups
+    from adoptim_repro.lm_train import LoopSettings, train_loop
     from adoptim.optimizer import ADOPT
 
     data = text_data.shakespeare_splits().train[:20000]
@@ -183,7 +183,7 @@ def test_an_interrupted_run_resumes_to_the_same_losses():
 def test_token_file_path_reads_gpt2_tokens(tmp_path):
     """``data_file=train.bin``: uniformly random GPT-2 ids cannot be learned, so the held-out loss stays
     at the closed form ln(50257) (the head has 50304 outputs; the 47 unused ones fall towards zero)."""
-    from adoptim.experiments.cli import main
+    from adoptim_repro.cli import main
 
     rng = np.random.default_rng(0)
     rng.integers(0, 50257, 20000).astype(np.uint16).tofile(tmp_path / "train.bin")

@@ -7,7 +7,7 @@ import math
 
 from repro_helpers import run_cli, tiny_mnist
 
-from adoptim.experiments import vae
+from adoptim_repro import vae
 
 
 def _files(out, name):

@@ -19,7 +19,7 @@ TOY = ["toy", "--set", "steps=12000", "--set", "runs=16", "--set", "chunk=200", 
 
 
 def _cmd(args: list[str], out: Path) -> list[str]:
-    return [sys.executable, "-m", "adoptim", *args, "--out", str(out), "--checkpoint-every", "0"]
+    return [sys.executable, "-m", "adoptim_repro", *args, "--out", str(out), "--checkpoint-every", "0"]
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:

@@ -4,7 +4,7 @@
     adoptim <experiment> [--quick] [--seeds N] [--out DIR] [--device cpu|cuda] [--set key=value ...]
     adoptim demo          # toy --quick and mnist --quick
 
-Also runs as ``python -m adoptim`` and under ``torchrun --nproc_per_node N -m adoptim <experiment>``.
+Also runs as ``python -m adoptim_repro`` and under ``torchrun --nproc_per_node N -m adoptim_repro <experiment>``.
 """
 
 from __future__ import annotations

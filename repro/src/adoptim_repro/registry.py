@@ -1,4 +1,4 @@
-"""The experiments ``adoptim`` knows: each is a module ``adoptim.experiments.<name>`` with ``EXPERIMENT``."""
+"""The experiments ``adoptim`` knows: each is a module ``adoptim_repro.<name>`` with ``EXPERIMENT``."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from .runner import Experiment, RunContext, RunResult, Unit
 MODELS = ("tiny", "gpt2-124m")
 
 PAPER_COMMAND = (
-    "torchrun --nproc_per_node 8 -m adoptim gpt --device cuda --set data_file=DATA/train.bin "
+    "torchrun --nproc_per_node 8 -m adoptim_repro gpt --device cuda --set data_file=DATA/train.bin "
     "--set model=gpt2-124m --set block_size=1024 --set batch_sizes=96,480 --set micro_batch=12 "
     "--set steps=100000 --set warmup=2000 --set adamw.lr=6e-4 --set adoptw.lr=6e-4 --set eval_every=1000 "
     "--set eval_seqs=960"

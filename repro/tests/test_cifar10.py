@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from adoptim import ADOPT
-from adoptim.experiments import image_data
-from adoptim.experiments.cifar10 import EXPERIMENT, Cifar10Config, ResNet18, channel_stats
-from adoptim.experiments.config import ConfigError, resolve
-from adoptim.experiments.runner import run_experiment
+from adoptim_repro import image_data
+from adoptim_repro.cifar10 import EXPERIMENT, Cifar10Config, ResNet18, channel_stats
+from adoptim_repro.config import ConfigError, resolve
+from adoptim_repro.runner import run_experiment
 
 needs_fashion = pytest.mark.skipif(not (image_data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
                                    reason="Debian package dataset-fashion-mnist is not installed")
@@ -197,7 +197,7 @@ def test_quick_run_writes_labelled_results_and_resumes(tmp_path):
 
 
 def test_cli_reports_a_wrong_data_dir_in_one_line(tmp_path, capsys):
-    from adoptim.experiments.cli import main
+    from adoptim_repro.cli import main
 
     assert main(["cifar10", "--set", f"data_dir={tmp_path / 'nope'}", "--out", str(tmp_path / "out")]) == 2
     errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x.lower() or "Traceback" in x]

@@ -2,7 +2,7 @@
 
 Every experiment's config is a dataclass whose defaults follow the paper. Fields may be ``int``,
 ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]`` (written ``a,b,c``), or a mapping from an
-optimizer name to :class:`adoptim.experiments.optimizers.OptimSpec` (written ``adam.lr=1e-3``).
+optimizer name to :class:`adoptim_repro.optimizers.OptimSpec` (written ``adam.lr=1e-3``).
 A config may define ``validate(self) -> None`` that raises :class:`ConfigError` for impossible values.
 """
 

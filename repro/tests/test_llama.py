@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adoptim.experiments import mmlu, text_data
-from adoptim.experiments.lm_train import IGNORE
+from adoptim_repro import mmlu, text_data
+from adoptim_repro.lm_train import IGNORE
 
 transformers = pytest.importorskip("transformers")
 
-from adoptim.experiments.llama import ByteTokenizer, collate, encode_record  # noqa: E402
+from adoptim_repro.llama import ByteTokenizer, collate, encode_record  # noqa: E402
 
 
 def test_bible_records_and_book_split():
@@ -94,7 +94,7 @@ def test_mmlu_accuracy_of_a_constant_answerer(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quick_run_pretrains_then_finetunes(tmp_path):
-    from adoptim.experiments.cli import main
+    from adoptim_repro.cli import main
 
     out = tmp_path / "llama"
     sets = ["--set", "steps=12", "--set", "pretrain_steps=12", "--set", "eval_every=6"]
@@ -113,7 +113,7 @@ def test_full_scale_path_with_a_local_checkpoint(tmp_path):
     """``model=DIR data=alpaca.json mmlu=DIR``: a tiny checkpoint with a real BPE tokenizer saved locally."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from adoptim.experiments.cli import main
+    from adoptim_repro.cli import main
 
     corpus = [r["output"] for r in text_data.bible_records()[:2000]]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
