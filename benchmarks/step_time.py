@@ -15,7 +15,12 @@ device-to-device copy bandwidth.
 
 Rows of ports that are not installed are skipped (timm's ``Adopt`` is loaded from its module file when
 ``import timm`` fails, as it does without torchvision). With ``--json`` every finished row is saved at
-once (written atomically) and a rerun with the same file skips the rows it already holds.
+once (written atomically, in the format of ``results_file.py``) and a rerun with the same file skips the
+rows it already holds. Its ``results``: per ``"<layout>/<device>/<dtype>/<threads>"``, ``layout``
+(title, tensors, numel, element_size), ``bound`` and ``alloc`` (``samples_ms``) and one entry per row
+(``median_ms``, ``min_ms``, ``max_ms``, ``first_ms``, or ``error``); with ``--head-to-head``, per
+``"head-to-head/<layout>/<device>/<dtype>/<threads>"``, ``layout``, ``rounds`` and ``times_ms`` (each
+contender's time in every round, in round order).
 """
 
 from __future__ import annotations
@@ -24,17 +29,18 @@ import argparse
 import gc
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import results_file
 import torch
 
 import adoptim
@@ -184,16 +190,15 @@ def bound_seconds(numel: int, dtype: torch.dtype, device: str, repeats: int) -> 
 def _load(path: Path | None) -> dict:
     if path is None or not path.exists():
         return {}
-    return json.loads(path.read_text())
+    doc = json.loads(path.read_text())
+    return {**doc["results"], "settings": doc["settings"]} if "benchmark" in doc else doc
 
 
 def _save(path: Path | None, results: dict) -> None:
     if path is None:
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)  # a reader never sees a half-written file
+    data = {k: v for k, v in results.items() if k != "settings"}
+    results_file.write(path, "step_time", results.get("settings", {}), data, threads=torch.get_num_threads())
 
 
 # ------------------------------------------------------------------ main
@@ -297,7 +302,7 @@ def run_layout(key: str, args: argparse.Namespace, results: dict) -> None:
               f"worst {max(spreads):.0%}; load average {os.getloadavg()[0]:.1f}")
 
 
-def head_to_head(key: str, args: argparse.Namespace) -> None:
+def head_to_head(key: str, args: argparse.Namespace) -> dict:
     """The bound, adoptim's fused step and torch's fused AdamW, taking turns every round.
 
     The bandwidth a shared machine offers drifts by tens of percent within a minute, so rows timed one
@@ -355,6 +360,8 @@ def head_to_head(key: str, args: argparse.Namespace) -> None:
     print(f"\nadoptim / AdamW fused, per round: median {statistics.median(ratios):.3f} "
           f"(quartiles {q[0]:.3f} to {q[2]:.3f}); bound / adoptim, per round: median "
           f"{statistics.median(of_bound):.2f}; load average {os.getloadavg()[0]:.1f}")
+    layout = {"title": title, "tensors": len(shapes), "numel": numel, "element_size": base[0].element_size()}
+    return {"layout": layout, "rounds": args.rounds, "times_ms": times}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -380,13 +387,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # other ports' deprecation warnings would bury the tables
     results = _load(args.json)
+    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     print(f"torch {torch.__version__}, adoptim {adoptim.__version__}, {args.device}, "
           f"load average at start {os.getloadavg()[0]:.1f}", file=sys.stderr)
     for key in args.layouts:
+        store = f"{key}/{args.device}/{args.dtype}/{args.threads}"
         if args.head_to_head:
-            head_to_head(key, args)
+            results["head-to-head/" + store] = head_to_head(key, args)
         else:
             run_layout(key, args, results)
+            shapes = LAYOUTS[key][1]()
+            results[store]["layout"] = {
+                "title": LAYOUTS[key][0], "tensors": len(shapes), "numel": sum(math.prod(s) for s in shapes),
+                "element_size": torch.empty((), dtype=getattr(torch, args.dtype)).element_size()}
+        _save(args.json, results)
 
 
 if __name__ == "__main__":
