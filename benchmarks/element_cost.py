@@ -8,13 +8,19 @@ float16 is timed through both of its paths (the CPU's F16C conversions where it 
 portable integer conversions). Prints the best of ``--repeats`` repeats, in ns per element.
 
     python benchmarks/element_cost.py
+    python benchmarks/element_cost.py --json benchmarks/results/element_cost.json
+
+``--json PATH`` also writes the rows (format of ``results_file.py``; ``results``: ``{"small": 16,
+"rows": [{"dtype": ..., "ns_per_element": ..., "fixed_us": ...}]}``).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+import results_file
 import torch
 
 from adoptim.kernels import fused_cpu
@@ -54,6 +60,7 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=16384)
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows here")
     args = parser.parse_args()
     lib = fused_cpu._library()
     if lib is None:
@@ -67,13 +74,17 @@ def main() -> None:
     print(f"| dtype | ns per element (one thread, slope from {SMALL} to {args.elements} elements, best of "
           f"{args.repeats}) | fixed cost of a call, µs |")
     print("|---|---:|---:|")
+    measured = []
     try:
         for name, dtype, path in rows:
             lib.adopt_cpu_f16c(path)
             slope, fixed = ns_per_element(dtype, args.elements, args.calls, args.repeats)
             print(f"| {name} | {slope:.2f} | {fixed:.2f} |")
+            measured.append({"dtype": name, "ns_per_element": slope, "fixed_us": fixed})
     finally:
         lib.adopt_cpu_f16c(f16c)
+    if args.json:
+        results_file.write(args.json, "element_cost", vars(args), {"small": SMALL, "rows": measured}, threads=1)
 
 
 if __name__ == "__main__":

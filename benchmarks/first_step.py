@@ -10,6 +10,12 @@ ms, and the per-round ratio of the first step to the median steady step.
 
     python benchmarks/first_step.py                    # layouts b and c, 15 rounds
     python benchmarks/first_step.py --layouts c --rounds 40
+    python benchmarks/first_step.py --json benchmarks/results/first_step.json
+
+``--json PATH`` also writes the results (format of ``results_file.py``; ``results``: one
+``{"layout", "title", "numel", "rounds", "optimizers": {name: {"first_ms": [...], "steady_ms": [...]}},
+"parts_ms": {part: [...]}}`` per layout, one value per round; the parts are adoptim's, with ``other``
+the first step less its timed parts).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import results_file
 import torch
 
 import adoptim
@@ -77,12 +84,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10, help="steady steps per round (median used)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     makers = {
         "adoptim ADOPT fused": lambda ps: adoptim.ADOPT(ps, lr=1e-3, fused=True),
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
     }
+    tables = []
     for key in args.layouts:
         title, shapes = LAYOUTS[key]
         gen = torch.Generator().manual_seed(0)
@@ -113,6 +122,15 @@ def main() -> None:
         print("\nadoptim's first step, medians: " + ", ".join(
             f"{name} {statistics.median(p[name] for _, _, p in parts) * 1e3:.2f} ms" for name in names)
             + f", other {other * 1e3:.2f} ms")
+        tables.append({
+            "layout": key, "title": title, "numel": n, "rounds": args.rounds,
+            "optimizers": {name: {"first_ms": [f * 1e3 for f, _, _ in rows], "steady_ms": [s * 1e3 for _, s, _ in rows]}
+                           for name, rows in results.items()},
+            "parts_ms": {**{name: [p[name] * 1e3 for _, _, p in parts] for name in names},
+                         "other": [(f - sum(p.values())) * 1e3 for f, _, p in parts]},
+        })
+    if args.json:
+        results_file.write(args.json, "first_step", vars(args), tables, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ a fused step from the memory-bandwidth bound on a fast GPU. Prints one table per
 
     python benchmarks/host_overhead.py                 # 148 and 1000 tensors of 4 elements
     python benchmarks/host_overhead.py --tensors 148 --repeats 5000
+    python benchmarks/host_overhead.py --json benchmarks/results/host_overhead.json
 
 One torch thread; medians of ``--repeats`` calls after a warm-up, in microseconds, and per tensor.
+``--json PATH`` also writes them (format of ``results_file.py``; ``results``: one
+``{"tensors": n, "rows": [{"what": ..., "median_us": ... or null}]}`` per tensor count).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import results_file
 import torch
 
 import adoptim
@@ -107,16 +112,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, nargs="+", default=[148, 1000])
     parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, one thread, tensors of 4 elements, median of {args.repeats} calls")
+    tables = []
     for n in args.tensors:
         print(f"\n### {n} tensors\n")
         print("| what | median us | us per tensor |")
         print("|---|---:|---:|")
-        for name, us in run(n, args.repeats):
+        rows = run(n, args.repeats)
+        for name, us in rows:
             cells = "not available | " if us is None else f"{us:.0f} | {us / n:.2f} |"
             print(f"| {name} | {cells}")
+        tables.append({"tensors": n, "rows": [{"what": name, "median_us": us} for name, us in rows]})
+    if args.json:
+        results_file.write(args.json, "host_overhead", vars(args), tables, threads=1)
 
 
 if __name__ == "__main__":

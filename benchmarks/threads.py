@@ -7,7 +7,11 @@ and right after a torch operation that leaves torch's OpenMP threads busy or spi
 where the forward and backward passes run just before the step. Prints one table; the README quotes it
 for the choice.
 
-    python benchmarks/threads.py [--threads 2] [--steps 20] [--dtype float16]
+    python benchmarks/threads.py [--threads 2] [--steps 20] [--dtype float16] [--json PATH]
+
+``--json PATH`` also writes the table (format of ``results_file.py``; ``results``: ``{"dtype",
+"numel", "tensors", "rounds", "openmp_runtimes", "rows": [{"situation", "threads", "median_ms", "min_ms",
+"ratio"}]}``, ``ratio`` being the median per round of the row's time over the package's).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import results_file
 import torch
 
 from adoptim.kernels import fused_cpu
@@ -35,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the table here")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
@@ -89,6 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|")
     for situation, name, med, low, ratio in rows:
         print(f"| {situation} | {name} | {med:.2f} | {low:.2f} | {ratio:.2f} |")
+    if args.json:
+        keys = ("situation", "threads", "median_ms", "min_ms", "ratio")
+        results_file.write(args.json, "threads", vars(args), {
+            "dtype": args.dtype, "numel": 10_000_000, "tensors": 100, "rounds": args.steps,
+            "openmp_runtimes": [Path(g).name for g in gomp],
+            "rows": [dict(zip(keys, row)) for row in rows]}, threads=args.threads)
 
 
 if __name__ == "__main__":
