@@ -8,7 +8,7 @@ Schema (one object per file)::
      "machine": {"cpu": "AMD EPYC ...", "logical_cpus": 2, "physical_cores": 1, "torch_threads": 1,
                  "platform": "Linux-...", "python": "3.11.7"},
      "torch": "2.13.0+cpu", "adoptim": "0.1.0",
-     "commit": "ade7286...", "dirty": false,  # git HEAD, and whether the library or benchmarks differed from it
+     "commit": "ade7286...", "dirty": false,  # git HEAD; whether tracked library or benchmark files differed
      "settings": {...},                       # the script's arguments
      "results": ...}                          # the script's own data (see its docstring)
 
@@ -83,7 +83,9 @@ def write(path: Path, benchmark: str, settings: dict[str, Any], results: Any, th
     """Write ``results`` of ``benchmark`` with its provenance to ``path`` (atomically)."""
     import adoptim
 
-    status = _git("status", "--porcelain", "--", "src", "benchmarks", "setup.py", "pyproject.toml")
+    # Uncommitted changes to tracked files of the library or the benchmarks (results files are not code).
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks", "setup.py",
+                  "pyproject.toml")
     doc = {
         "benchmark": benchmark,
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
@@ -102,6 +104,7 @@ def write(path: Path, benchmark: str, settings: dict[str, Any], results: Any, th
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     os.replace(tmp, path)  # a reader never sees a half-written file
 
 
