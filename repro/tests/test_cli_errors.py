@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from repro_helpers import run_cli
 
 SMALL = ["--set", "steps=200", "--set", "runs=4", "--set", "ks=10", "--set", "beta2s=0.5", "--set", "log_points=4",
@@ -89,15 +90,33 @@ def test_gpt_settings_that_would_fail_after_training_are_refused_first(setting: 
     assert f"'{setting.split('=')[0]}'" in _error(capsys)
 
 
-def test_a_run_that_failed_before_saving_anything_may_be_rerun_with_another_config(
+def test_a_value_only_the_data_can_refuse_is_refused_before_anything_is_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # A value only the data can refuse (a block longer than the text) stops the first unit before it
-    # saves anything; the corrected command may then use the same --out.
+    # A block longer than the text: the data are read before the first unit, so nothing is written.
     out = tmp_path / "o"
     assert run_cli("gpt", "--quick", "--set", "block_size=100000000", "--out", out) == 2
     assert "'block_size' (100000000) needs more than the" in _error(capsys)
-    assert (out / "config.json").exists()
-    assert run_cli("gpt", "--quick", "--set", "steps=4", "--set", "batch_sizes=2", "--out", out) == 0
+    assert not out.exists()
+
+
+def test_a_run_that_failed_before_saving_anything_may_be_rerun_with_another_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A unit that fails before it saves anything (here made to) leaves only config.json; the corrected
+    # command may then use the same --out.
+    import dataclasses
+
+    from adoptim_repro import toy
+
+    def fails(cfg: object, unit: object, ctx: object) -> None:
+        raise ValueError("failed in the unit")
+
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        m.setattr(toy, "EXPERIMENT", dataclasses.replace(toy.EXPERIMENT, run=fails))
+        with pytest.raises(ValueError, match="failed in the unit"):
+            _toy(out, "--set", "lr_decay=0.5")
+    assert (out / "config.json").exists() and not (out / ".lock").exists()
+    assert _toy(out) == 0
     assert "was made with" not in capsys.readouterr().err
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from repro_helpers import run_cli, tiny_mnist
 
 from adoptim_repro import toy
 from adoptim_repro.config import ConfigError, resolve
+from repro_helpers import run_cli, tiny_mnist
 
 BAD = [
     (["toy", "--set", "nosuchkey=1"], "unknown config key 'nosuchkey'"),

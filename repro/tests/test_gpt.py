@@ -11,9 +11,11 @@ import torch
 
 from adoptim_repro import text_data
 from adoptim_repro.config import ConfigError, resolve
-from adoptim_repro.gpt import Config
-from adoptim_repro.gpt_model import GPT, GPTConfig
-from adoptim_repro.lm_train import cosine_lr, count_spikes, spike_steps
+from adoptim_repro.distributed import Dist
+from adoptim_repro.gpt import GptConfig
+from adoptim_repro.gpt_model import GPT, GPTShape
+from adoptim_repro.lm_train import count_spikes, spike_steps
+from adoptim_repro.schedule import WarmupCosine
 
 
 # -- the spike counter on known series ---------------------------------------------------------------
@@ -37,10 +39,11 @@ def test_spikes_need_a_full_window_and_ignore_a_falling_loss():
 
 
 def test_cosine_schedule_closed_form():
-    assert cosine_lr(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
-    assert cosine_lr(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
-    assert cosine_lr(55, 100, 1.0, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: cos = 0
-    assert cosine_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    lr = WarmupCosine(1.0, 100, 10, floor=0.1)  # the language models' schedule
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(9) == pytest.approx(1.0)
+    assert lr(55) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: cos = 0
+    assert lr(100) == pytest.approx(0.1)
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -79,7 +82,7 @@ def test_token_file_round_trip_and_errors(tmp_path):
 
 # -- model ---------------------------------------------------------------------------------------------
 def test_gpt2_124m_has_gpt2_small_parameter_count():
-    shape = GPTConfig.gpt2_124m()
+    shape = GPTShape.gpt2_124m()
     shape.vocab_size = 50257  # GPT-2's own vocabulary: 124,439,808 parameters with tied embeddings
     with torch.device("meta"):
         model = GPT(shape)
@@ -88,7 +91,7 @@ def test_gpt2_124m_has_gpt2_small_parameter_count():
 
 def test_gpt_is_causal_and_starts_near_uniform():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(GPTShape(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
     x = torch.randint(256, (2, 32))
     x2 = x.clone()
     x2[:, 20] = (x2[:, 20] + 1) % 256
@@ -102,9 +105,9 @@ def test_gpt_is_causal_and_starts_near_uniform():
 
 def test_bad_config_is_one_clear_error():
     with pytest.raises(ConfigError, match="'model' must be one of"):
-        resolve(Config, [("model", "gpt3")])
+        resolve(GptConfig, [("model", "gpt3")])
     with pytest.raises(ConfigError, match="data_file"):
-        resolve(Config, [("data_file", "/nonexistent/train.bin")])
+        resolve(GptConfig, [("data_file", "/nonexistent/train.bin")])
 
 
 # -- the --quick run -----------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ class _Ctx:
     """The runner's context, reduced to what the loop calls; ``stop_at`` simulates a kill."""
 
     def __init__(self, saved=None, stop_at=None):
-        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
+        self.rank, self.world_size, self.device, self.dist = 0, 1, torch.device("cpu"), Dist()
         self.saved, self.stop_at, self.logged = saved, stop_at, []
 
     def resume(self):
@@ -152,19 +155,19 @@ class _Ctx:
 
 
 def _tiny_run(ctx):
+    from adoptim.optimizer import ADOPT
     from adoptim_repro.gpt_model import decay_groups
     from adoptim_repro.lm_train import LoopSettings, train_loop
-    from adoptim.optimizer import ADOPT
 
     data = text_data.shakespeare_splits().train[:20000]
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(GPTShape(block_size=16, n_layer=1, n_head=2, n_embd=16))
     opt = ADOPT(decay_groups(model, 0.1), lr=3e-3, decoupled_weight_decay=True)
 
     def batches(step):
         return [text_data.sample_batch(data, 4, 16, torch.Generator().manual_seed(step))]
 
-    settings = LoopSettings(steps=12, lr=lambda s: cosine_lr(s, 12, 3e-3, 2, 0.1), save_every=5)
+    settings = LoopSettings(steps=12, lr=WarmupCosine(3e-3, 12, 2, floor=0.1), save_every=5)
     return train_loop(model, opt, batches, lambda m, x: m(x)[0], None, settings, ctx)
 
 
@@ -196,4 +199,4 @@ def test_token_file_path_reads_gpt2_tokens(tmp_path):
     assert abs(row["val_loss"] - math.log(50257)) < 0.02
     (tmp_path / "val.bin").unlink()
     with pytest.raises(ConfigError, match="needs val.bin beside it"):
-        resolve(Config, [("data_file", str(tmp_path / "train.bin"))])
+        resolve(GptConfig, [("data_file", str(tmp_path / "train.bin"))])

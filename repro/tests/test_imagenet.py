@@ -12,7 +12,7 @@ import torch
 
 from adoptim_repro import image_data
 from adoptim_repro.config import ConfigError, resolve
-from adoptim_repro.imagenet import EXPERIMENT, ImagenetConfig, lr_at, model_label, param_groups
+from adoptim_repro.imagenet import EXPERIMENT, ImagenetConfig, lr_schedule, model_label, param_groups
 
 needs_fashion = pytest.mark.skipif(not (image_data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
                                    reason="Debian package dataset-fashion-mnist is not installed")
@@ -72,11 +72,12 @@ def test_fashion_image_folder_holds_the_real_images(tmp_path):
 def test_schedule_warmup_then_cosine_closed_form():
     cfg = resolve(ImagenetConfig, [("data_dir", "x"), ("epochs", "10"), ("warmup_epochs", "2")])
     spe = 5  # steps per epoch
-    assert lr_at(cfg, 1e-3, 0, spe) == pytest.approx(1e-6)
-    assert lr_at(cfg, 1e-3, 5, spe) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
-    assert lr_at(cfg, 1e-3, 10, spe) == pytest.approx(1e-3)
-    assert lr_at(cfg, 1e-3, 30, spe) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(cfg, 1e-3, 50, spe) == pytest.approx(1e-5)
+    lr = lr_schedule(cfg, 1e-3, spe)
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(5) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert lr(10) == pytest.approx(1e-3)
+    assert lr(30) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
+    assert lr(50) == pytest.approx(1e-5)
 
 
 def test_paper_recipe_defaults_and_config_errors():

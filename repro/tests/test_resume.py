@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from repro_helpers import run_cli, tiny_mnist
 
 TOY = ["toy", "--set", "steps=12000", "--set", "runs=16", "--set", "chunk=200", "--set", "compile=false",

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("gymnasium")
 
 from adoptim_repro.config import ConfigError, resolve  # noqa: E402
-from adoptim_repro.rl import EXPERIMENT, PPO, RLConfig, RunningMeanStd, _gae  # noqa: E402
+from adoptim_repro.rl import EXPERIMENT, PPO, RlConfig, RunningMeanStd, _gae  # noqa: E402
 from adoptim_repro.runner import run_experiment  # noqa: E402
 
 TINY = {"env": "Pendulum-v1", "total_steps": 512, "rollout_steps": 256, "envs": 2, "minibatches": 4,
@@ -60,7 +60,7 @@ def test_gae_matches_its_definition():
 
 
 def test_rollout_log_probs_are_the_policy_log_probs():
-    cfg = resolve(RLConfig, list(TINY.items()))
+    cfg = resolve(RlConfig, list(TINY.items()))
     ppo = PPO(cfg, "adopt", seed=0)
     obs, act, logp, adv, ret = ppo._rollout()
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_state_round_trip_continues_identically(env):
     # iteration on.)
     if env != "Pendulum-v1":
         pytest.importorskip("mujoco")
-    cfg = resolve(RLConfig, list({**TINY, "env": env, "total_steps": 2048}.items()))
+    cfg = resolve(RlConfig, list({**TINY, "env": env, "total_steps": 2048}.items()))
     a = PPO(cfg, "adopt", seed=3)
     a.iterate()
     state = pickle.loads(pickle.dumps(a.state()))  # as through a checkpoint file
@@ -104,7 +104,7 @@ def test_state_round_trip_continues_identically(env):
 
 
 def test_annealed_lr_reaches_zero_linearly():
-    cfg = resolve(RLConfig, list(TINY.items()))
+    cfg = resolve(RlConfig, list(TINY.items()))
     ppo = PPO(cfg, "adam", seed=0)
     seen = []
     for _ in range(ppo.iterations):
@@ -116,20 +116,20 @@ def test_annealed_lr_reaches_zero_linearly():
 
 def test_config_errors_are_one_line():
     with pytest.raises(ConfigError, match="'rollout_steps' \\(100\\) must be divisible"):
-        resolve(RLConfig, [("rollout_steps", "100"), ("envs", "3")])
+        resolve(RlConfig, [("rollout_steps", "100"), ("envs", "3")])
     with pytest.raises(ConfigError, match="'total_steps'"):
-        resolve(RLConfig, [("total_steps", "10")])
-    cfg = resolve(RLConfig, [*TINY.items(), ("env", "CartPole-v1")])
+        resolve(RlConfig, [("total_steps", "10")])
+    cfg = resolve(RlConfig, [*TINY.items(), ("env", "CartPole-v1")])
     with pytest.raises(ValueError, match="continuous"):
         PPO(cfg, "adam", 0)
-    cfg = resolve(RLConfig, [*TINY.items(), ("env", "NoSuchEnv-v0")])
+    cfg = resolve(RlConfig, [*TINY.items(), ("env", "NoSuchEnv-v0")])
     with pytest.raises(ValueError, match="cannot make 'NoSuchEnv-v0'"):
         PPO(cfg, "adam", 0)
 
 
 @pytest.mark.slow
 def test_quick_run_writes_results(tmp_path):
-    cfg = resolve(RLConfig, [*EXPERIMENT.quick.items(), *TINY.items()])
+    cfg = resolve(RlConfig, [*EXPERIMENT.quick.items(), *TINY.items()])
     summary = run_experiment(EXPERIMENT, cfg, tmp_path, log=lambda s: None)
     rows = {r["optimizer"]: r for r in summary["final"]}
     assert set(rows) == {"adam", "adopt"}
@@ -150,7 +150,7 @@ def _rl_rank(rank: int, world: int, port: int, out: str) -> None:
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=datetime.timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        cfg = resolve(RLConfig, list(TINY.items()))
+        cfg = resolve(RlConfig, list(TINY.items()))
         ppo = PPO(cfg, "adopt", seed=0, rank=rank, world=world)
         first = torch.cat([p.detach().flatten() for p in ppo.agent.parameters()]).clone()
         ppo.iterate()

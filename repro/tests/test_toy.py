@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
-from repro_helpers import run_cli
 
 from adoptim import ADOPT
 from adoptim_repro import toy
 from adoptim_repro.config import resolve
+from repro_helpers import run_cli
 
 
 def _cfg(**kw):

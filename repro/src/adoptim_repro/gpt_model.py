@@ -2,7 +2,7 @@
 self-attention and a GELU MLP, a final LayerNorm and an output layer tied to the token embedding.
 
 Initialisation follows GPT-2: normal(0, 0.02) everywhere, residual output projections scaled by
-``1/sqrt(2 * n_layer)`` so the residual stream keeps its variance with depth. ``GPTConfig.gpt2_124m()``
+``1/sqrt(2 * n_layer)`` so the residual stream keeps its variance with depth. ``GPTShape.gpt2_124m()``
 is the 124M model the paper trains with nanoGPT.
 """
 
@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GPT", "GPTConfig", "decay_groups"]
+__all__ = ["GPT", "GPTShape", "decay_groups"]
 
 
 @dataclass
-class GPTConfig:
+class GPTShape:
     """Shape of the model."""
 
     vocab_size: int = 256
@@ -31,7 +31,7 @@ class GPTConfig:
     bias: bool = True
 
     @classmethod
-    def gpt2_124m(cls) -> GPTConfig:
+    def gpt2_124m(cls) -> GPTShape:
         """GPT-2 small as nanoGPT trains it (vocabulary padded from 50257 to 50304 for speed)."""
         return cls(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 
@@ -41,7 +41,7 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTShape) -> None:
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTShape) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
@@ -77,7 +77,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only language model; ``forward(idx, targets)`` returns (logits, mean cross-entropy)."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTShape) -> None:
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)

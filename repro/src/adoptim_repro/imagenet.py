@@ -17,7 +17,6 @@ Needs ``timm`` (which needs ``torchvision``); both are imported only when a run 
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,8 +29,9 @@ from torch import nn
 
 from . import image_data, report
 from .config import ConfigError
-from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
+from .optimizers import OptimSpec, default_specs, make_optimizer
 from .runner import Experiment, RunContext, RunResult, Unit, seed_units
+from .schedule import Schedule, WarmupCosine
 
 SMOKE_NAME = "Fashion-MNIST as 32x32 RGB ImageFolder (smoke run, not ImageNet)"
 
@@ -46,30 +46,55 @@ class ImagenetConfig:
     """Swin-T on an ImageFolder dataset with the Swin recipe; ``None`` model fields keep timm's Swin-T."""
 
     data_dir: str | None = None
+    """an ImageFolder root with train/<class>/* and val/<class>/*; none = the --quick smoke data"""
     smoke_per_class: int = 0
+    """smoke run: Fashion-MNIST images per class written as an ImageFolder (0 = no smoke run)"""
     model: str = "swin_tiny_patch4_window7_224"
+    """timm model name"""
     img_size: int = 224
+    """input resolution in pixels"""
     patch_size: int | None = None
+    """override timm's patch size; none = the model's"""
     window_size: int | None = None
+    """override the attention window; none = the model's"""
     embed_dim: int | None = None
+    """override the embedding width; none = the model's"""
     depths: tuple[int, ...] | None = None
+    """override the blocks per stage; none = the model's"""
     num_heads: tuple[int, ...] | None = None
+    """override the heads per stage; none = the model's"""
     drop_path: float = 0.2
+    """stochastic-depth rate"""
     epochs: int = 300
+    """training epochs"""
     warmup_epochs: int = 20
+    """epochs of linear warm-up from warmup_lr"""
     batch_size: int = 1024
+    """global images per step (split over processes)"""
     warmup_lr: float = 1e-6
+    """lr at the start of the warm-up"""
     min_lr: float = 1e-5
+    """lr at the end of the cosine decay"""
     clip_grad: float = 5.0
+    """gradient-norm clipping threshold (0 = off)"""
     label_smoothing: float = 0.1
+    """label smoothing of the targets"""
     mixup: float = 0.8
+    """Mixup alpha (0 = off)"""
     cutmix: float = 1.0
+    """CutMix alpha (0 = off)"""
     rand_augment: str = "rand-m9-mstd0.5-inc1"
+    """timm's RandAugment policy string (empty = off)"""
     random_erase: float = 0.25
+    """random-erasing probability"""
     workers: int = 8
+    """data-loader worker processes"""
     seeds: int = 1
+    """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
     optimizers: tuple[str, ...] = ("adamw", "adoptw")
+    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw)"""
     optim: dict[str, OptimSpec] = field(default_factory=_specs)
+    """each optimizer's lr, betas, eps and weight_decay, set as NAME.lr=... (e.g. adopt.lr=3e-3)"""
 
     def validate(self) -> None:
         for key in ("img_size", "epochs", "batch_size"):
@@ -124,13 +149,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(cfg: ImagenetConfig, base: float, step: int, steps_per_epoch: int) -> float:
+def lr_schedule(cfg: ImagenetConfig, base: float, steps_per_epoch: int) -> WarmupCosine:
     """Linear warm-up from ``warmup_lr`` over ``warmup_epochs``, then cosine from ``base`` to ``min_lr``."""
-    warm = cfg.warmup_epochs * steps_per_epoch
-    if step < warm:
-        return cfg.warmup_lr + (base - cfg.warmup_lr) * step / warm
-    total = cfg.epochs * steps_per_epoch
-    return cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return WarmupCosine(base, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch,
+                        floor=cfg.min_lr / base, start=cfg.warmup_lr, reach_peak_after_warmup=True)
+
+
+def preflight(cfg: ImagenetConfig) -> None:
+    """timm importable, and the data folders there, before anything is written."""
+    _timm()
+    if cfg.data_dir:
+        for split in ("train", "val"):
+            folder = Path(cfg.data_dir) / split
+            if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+                raise ValueError(f"config key 'data_dir': {cfg.data_dir!r} needs {split}/<class>/ image folders "
+                                 "(the ImageFolder layout)")
+    elif not (image_data.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        raise ValueError(f"the smoke run reads Fashion-MNIST from {image_data.FASHION_MNIST_DIR}: install the "
+                         "Debian package 'dataset-fashion-mnist'")
 
 
 def _smoke_root(cfg: ImagenetConfig, ctx: RunContext) -> Path:
@@ -140,8 +176,7 @@ def _smoke_root(cfg: ImagenetConfig, ctx: RunContext) -> Path:
         image_data.write_image_folder(train, root / "train", cfg.smoke_per_class)
         image_data.write_image_folder(test, root / "val", max(1, cfg.smoke_per_class // 2))
         (root / "done").write_text("ok\n")
-    if ctx.world_size > 1:
-        torch.distributed.barrier()
+    ctx.dist.barrier()
     return root
 
 
@@ -171,16 +206,15 @@ def _loaders(cfg: ImagenetConfig, root: Path, ctx: RunContext, seed: int) -> tup
 def evaluate(model: nn.Module, loader: Any, ctx: RunContext) -> float:
     """Top-1 accuracy over the validation set (each process scores its share; counts are summed)."""
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    right = total = 0
     with torch.no_grad(), torch.autocast(ctx.device.type, torch.bfloat16, enabled=ctx.device.type == "cuda"):
         for x, y in loader:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            counts[0] += (model(x).argmax(1) == y).sum()
-            counts[1] += y.numel()
-    if ctx.world_size > 1:
-        torch.distributed.all_reduce(counts)
+            right += int((model(x).argmax(1) == y).sum())
+            total += y.numel()
+    right, total = ctx.dist.all_sum([right, total])
     model.train()
-    return float(counts[0] / counts[1])
+    return right / total
 
 
 def run(cfg: ImagenetConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
@@ -193,20 +227,20 @@ def run(cfg: ImagenetConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
         raise ConfigError(f"config key 'data_dir': {e}") from None
     torch.manual_seed(unit.seed)
     model = build_model(cfg, n_classes).to(ctx.device)
-    net: nn.Module = model
-    if ctx.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+    net = ctx.dist.wrap(model)
     spec = cfg.optim[unit.optimizer]
     opt = make_optimizer(unit.optimizer, param_groups(model, spec.weight_decay), spec)
     mix = timm.data.Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                           num_classes=n_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
     steps_per_epoch = len(train_loader)
+    schedule = Schedule(opt, lr_schedule(cfg, spec.lr, steps_per_epoch))
     epoch, step = 0, 0
     saved = ctx.resume()
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         epoch, step = saved["epoch"], saved["step"]
+        schedule.load_state_dict(saved.get("schedule", {"last_epoch": step}))
     ctx.progress(cfg.epochs * steps_per_epoch, step)
     t0 = time.time()
     while epoch < cfg.epochs:
@@ -224,7 +258,6 @@ def run(cfg: ImagenetConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
                 x, target = mix(x, y)
             else:
                 target = nn.functional.one_hot(y, n_classes).float()
-            set_lr(opt, lr_at(cfg, spec.lr, step, steps_per_epoch))
             with torch.autocast(ctx.device.type, torch.bfloat16, enabled=ctx.device.type == "cuda"):
                 loss = torch.sum(-target * torch.log_softmax(net(x).float(), -1), -1).mean()
             opt.zero_grad(set_to_none=True)
@@ -232,13 +265,14 @@ def run(cfg: ImagenetConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
             if cfg.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
+            schedule.step()
             step += 1
             ctx.update(step, loss=loss.item())
         epoch += 1
         acc = evaluate(model, val_loader, ctx)
         ctx.log(step, epoch=epoch, train_loss=loss.item(), val_top1=acc)
-        ctx.checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "step": step},
-                       force=epoch < cfg.epochs)
+        ctx.checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict(),
+                        "epoch": epoch, "step": step}, force=epoch < cfg.epochs)
     dataset = f"ImageFolder {root.name}" if cfg.data_dir else SMOKE_NAME
     return {"dataset": dataset, "model": model_label(cfg), "params": sum(p.numel() for p in model.parameters()),
             "img_size": cfg.img_size, "epochs": cfg.epochs, "train_images": len(train_loader.dataset),
@@ -274,12 +308,19 @@ def plot(cfg: ImagenetConfig, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "imagenet.png")
 
 
+# Measured: see the note in registry.py.
+RUN_TIME = "not measured yet"
+
 EXPERIMENT = Experiment(
     name="imagenet",
     summary=("Swin-T (timm) on ImageFolder data, Swin recipe, adamw vs adoptw; full scale only "
              "(--quick: tiny smoke run on Fashion-MNIST images, not ImageNet); needs timm"),
     paper_scale="paper: ImageNet-1k, Swin-T, 300 epochs at batch 1024: --set data_dir=PATH under "
                 "torchrun on 8 GPUs (days)",
+    run_time=RUN_TIME,
+    requires=(("timm", "pip install 'adoptim-repro[imagenet]'"),
+              ("torchvision", "install the torchvision built for this torch (timm imports it)")),
+    preflight=preflight,
     config=ImagenetConfig,
     quick={"smoke_per_class": 16, "img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 24,
            "depths": (1, 1, 1), "num_heads": (1, 2, 4), "drop_path": 0.0, "epochs": 2, "warmup_epochs": 1,

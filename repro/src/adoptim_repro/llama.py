@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 from . import _io, report
-from .lm_train import IGNORE, LoopSettings, Shard, cosine_lr, mean_loss, train_loop
+from .distributed import Dist
+from .lm_train import IGNORE, LoopSettings, mean_loss, train_loop
 from .optimizers import OptimSpec, default_specs, make_optimizer
 from .runner import Experiment, RunContext, RunResult, Unit
+from .schedule import WarmupCosine
 
 
 class ByteTokenizer:
@@ -66,36 +68,60 @@ def _specs() -> dict[str, OptimSpec]:
 
 
 @dataclass
-class Config:
+class LlamaConfig:
     """The scaled-down default; every field can be set with ``--set key=value``."""
 
     seeds: int = 1
+    """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
     optimizers: tuple[str, ...] = ("adamw", "adopt")
+    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw)"""
     optim: dict[str, OptimSpec] = field(default_factory=_specs)
+    """each finetuning optimizer's lr, betas, eps and weight_decay, set as NAME.lr=... (e.g. adopt.lr=3e-3)"""
     # the small model (ignored when ``model`` is a checkpoint path)
     hidden: int = 128
+    """width of the small model (ignored when model is a checkpoint)"""
     layers: int = 3
+    """decoder layers of the small model"""
     heads: int = 4
+    """attention heads of the small model"""
     intermediate: int = 352
+    """MLP width of the small model"""
     # pretraining on Shakespeare (AdamW, shared by all finetunes of a seed)
     pretrain_steps: int = 600
+    """pretraining steps on Shakespeare (AdamW, once per seed)"""
     pretrain_batch: int = 8
+    """sequences per pretraining step"""
     pretrain_lr: float = 2e-3
+    """peak lr of the pretraining (cosine to 10%)"""
     block_size: int = 128
+    """tokens per pretraining sequence"""
     # finetuning on instruction records
     steps: int = 300
+    """finetuning steps"""
     batch: int = 8
-    micro_batch: int = 0  # records per forward pass per process; 0 = the whole local batch
+    """instruction records per finetuning step"""
+    micro_batch: int = 0
+    """records per forward pass per process; 0 = the whole local batch"""
     warmup_ratio: float = 0.03
+    """fraction of the finetuning steps spent in linear warm-up (then cosine to 0)"""
     max_len: int = 192
+    """tokens per record (longer ones are cut)"""
     grad_clip: float = 1.0
+    """gradient-norm clipping threshold (0 = off)"""
     eval_every: int = 50
+    """steps between held-out loss evaluations"""
     eval_records: int = 128
-    model: str | None = None  # a local Hugging Face checkpoint directory: full scale
-    data: str | None = None  # an Alpaca-format JSON file; None = the packaged King James Bible
-    mmlu: str | None = None  # a local MMLU directory (test/*.csv, dev/*.csv)
+    """held-out records evaluated, evenly spread"""
+    model: str | None = None
+    """a local Hugging Face checkpoint folder (full scale, no pretraining); none = the small model"""
+    data: str | None = None
+    """an Alpaca-format JSON file; none = the packaged King James Bible as instruction records"""
+    mmlu: str | None = None
+    """a local MMLU folder (test/*_test.csv, dev/*_dev.csv): scores the finetuned model; none = skip"""
     mmlu_shots: int = 5
-    mmlu_limit: int = 0  # questions per subject; 0 = all
+    """few-shot examples per MMLU prompt"""
+    mmlu_limit: int = 0
+    """MMLU questions per subject; 0 = all"""
 
     def validate(self) -> None:
         for key in ("hidden", "layers", "heads", "intermediate", "pretrain_steps", "pretrain_batch",
@@ -126,17 +152,17 @@ def _device_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x).logits
 
 
-def small_llama(cfg: Config, vocab_size: int) -> torch.nn.Module:
+def small_llama(cfg: LlamaConfig, vocab_size: int) -> torch.nn.Module:
     """A ``LlamaForCausalLM`` of the config's shape (the architecture of LLaMA, scaled down)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    shape = LlamaConfig(
+    shape = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
         max_position_embeddings=max(cfg.block_size, cfg.max_len), bos_token_id=ByteTokenizer.bos,
         eos_token_id=ByteTokenizer.eos, pad_token_id=ByteTokenizer.pad, tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(shape)
+    return transformers.LlamaForCausalLM(shape)
 
 
 @functools.lru_cache(maxsize=2)
@@ -145,6 +171,20 @@ def finetune_records(data: str | None) -> tuple[list[dict], list[dict]]:
     from .text_data import bible_records, load_alpaca_json, split_records
 
     return split_records(bible_records() if data is None else load_alpaca_json(data))
+
+
+def preflight(cfg: LlamaConfig) -> None:
+    """Read every input before the first unit (pretraining) runs: the instruction records, the texts,
+    the checkpoint's and MMLU's folders."""
+    from .text_data import shakespeare_plays
+
+    finetune_records(cfg.data)  # parses a --set data=FILE (refused with the reason if it is not Alpaca JSON)
+    if cfg.model is None:
+        shakespeare_plays()
+    elif not (Path(cfg.model) / "config.json").is_file():
+        raise ValueError(f"config key 'model': {cfg.model!r} holds no config.json (a Hugging Face checkpoint folder)")
+    if cfg.mmlu is not None and not any((Path(cfg.mmlu) / "test").glob("*_test.csv")):
+        raise ValueError(f"config key 'mmlu': {cfg.mmlu!r} has no test/*_test.csv (the MMLU release's layout)")
 
 
 def encode_record(rec: dict, tok: Any, max_len: int) -> tuple[list[int], list[int]]:
@@ -179,7 +219,7 @@ def _pretrained_path(ctx: RunContext, seed: int) -> Path:
     return Path(ctx.out) / "pretrained" / f"s{seed}.pt"
 
 
-def _shakespeare_eval(cfg: Config, shard: Shard, device: torch.device) -> list:
+def _shakespeare_eval(cfg: LlamaConfig, shard: Dist, device: torch.device) -> list:
     from .text_data import sample_batch, shakespeare_splits
 
     val = shakespeare_splits().val
@@ -189,24 +229,16 @@ def _shakespeare_eval(cfg: Config, shard: Shard, device: torch.device) -> list:
     return [(x[part].to(device), y[part].to(device))]
 
 
-def _wrap(model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
-    if ctx.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model)
-
-
-def pretrain(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
+def pretrain(cfg: LlamaConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     """Byte-level pretraining on Shakespeare with AdamW; saves the weights for the finetunes."""
     from .text_data import sample_batch, shakespeare_splits
 
-    shard = Shard(ctx.rank, ctx.world_size, ctx.device)
+    shard = ctx.dist
     train = shakespeare_splits().train
     torch.manual_seed(unit.seed)
     model = small_llama(cfg, ByteTokenizer.vocab_size).to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    net = _wrap(model, ctx)
+    net = shard.wrap(model)
     mine = shard.slice(cfg.pretrain_batch)
 
     def batches(step: int) -> list:
@@ -217,7 +249,7 @@ def pretrain(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     held_out = _shakespeare_eval(cfg, shard, ctx.device)
     settings = LoopSettings(
         steps=cfg.pretrain_steps,
-        lr=lambda s: cosine_lr(s, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_steps // 20 + 1, 0.1),
+        lr=WarmupCosine(cfg.pretrain_lr, cfg.pretrain_steps, cfg.pretrain_steps // 20 + 1, floor=0.1),
         grad_clip=cfg.grad_clip,
         eval_every=cfg.eval_every,
     )
@@ -231,9 +263,9 @@ def pretrain(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     }
 
 
-def finetune(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
+def finetune(cfg: LlamaConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     """Finetune the pretrained model (or a checkpoint) on instruction records with one optimizer."""
-    shard = Shard(ctx.rank, ctx.world_size, ctx.device)
+    shard = ctx.dist
     torch.manual_seed(unit.seed)
     if cfg.model is None:
         tok: Any = ByteTokenizer()
@@ -248,7 +280,7 @@ def finetune(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     model = model.to(ctx.device)
     spec = cfg.optim[unit.optimizer]
     opt = make_optimizer(unit.optimizer, model.parameters(), spec)
-    net = _wrap(model, ctx)
+    net = shard.wrap(model)
     train_recs, val_recs = finetune_records(cfg.data)
     mine = shard.slice(cfg.batch)
 
@@ -270,7 +302,7 @@ def finetune(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
 
     warm = max(1, int(cfg.warmup_ratio * cfg.steps))
     settings = LoopSettings(
-        steps=cfg.steps, lr=lambda s: cosine_lr(s, cfg.steps, spec.lr, warm, 0.0),
+        steps=cfg.steps, lr=WarmupCosine(spec.lr, cfg.steps, warm),
         grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
     )
     hist = train_loop(net, opt, batches, _device_forward,
@@ -291,12 +323,12 @@ def finetune(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     return record
 
 
-def run(cfg: Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
+def run(cfg: LlamaConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     stage = dict(unit.setting)["stage"]
     return pretrain(cfg, unit, ctx) if stage == "pretrain" else finetune(cfg, unit, ctx)
 
 
-def units(cfg: Config) -> list[Unit]:
+def units(cfg: LlamaConfig) -> list[Unit]:
     out = []
     for seed in range(cfg.seeds):
         if cfg.model is None:
@@ -305,7 +337,7 @@ def units(cfg: Config) -> list[Unit]:
     return out
 
 
-def summarize(cfg: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(cfg: LlamaConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (stage, opt), recs in report.group(records, "stage", "optimizer").items():
         row: dict[str, Any] = {"stage": stage, "optimizer": opt, "seeds": len(recs)}
@@ -316,7 +348,7 @@ def summarize(cfg: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
-def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
+def plot(cfg: LlamaConfig, results: list[RunResult], out: Path) -> None:
     """``llama_loss.png``: pretraining loss, then finetuning train and held-out loss per optimizer."""
     fig, axes = report.figure(1, 2, size=(4.2, 3.0))
     for res in results:
@@ -343,11 +375,17 @@ def plot(cfg: Config, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "llama_loss.png")
 
 
+# Measured: see the note in registry.py.
+RUN_TIME = "not measured yet"
+
 EXPERIMENT = Experiment(
     name="llama",
     summary="scaled-down: LlamaForCausalLM (0.7M) pretrained on Shakespeare, finetuned on KJV records",
     paper_scale="paper: LLaMA-7B on Alpaca + MMLU via --set model=DIR data=alpaca.json mmlu=DIR, GPUs",
-    config=Config,
+    run_time=RUN_TIME,
+    requires=(("transformers", "pip install 'adoptim-repro[llama]'"),),
+    preflight=preflight,
+    config=LlamaConfig,
     quick=QUICK,
     units=units,
     run=run,

@@ -13,58 +13,27 @@ Resume: the state (model, optimizer, step, history) goes to the runner's checkpo
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import Dist
+from .schedule import Schedule, WarmupCosine
+
 __all__ = [
     "IGNORE",
-    "Shard",
     "LoopSettings",
-    "cosine_lr",
     "count_spikes",
     "mean_loss",
     "spike_steps",
     "token_loss_sum",
     "train_loop",
 ]
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's place in a data-parallel run (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    def slice(self, n: int) -> slice:
-        """This rank's share of ``n`` items; ``n`` must split evenly."""
-        if n % self.world_size:
-            raise ValueError(f"global batch {n} does not split evenly over {self.world_size} processes")
-        per = n // self.world_size
-        return slice(self.rank * per, (self.rank + 1) * per)
-
-    def all_sum(self, values: Sequence[float]) -> list[float]:
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-
-def cosine_lr(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to ``base`` over ``warmup`` steps, then cosine decay to ``min_ratio * base``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def spike_steps(losses: Sequence[float], factor: float = 1.5, window: int = 50) -> list[int]:
@@ -95,7 +64,7 @@ class LoopSettings:
     """What the loop needs besides model, optimizer, data and the run context."""
 
     steps: int
-    lr: Callable[[int], float]
+    lr: WarmupCosine
     grad_clip: float = 0.0
     eval_every: int = 0
     save_every: int = 50
@@ -115,7 +84,7 @@ def token_loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, forward: ForwardFn, micro: list[tuple[Tensor, Tensor]], d: Shard) -> float:
+def mean_loss(model: nn.Module, forward: ForwardFn, micro: list[tuple[Tensor, Tensor]], d: Dist) -> float:
     """Token-mean loss over the micro-batches of all ranks."""
     model.eval()
     s, n = 0.0, 0
@@ -140,20 +109,20 @@ def train_loop(
 
     ``model`` may be wrapped in DistributedDataParallel; checkpoints hold the unwrapped module.
     """
-    d = Shard(ctx.rank, ctx.world_size, ctx.device)
+    d: Dist = ctx.dist
     inner = model.module if hasattr(model, "module") else model
     hist: dict[str, list[float]] = {"train_loss": [], "lr": [], "eval_step": [], "eval_loss": []}
     start = 0
+    schedule = Schedule(opt, settings.lr)
     state = ctx.resume()
     if state is not None:
         inner.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, hist = state["step"], state["history"]
+        schedule.load_state_dict(state.get("schedule", {"last_epoch": start}))
     ctx.progress(settings.steps, start)
     for step in range(start, settings.steps):
-        lr = settings.lr(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = schedule.get_last_lr()[0]
         micro = batches(step)
         total = d.all_sum([sum(int((y != IGNORE).sum()) for _, y in micro)])[0]
         loss_sum = 0.0
@@ -168,6 +137,7 @@ def train_loop(
         if settings.grad_clip > 0:
             nn.utils.clip_grad_norm_(inner.parameters(), settings.grad_clip)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         train_loss = d.all_sum([loss_sum])[0] / total
         hist["train_loss"].append(train_loss)
@@ -181,6 +151,7 @@ def train_loop(
             hist["eval_loss"].append(metrics["val_loss"])
         ctx.log(done, **metrics)
         if done % settings.save_every == 0:
-            snapshot = {"model": inner.state_dict(), "opt": opt.state_dict(), "step": done, "history": hist}
+            snapshot = {"model": inner.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict(),
+                        "step": done, "history": hist}
             ctx.checkpoint(snapshot)
     return hist

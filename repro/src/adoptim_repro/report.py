@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,34 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.052, 2.048, 2.045, 2.042]
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval of the mean (0 for a single value)."""
+@dataclass(frozen=True)
+class Stats:
+    """Summary statistics of one metric over seeds; spreads are ``None`` (undefined) for one value."""
+
+    n: int
+    mean: float
+    ci95: float | None  # half-width of the 95% t-interval of the mean
+    std: float | None  # sample standard deviation
+    min: float
+    max: float
+
+
+def stats(values: Sequence[float]) -> Stats:
+    """Mean, 95% t-interval half-width, sample standard deviation, minimum and maximum of ``values``."""
     n = len(values)
+    if n == 0:
+        raise ValueError("summary statistics of no values")
     mean = statistics.fmean(values)
     if n < 2:
-        return mean, 0.0
-    return mean, t975(n - 1) * statistics.stdev(values) / math.sqrt(n)
+        return Stats(n, mean, None, None, min(values), max(values))
+    sd = statistics.stdev(values)
+    return Stats(n, mean, t975(n - 1) * sd / math.sqrt(n), sd, min(values), max(values))
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and half-width of the 95% t-interval of the mean (``None``, undefined, for a single value)."""
+    s = stats(values)
+    return s.mean, s.ci95
 
 
 def t975(df: int) -> float:
@@ -47,6 +69,8 @@ def group(records: Iterable[dict[str, Any]], *keys: str) -> dict[tuple[Any, ...]
 
 
 def _cell(v: Any) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)):

@@ -142,29 +142,47 @@ def _gae(rew: np.ndarray, val: np.ndarray, done: np.ndarray, next_val: np.ndarra
 
 
 @dataclass
-class RLConfig:
+class RlConfig:
     """PPO on one gymnasium environment; PPO settings are Stable-Baselines3's and CleanRL's defaults."""
 
     env: str = "HalfCheetah-v5"
+    """gymnasium environment id (continuous actions, flat observations)"""
     total_steps: int = 150_000
+    """environment steps per run"""
     rollout_steps: int = 2048
+    """environment steps per PPO iteration (all environments)"""
     envs: int = 4
+    """parallel environments (split over processes)"""
     minibatches: int = 32
+    """minibatches per update epoch"""
     update_epochs: int = 10
+    """passes over each rollout"""
     gamma: float = 0.99
+    """discount factor"""
     gae_lambda: float = 0.95
+    """GAE lambda"""
     clip_coef: float = 0.2
+    """PPO's ratio clipping"""
     vf_coef: float = 0.5
+    """weight of the value loss"""
     ent_coef: float = 0.0
+    """weight of the entropy bonus"""
     max_grad_norm: float = 0.5
+    """gradient-norm clipping threshold"""
     anneal_lr: bool = True
+    """decay the lr linearly to 0 over the run"""
     hidden: int = 64
+    """units of each of the two hidden layers (actor and critic)"""
     eval_episodes: int = 5
+    """deterministic evaluation episodes at the end"""
     seeds: int = 3
+    """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
     optimizers: tuple[str, ...] = ("adam", "adopt")
+    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw)"""
     optim: dict[str, OptimSpec] = field(default_factory=lambda: default_specs(
         adam=OptimSpec(lr=3e-4, betas=(0.9, 0.999), eps=1e-5),
         adopt=OptimSpec(lr=3e-4, betas=(0.9, 0.9999), eps=1e-6)))
+    """each optimizer's lr, betas, eps and weight_decay, set as NAME.lr=... (e.g. adopt.lr=3e-3)"""
 
     def validate(self) -> None:
         for key in ("total_steps", "rollout_steps", "envs", "minibatches", "update_epochs", "hidden",
@@ -235,10 +253,15 @@ def _make_env(name: str) -> Any:
     return env
 
 
+def preflight(cfg: RlConfig) -> None:
+    """Make the environment once before any unit runs (a missing simulator is refused first)."""
+    _make_env(cfg.env).close()
+
+
 class PPO:
     """One PPO training run of one process: its environments, agent, optimizer and statistics."""
 
-    def __init__(self, cfg: RLConfig, opt_name: str, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, cfg: RlConfig, opt_name: str, seed: int, rank: int = 0, world: int = 1) -> None:
         if cfg.envs % world:
             raise ValueError(f"config key 'envs' ({cfg.envs}) must split evenly over {world} processes")
         if (cfg.rollout_steps // world) % cfg.minibatches:
@@ -395,7 +418,7 @@ def _average_grads(params: list[Tensor], world: int) -> None:
         offset += p.numel()
 
 
-def run(cfg: RLConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
+def run(cfg: RlConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     """Train one PPO agent (``unit.optimizer``, ``unit.seed``), then evaluate it."""
     ppo = PPO(cfg, unit.optimizer, unit.seed, ctx.rank, ctx.world_size)
     saved = ctx.resume()
@@ -418,19 +441,17 @@ def run(cfg: RLConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
             "train_seconds": round(time.time() - t0, 1)}
 
 
-def summarize(cfg: RLConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(cfg: RlConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per optimizer: mean, 95% interval and standard deviation over seeds of the evaluation return."""
     rows = []
     for (name,), recs in report.group(records, "optimizer").items():
-        vals = [r["eval_return"] for r in recs]
-        mean, ci = report.mean_ci95(vals)
-        rows.append({"optimizer": name, "env": cfg.env, "steps": recs[0]["steps"], "seeds": len(vals),
-                     "eval_return": mean, "ci95": ci, "std": float(np.std(vals, ddof=1)) if len(vals) > 1
-                     else 0.0, "min": min(vals), "max": max(vals)})
+        ret = report.stats([r["eval_return"] for r in recs])
+        rows.append({"optimizer": name, "env": cfg.env, "steps": recs[0]["steps"], "seeds": ret.n,
+                     "eval_return": ret.mean, "ci95": ret.ci95, "std": ret.std, "min": ret.min, "max": ret.max})
     return rows
 
 
-def plot(cfg: RLConfig, results: list[RunResult], out: Path) -> None:
+def plot(cfg: RlConfig, results: list[RunResult], out: Path) -> None:
     """Training return (mean of the last 10 episodes) over environment steps, each seed a thin line."""
     fig, axes = report.figure(1, 1, size=(5.0, 3.2))
     ax = axes[0][0]
@@ -450,13 +471,18 @@ def plot(cfg: RLConfig, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "rl.png")
 
 
+# Measured: see the note in registry.py.
+RUN_TIME = "not measured yet"
+
 EXPERIMENT = Experiment(
     name="rl",
     summary=("PPO (own, CleanRL style) on MuJoCo HalfCheetah-v5, adam vs adopt, eval return over seeds; "
              "scaled down: 150k steps per run (--quick: Pendulum-v1)"),
-    paper_scale="paper: HalfCheetah and Ant at full length: --set total_steps=1000000 "
-                "(--set env=Ant-v5); about 15-30 min per run on one CPU core",
-    config=RLConfig,
+    paper_scale="paper: HalfCheetah and Ant at full length: --set total_steps=1000000 (--set env=Ant-v5)",
+    run_time=RUN_TIME,
+    requires=(("gymnasium", "pip install 'adoptim-repro[rl]'"),),
+    preflight=preflight,
+    config=RlConfig,
     quick={"env": "Pendulum-v1", "total_steps": 8192, "seeds": 2, "eval_episodes": 2},
     units=seed_units,
     run=run,

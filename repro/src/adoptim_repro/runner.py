@@ -47,12 +47,18 @@ How to add an experiment (say ``foo``)
    :func:`.report.figure`); ``results`` are :class:`RunResult` s, each with its unit, records and the
    metric ``history`` read back from its JSON lines.
 8. ``summary``: the one line ``adoptim list`` prints; ``paper_scale``: what the paper's full setting
-   needs (e.g. ``"paper: 10,000 iters x 3 seeds, ~12 min on 2 CPU cores"`` or ``"8 A100 x 2 days"``).
+   needs (e.g. ``"8 A100 x 2 days"``); ``run_time``: the measured wall time of the default and the
+   ``--quick`` run, with the machine and date of the measurement (the one place run times are kept).
+9. ``requires`` (optional): ``(module, how to install it)`` pairs; ``adoptim list`` shows the
+   experiment as unavailable, and a run is refused before anything is written, while one is missing.
+   ``preflight(config)`` (optional): every data and path check that can run before the first unit
+   (read the data file, find the folders); it raises ``ValueError`` with a one-line message.
 
-Output directory (``--out``): ``config.json`` (experiment, resolved config; a rerun with a different
-config is refused, except for ``seeds``, which adds or leaves out units), ``runs/``, ``metrics/``,
-``checkpoints/`` (removed when a unit finishes), ``summary.json`` = ``{"experiment", "config",
-"final": [...]}``, ``summary.md``, ``*.png``.
+Output directory (``--out``): ``.lock`` (while a run holds it: owner pid and host), ``config.json``
+(experiment, resolved config, preset, threads; a rerun with a different config is refused, except for
+``seeds``, which adds or leaves out units; ``--fresh`` starts over), ``runs/``, ``metrics/``,
+``checkpoints/`` (removed when a unit finishes), ``tensorboard/`` (with ``--tensorboard``),
+``summary.json`` = ``{"experiment", "config", ..., "final": [...]}``, ``summary.md``, ``*.png``.
 
 Launched as ``torchrun --nproc_per_node N -m adoptim_repro foo`` (``WORLD_SIZE`` > 1) the runner initialises
 ``torch.distributed`` (gloo on CPU, nccl on CUDA) and sets each rank's CUDA device.
@@ -62,11 +68,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
+import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +85,7 @@ import torch
 
 from . import _io
 from .config import ConfigError, to_dict
+from .distributed import Dist, init_distributed
 
 Record = dict[str, Any]
 
@@ -109,12 +120,15 @@ class Experiment:
     name: str
     summary: str
     paper_scale: str
+    run_time: str
     config: type
     quick: Mapping[str, Any]
     units: Callable[[Any], list[Unit]]
     run: Callable[[Any, Unit, RunContext], Record | list[Record]]
     summarize: Callable[[Any, list[Record]], list[Record]]
     plot: Callable[[Any, list[RunResult], Path], None] | None = None
+    requires: tuple[tuple[str, str], ...] = ()
+    preflight: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -126,45 +140,15 @@ class RunResult:
     history: list[Record] = field(default_factory=list)
 
 
-@dataclass
-class Dist:
-    """The process's place in a distributed launch (rank 0 of 1 when not launched by torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: str) -> Dist:
-    """Join the process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank=rank, world_size=world)
-
-
 class RunContext:
     """What a unit's ``run`` function uses to log, show progress, checkpoint and resume."""
 
-    def __init__(self, out: Path, unit: Unit, device: torch.device, dist: Dist,
-                 checkpoint_every: float = 60.0, position: str = "") -> None:
+    def __init__(self, out: Path, unit: Unit, dist: Dist, checkpoint_every: float = 60.0, position: str = "",
+                 tensorboard: bool = False, say: Callable[[str], None] | None = None) -> None:
         self.out = out
         self.unit = unit
-        self.device = device
+        self.dist = dist
+        self.device = dist.device
         self.rank = dist.rank
         self.world_size = dist.world_size
         self.is_main = dist.is_main
@@ -174,7 +158,11 @@ class RunContext:
         self._position = position
         self._bar: Any = None
         self._last_save = time.monotonic()
-        self._dist = dist
+        self._step = 0  # the last step logged or shown, saved with each checkpoint
+        self._tensorboard = tensorboard and dist.is_main
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        self._say = say or (lambda line: print(line, file=sys.stderr, flush=True))
 
     # -- resume and checkpoint -------------------------------------------------------------------
     def resume(self) -> dict[str, Any] | None:
@@ -195,7 +183,14 @@ class RunContext:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a+b") as f:
                 f.truncate(offset)
-        self._dist.barrier()
+            if saved:
+                self._step = int(saved.get("step", 0))
+                at = f" at step {self._step}" if "step" in saved else ""
+                self._say(f"  resuming {self.unit.key} from its checkpoint{at}, saved "
+                          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(self.checkpoint_path.stat().st_mtime))}")
+            # TensorBoard drops the events the resumed run will write again.
+            self._purge_step = self._step + 1 if saved else None
+        self.dist.barrier()
         return saved["state"] if saved else None
 
     def checkpoint(self, state: dict[str, Any], force: bool = False) -> bool:
@@ -205,22 +200,25 @@ class RunContext:
         self._last_save = time.monotonic()
         if self.is_main:
             offset = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
-            _io.write_torch(self.checkpoint_path, {"metrics_offset": offset, "state": state})
+            if self._writer is not None:
+                self._writer.flush()
+            _io.write_torch(self.checkpoint_path, {"metrics_offset": offset, "step": self._step, "state": state})
         return True
 
     # -- progress and metrics --------------------------------------------------------------------
     def progress(self, total: int, initial: int = 0) -> None:
-        """Show a progress bar for ``total`` steps (rank 0 only)."""
+        """Show a progress bar for ``total`` steps (rank 0 only); it stays on screen when the unit ends."""
         if not self.is_main:
             return
         from tqdm.auto import tqdm
 
         self.close()
         self._bar = tqdm(total=total, initial=initial, desc=f"{self._position}{self.unit.key}",
-                         dynamic_ncols=True, leave=False, file=sys.stderr, mininterval=1.0)
+                         dynamic_ncols=True, leave=True, file=sys.stderr, mininterval=1.0)
 
     def update(self, step: int, **metrics: Any) -> None:
         """Move the progress bar to ``step`` and show ``metrics`` beside it."""
+        self._step = max(self._step, step)
         if self._bar is None:
             return
         if step > self._bar.n:
@@ -229,24 +227,53 @@ class RunContext:
             self._bar.set_postfix({k: _short(v) for k, v in metrics.items()}, refresh=False)
 
     def log(self, step: int, **metrics: Any) -> None:
-        """Record ``metrics`` at ``step`` as one JSON line and show them on the progress bar."""
+        """Record ``metrics`` at ``step`` as one JSON line (the record of truth; also as TensorBoard
+        scalars with ``--tensorboard``) and show them on the progress bar."""
         if self.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if self._tensorboard:
+                self._add_scalars(step, metrics)
         self.update(step, **metrics)
+
+    def _add_scalars(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out / "tensorboard" / self.unit.key), purge_step=self._purge_step)
+        for tag, value in _scalars(metrics):
+            self._writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _short(v: Any) -> Any:
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
-def _config_meta(exp: Experiment, cfg: Any) -> Record:
-    return {"experiment": exp.name, "config": to_dict(cfg)}
+def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """Finite numbers of ``metrics`` as (tag, value); nested lists become ``name/i/j`` tags."""
+    out: list[tuple[str, float]] = []
+    for key, value in metrics.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, (list, tuple)):
+            out += _scalars({str(i): v for i, v in enumerate(value)}, tag + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out.append((tag, float(value)))
+    return out
+
+
+# --------------------------------------------------------------------------- the output folder
+LOCK = ".lock"
+# What a run writes into --out (all of it removed by --fresh; nothing else there is touched).
+OUTPUTS = ("config.json", "runs", "metrics", "checkpoints", "tensorboard", "summary.json", "summary.md",
+           "pretrained", "smoke_data")
 
 
 def _read_result(path: Path, what: str, check: Callable[[Any], bool]) -> Any:
@@ -271,6 +298,75 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out} cannot hold results: {e.strerror or e}") from None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextmanager
+def _guard(out: Path) -> Any:
+    """Serialise lock-taking processes on ``out`` (flock on the folder itself, where there is one)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: the lock file's exclusive creation alone
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def acquire_lock(out: Path, say: Callable[[str], None]) -> Path:
+    """Hold ``out`` for this process: ``out/.lock`` created exclusively with this pid, host and start time.
+
+    A lock of a live process (or of any process on another host) refuses in one line; the lock of a
+    process that is no longer running on this host is taken over, with a message.
+    """
+    path = out / LOCK
+    host = socket.gethostname()
+    with _guard(out):
+        if path.exists():
+            try:
+                holder = json.loads(path.read_text())
+                pid, owner, since = int(holder["pid"]), str(holder["host"]), str(holder.get("started", "?"))
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError(f"{path} exists but is not a lock this runner wrote; if no run is using {out}, "
+                                  "delete it") from None
+            if owner != host or pid == os.getpid() or _alive(pid):
+                raise ConfigError(f"{out} is in use by another run (pid {pid} on {owner}, since {since}); wait for "
+                                  f"it to finish or use another --out (if it is gone, delete {path})")
+            say(f"[lock] {out}: taking over the lock of pid {pid} (started {since}), which is no longer running")
+            path.unlink()
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    return path
+
+
+def release_lock(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _start_fresh(out: Path) -> None:
+    """Remove what earlier runs wrote into ``out`` (and nothing else)."""
+    for name in OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    for png in out.glob("*.png"):
+        png.unlink()
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     # A kill during an atomic write leaves its temporary file (never read: the target is renamed into
     # place only when complete). Checkpoints are large, so they are removed before a run goes on.
@@ -278,11 +374,11 @@ def _remove_stale_temporaries(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_out(out: Path, meta: Record) -> None:
+def _check_out(out: Path, meta: Record, say: Callable[[str], None]) -> None:
     path = out / "config.json"
     if not path.exists():
         return
-    old = _read_result(path, "remove it (and the results beside it) or use another --out",
+    old = _read_result(path, "remove it (and the results beside it), use --fresh, or use another --out",
                        lambda v: isinstance(v, dict) and isinstance(v.get("config"), dict))
     if old.get("experiment") != meta["experiment"]:
         raise ConfigError(f"{out} holds results of experiment {old.get('experiment')!r}; use another --out")
@@ -294,28 +390,91 @@ def _check_out(out: Path, meta: Record) -> None:
         if key != "seeds" and old["config"].get(key) != new_cfg.get(key):
             raise ConfigError(
                 f"{out} was made with {key}={old['config'].get(key)!r}, not {new_cfg.get(key)!r}; "
-                "rerun with the same config to resume, or use another --out")
+                "rerun with the same config to resume, --fresh to start over, or use another --out")
+    if old.get("threads") not in (None, meta["threads"]):
+        say(f"[{meta['experiment']}] note: the results so far used {old['threads']} threads, this run "
+            f"{meta['threads']}; float results depend on the thread count")
 
 
-def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu",
-                   checkpoint_every: float = 60.0, log: Callable[[str], None] | None = None) -> Record:
-    """Run every unfinished unit of ``exp`` under ``cfg`` into ``out``; return the summary dict."""
+def _agree(dist: Dist, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 and raise its :class:`ConfigError` on every rank (so none waits forever)."""
+    error = None
+    if dist.is_main:
+        try:
+            check()
+        except ConfigError as e:
+            error = str(e)
+    if dist.world_size > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ConfigError(error)
+
+
+QUICK_NOTE = ("A --quick run proves the code path, not the paper's claim: its models, data and seeds are too "
+              "small for the differences between optimizers to mean anything. Run without --quick for the result.")
+
+
+def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu", checkpoint_every: float = 60.0,
+                   log: Callable[[str], None] | None = None, quick: bool = False, fresh: bool = False,
+                   tensorboard: bool = False) -> Record:
+    """Run every unfinished unit of ``exp`` under ``cfg`` into ``out``; return the summary dict.
+
+    Every check that can fail (the config, the inputs the experiment reads, the output folder and its
+    lock) runs before anything is written. ``fresh`` removes earlier results first (with the lock held).
+    """
     out = Path(out)
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     dist = init_distributed(device)
-    meta = _config_meta(exp, cfg)
     units = exp.units(cfg)
     keys = [u.key for u in units]
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:  # e.g. --set optimizers=adam,adam: the same run twice
         raise ConfigError(f"the config asks for the same run twice: {', '.join(repeated)}; list each value once")
-    if dist.is_main:
+    if exp.preflight is not None:
+        try:
+            exp.preflight(cfg)
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+    meta: Record = {"experiment": exp.name, "config": to_dict(cfg), "preset": "quick" if quick else "default",
+                    "threads": torch.get_num_threads()}
+    lock: list[Path] = []
+
+    def take_out() -> None:
         _check_writable(out)
-        _check_out(out, meta)
+        lock.append(acquire_lock(out, say))
+        try:
+            if fresh:
+                _start_fresh(out)
+            _check_out(out, meta, say)
+        except BaseException:
+            release_lock(lock.pop())
+            raise
+
+    _agree(dist, take_out)
+    try:
+        return _run_units(exp, cfg, out, units, meta, dist, checkpoint_every, say, tensorboard)
+    finally:
+        if lock:
+            release_lock(lock[0])
+
+
+def _run_units(exp: Experiment, cfg: Any, out: Path, units: list[Unit], meta: Record, dist: Dist,
+               checkpoint_every: float, say: Callable[[str], None], tensorboard: bool) -> Record:
+    if dist.is_main:
         _remove_stale_temporaries(out)
         _io.write_json(out / "config.json", meta)
+        finished = [u.key for u in units if (out / "runs" / f"{u.key}.json").exists()]
+        if finished and len(finished) == len(units):
+            say(f"[{exp.name}] all {len(units)} units already finished in {out}: nothing to run (--fresh starts "
+                "over); writing the summary and plots again")
+        elif finished:
+            say(f"[{exp.name}] {len(finished)} of {len(units)} units already finished in {out}, skipped: "
+                f"{', '.join(finished)}")
     dist.barrier()
-    dev = torch.device(device)
     results: list[RunResult] = []
     for i, unit in enumerate(units, 1):
         path = out / "runs" / f"{unit.key}.json"
@@ -327,7 +486,8 @@ def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu",
         else:
             if dist.is_main:
                 say(f"[{exp.name} {i}/{len(units)}] {unit.key}")
-            ctx = RunContext(out, unit, dev, dist, checkpoint_every, position=f"{i}/{len(units)} ")
+            ctx = RunContext(out, unit, dist, checkpoint_every, position=f"{i}/{len(units)} ",
+                             tensorboard=tensorboard, say=say)
             start = time.perf_counter()
             try:
                 got = exp.run(cfg, unit, ctx)
@@ -336,7 +496,7 @@ def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu",
             records = [{**unit.fields(), **r} for r in (got if isinstance(got, list) else [got])]
             if dist.is_main:
                 _io.write_json(path, {"unit": dataclasses.asdict(unit), "records": records,
-                                      "wall_s": round(time.perf_counter() - start, 3)})
+                                      "wall_s": round(time.perf_counter() - start, 3), "threads": meta["threads"]})
                 ctx.checkpoint_path.unlink(missing_ok=True)
             dist.barrier()
         metrics = out / "metrics" / f"{unit.key}.jsonl"
@@ -350,10 +510,18 @@ def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu",
     if dist.is_main:
         from . import report
 
+        checkpoints = out / "checkpoints"
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()  # every unit finished: no checkpoint is left
+        text = report.markdown(exp.name, summary["final"])
+        if meta["preset"] == "quick":
+            text += "\n" + QUICK_NOTE + "\n"
         _io.write_json(out / "summary.json", summary)
-        _io.write_text(out / "summary.md", report.markdown(exp.name, summary["final"]))
+        _io.write_text(out / "summary.md", text)
         if exp.plot is not None:
             exp.plot(cfg, results, out)
         say(f"[{exp.name}] results in {out}: summary.md, summary.json, plots, metrics/")
+        if meta["preset"] == "quick":
+            say(f"[{exp.name}] {QUICK_NOTE}")
     dist.barrier()
     return summary

@@ -9,12 +9,11 @@
 * nanoGPT's ``train.bin``/``val.bin`` format: a flat file of uint16 GPT-2 token ids.
 
 Nothing here imports the data packages (their declared dependencies are not installed); files are
-located with :func:`importlib.util.find_spec`, which does not execute the package.
+located by :func:`.formats.package_dir`, which does not execute the package.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .formats import package_dir
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -32,7 +32,6 @@ __all__ = [
     "bible_records",
     "load_alpaca_json",
     "load_token_file",
-    "package_dir",
     "sample_batch",
     "shakespeare_plays",
     "shakespeare_splits",
@@ -41,14 +40,6 @@ __all__ = [
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-
-
-def package_dir(name: str, hint: str) -> Path:
-    """The directory of an installed package, without importing it; a clear error when missing."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {name!r} is not installed; {hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def shakespeare_plays() -> list[Path]:
