@@ -46,7 +46,8 @@ def _compile_args() -> list[str]:
 
 kernel = Extension(
     "adoptim.kernels._adopt_cpu",
-    sources=["src/adoptim/kernels/csrc/adopt_cpu.c", "src/adoptim/kernels/csrc/module.c"],
+    sources=[f"src/adoptim/kernels/csrc/{name}.c" for name in ("elementwise", "threads", "step", "bandwidth", "module")],
+    depends=["src/adoptim/kernels/csrc/adopt_cpu.h"],
     extra_compile_args=_compile_args(),
     # -ldl: dlopen, to find torch's OpenMP runtime (part of libc from glibc 2.34 on).
     extra_link_args=[] if sys.platform == "win32" else ["-pthread"] + (["-ldl"] if sys.platform.startswith("linux") else []),

@@ -28,7 +28,7 @@ from adoptim.kernels import fused_cpu
 
 def _call_seconds(dtype: torch.dtype, elements: int, calls: int, repeats: int) -> float:
     """Best time of one C call (one tensor of ``elements`` elements, one thread), over ``repeats``."""
-    lib = fused_cpu._library()
+    lib = fused_cpu.library()
     gen = torch.Generator().manual_seed(0)
     lists = ([torch.randn(elements, generator=gen).to(dtype)], [torch.randn(elements, generator=gen).to(dtype)],
              [torch.zeros(elements, dtype=dtype)], [torch.ones(elements, dtype=dtype)], [torch.tensor(3.0)])
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows here")
     args = parser.parse_args()
-    lib = fused_cpu._library()
+    lib = fused_cpu.library()
     if lib is None:
         raise SystemExit("the fused CPU kernel is not built")
     torch.set_num_threads(1)

@@ -58,7 +58,7 @@ def one_round(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], base:
     parts: dict[str, float] = {}
     kernel = adopt_optimizer.adopt
     if split:  # instance attributes shadow the methods for this optimizer only
-        opt._gather = _timed(parts, "collect", opt._gather)
+        opt._init_group = _timed(parts, "collect", opt._init_group)
         opt._create_state = _timed(parts, "create state", opt._create_state)
         adopt_optimizer.adopt = _timed(parts, "kernel", kernel)
     gc.collect()
@@ -69,7 +69,7 @@ def one_round(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], base:
     finally:
         adopt_optimizer.adopt = kernel
         if split:  # steady steps untimed by part
-            del opt._gather, opt._create_state
+            del opt._init_group, opt._create_state
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

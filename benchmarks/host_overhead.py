@@ -32,9 +32,10 @@ import torch
 
 import adoptim
 from adoptim.kernels import fused_cpu
+from adoptim.kernels.contract import Hyper
 
-HYPER = dict(beta1=0.9, beta2=0.9999, lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
-             clip_exponent=0.25, eps=1e-6, maximize=False, capturable=False, differentiable=False)
+HYPER = Hyper(beta1=0.9, beta2=0.9999, lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
+              clip_exponent=0.25, eps=1e-6, maximize=False)
 
 
 def median_us(fn: Callable[[], object], repeats: int) -> float:
@@ -75,13 +76,12 @@ def triton_host_us(opt: adoptim.ADOPT, repeats: int, whole_step: bool) -> float 
         return None
     kernels = K._adopt_kernel, K._bump_steps_kernel
     K._adopt_kernel = K._bump_steps_kernel = _NoLaunch()
-    kw = dict(HYPER, grad_scale=None, found_inf=None)
     (_, lists), = opt._collect()
     cpu_kernel = fused_cpu.fused_cpu_adopt
     if whole_step:
         fused_cpu.fused_cpu_adopt = K.triton_adopt  # looked up on the module at every call
     try:
-        return median_us(opt.step if whole_step else lambda: K.triton_adopt(*lists, **kw), repeats)
+        return median_us(opt.step if whole_step else lambda: K.triton_adopt(*lists, HYPER), repeats)
     finally:
         K._adopt_kernel, K._bump_steps_kernel = kernels
         fused_cpu.fused_cpu_adopt = cpu_kernel
@@ -94,7 +94,6 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
     adamw = torch.optim.AdamW(params, fused=True)
     adamw.step()
     (_, lists), = adopt._collect()
-    kw = dict(HYPER, grad_scale=None, found_inf=None)
     # AdamW's lists: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     adamw_init = lambda: adamw._init_group(adamw.param_groups[0], *[[] for _ in range(6)])
     return [
@@ -102,7 +101,7 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
         ("torch AdamW(fused=True).step()", median_us(adamw.step, repeats)),
         ("torch AdamW._init_group alone", median_us(adamw_init, repeats)),
         ("  ADOPT._collect (checks, lists)", median_us(adopt._collect, repeats)),
-        ("  fused CPU wrapper + C kernel", median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, **kw), repeats)),
+        ("  fused CPU wrapper + C kernel", median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, HYPER), repeats)),
         ("  Triton wrapper, launches stubbed", triton_host_us(adopt, repeats, False)),
         ("ADOPT.step's host path on CUDA, launches stubbed", triton_host_us(adopt, repeats, True)),
     ]

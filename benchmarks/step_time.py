@@ -165,11 +165,11 @@ def bound_seconds(numel: int, dtype: torch.dtype, device: str, repeats: int) -> 
     """Seconds of ``repeats`` runs of the bandwidth-bound kernel for ``numel`` elements of ``dtype``."""
     nbytes = 7 * numel * torch.empty((), dtype=dtype).element_size()
     if device == "cpu":
-        from adoptim.kernels.fused_cpu import bound_kernel
+        from adoptim.kernels.bandwidth import bandwidth_bound
 
         n32 = nbytes // 28  # float32 elements with the same traffic
         bufs = [torch.full((n32,), 0.5) for _ in range(4)]
-        run = lambda: bound_kernel(*bufs)
+        run = lambda: bandwidth_bound(*bufs)
     else:
         src = torch.ones(nbytes // 8, device=device)  # a copy moves 8 bytes per float32 element
         dst = torch.empty_like(src)
@@ -329,10 +329,10 @@ def head_to_head(key: str, args: argparse.Namespace) -> dict:
             opt.step()
         steps[name] = opt.step
     if args.device == "cpu":
-        from adoptim.kernels.fused_cpu import bound_kernel
+        from adoptim.kernels.bandwidth import bandwidth_bound
 
         bufs = [torch.full((nbytes // 28,), 0.5) for _ in range(4)]
-        steps["bound"] = lambda: bound_kernel(*bufs)
+        steps["bound"] = lambda: bandwidth_bound(*bufs)
     else:
         src = torch.ones(nbytes // 8, device=args.device)
         dst = torch.empty_like(src)

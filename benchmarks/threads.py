@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
-    lib = fused_cpu._library()
+    lib = fused_cpu.library()
     if lib is None:
         raise SystemExit("the fused CPU kernel is not built")
 

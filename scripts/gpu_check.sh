@@ -52,15 +52,16 @@ GRAPHED = ("adoptim triton_adopt", "torch AdamW fused capturable")
 class Functional:
     """The Triton kernel called directly, with the state an optimizer would keep."""
     def __init__(self, ps):
+        from adoptim.kernels.contract import Hyper
         from adoptim.kernels.triton import triton_adopt
         self.kernel, self.ps = triton_adopt, ps
+        self.hyper = Hyper(beta1=0.9, beta2=0.9999, lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
+                           clip_exponent=0.25, eps=1e-6, maximize=False)
         self.m, self.v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
         self.s = [torch.zeros((), device="cuda") for _ in ps]
 
     def step(self):
-        self.kernel(self.ps, [p.grad for p in self.ps], self.m, self.v, self.s, grad_scale=None, found_inf=None,
-                    beta1=0.9, beta2=0.9999, lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
-                    clip_exponent=0.25, eps=1e-6, maximize=False, capturable=False, differentiable=False)
+        self.kernel(self.ps, [p.grad for p in self.ps], self.m, self.v, self.s, self.hyper)
 
 for name, shapes in LAYOUTS.items():
     numel = sum(torch.Size(s).numel() for s in shapes)

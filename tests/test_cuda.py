@@ -14,6 +14,8 @@ import torch
 from optim_helpers import hard_grads, hard_params, run_reference
 
 import adoptim
+from adoptim import functional
+from adoptim.kernels.contract import Hyper
 from adoptim.kernels.single_tensor import single_tensor_adopt
 from adoptim.reference import adopt_step
 
@@ -27,10 +29,17 @@ FLAGS = [
 
 
 def _kernel():
+    """The Triton kernel with keyword hyperparameters, run as the dispatcher runs a fused kernel (what it
+    leaves goes to the for-loop kernel in the same call)."""
     pytest.importorskip("triton")
     from adoptim.kernels.triton import triton_adopt
 
-    return triton_adopt
+    return lambda *lists, **hyper: functional.run_fused_kernel(triton_adopt, lists, Hyper(**hyper))
+
+
+def loop_adopt(*lists, **hyper) -> None:
+    """The for-loop kernel, the ground truth."""
+    single_tensor_adopt(*lists, Hyper(**hyper))
 
 
 def _fused_flags() -> dict[str, bool] | None:
@@ -89,7 +98,7 @@ def test_float32_matches_forloop_kernel(flags: dict) -> None:
     fused, loop = State(params), State(params)
     for row in grads:
         fused.step(kernel, row, **_fused_kw(**flags))
-        loop.step(single_tensor_adopt, row, capturable=False, differentiable=False, **HYPER, **flags)
+        loop.step(loop_adopt, row, capturable=False, differentiable=False, **HYPER, **flags)
     # Both compute in float32; the fused kernel keeps intermediates in registers (and the GPU contracts
     # multiply-adds), so they differ by a few float32 ulps per step.
     for a, b in zip(fused.p + fused.m + fused.v, loop.p + loop.m + loop.v):
@@ -141,7 +150,7 @@ def test_found_inf_and_grad_scale_on_the_gpu(device_steps: bool) -> None:
         fine = torch.zeros((), device="cuda")
         fused.step(kernel, good, **_fused_kw(**FLAGS[0]) | dict(grad_scale=scale, found_inf=fine,
                                                                 capturable=device_steps))
-        loop.step(single_tensor_adopt, row, capturable=False, differentiable=False, **HYPER, **FLAGS[0])
+        loop.step(loop_adopt, row, capturable=False, differentiable=False, **HYPER, **FLAGS[0])
     for a, b in zip(fused.p, loop.p):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert [float(s) for s in fused.s] == [float(s) for s in loop.s] == [4, 4, 0, 4, 4]
@@ -240,7 +249,7 @@ def test_kernel_in_a_cuda_graph_matches_the_eager_forloop_kernel() -> None:
             if self.fused:
                 kernel(self.params, grads, self.m, self.v, self.s, grad_scale=None, found_inf=None, **kw)
             else:
-                single_tensor_adopt(self.params, grads, self.m, self.v, self.s, **kw | dict(capturable=False))
+                loop_adopt(self.params, grads, self.m, self.v, self.s, **kw | dict(capturable=False))
 
     graphed, eager = _graph_vs_eager(lambda m: Functional(m.parameters(), fused=True),
                                      lambda m: Functional(m.parameters(), fused=False))
@@ -342,7 +351,6 @@ def test_parameters_sharing_memory_take_their_updates_in_order_on_gpu(monkeypatc
     # update the shared elements at once; the fused step hands the call to the for-loop kernel, whose
     # result it must equal exactly. Disjoint views of one buffer stay with the Triton kernel.
     _kernel()
-    from adoptim.kernels import triton as K
 
     gen = torch.Generator().manual_seed(7)
     n = 1 << 20  # hundreds of programs per tensor
@@ -366,8 +374,8 @@ def test_parameters_sharing_memory_take_their_updates_in_order_on_gpu(monkeypatc
             runs.append(buf.cpu())
         torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0, msg=case)
     calls = []
-    real = K.single_tensor_adopt
-    monkeypatch.setattr(K, "single_tensor_adopt", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    real = functional.single_tensor_adopt
+    monkeypatch.setattr(functional, "single_tensor_adopt", lambda *a, **k: (calls.append(1), real(*a, **k)))
     buf = init.cuda()
     disjoint = [torch.nn.Parameter(buf[: n // 2]), torch.nn.Parameter(buf[n // 2:])]
     fused = adoptim.ADOPT(disjoint, lr=0.1, fused=True)

@@ -29,6 +29,8 @@ from optim_helpers import hard_grads, hard_params, run_adopt, run_reference
 import adoptim
 from adoptim import functional
 from adoptim.kernels import fused_cpu
+from adoptim.kernels.bandwidth import bandwidth_bound
+from adoptim.kernels.contract import Hyper
 from adoptim.reference import adopt_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +160,7 @@ def test_mixed_dtypes_in_one_call_and_frozen_layer() -> None:
 def _threading(openmp: bool) -> Iterator[None]:
     """The C library's threads: torch's OpenMP threads (skips where torch's libgomp is not loaded), or
     threads started per call."""
-    lib = fused_cpu._library()
+    lib = fused_cpu.library()
     before = lib.adopt_cpu_openmp(-1)
     if lib.adopt_cpu_openmp(int(openmp)) != int(openmp):
         lib.adopt_cpu_openmp(before)
@@ -377,17 +379,13 @@ def test_construction_errors() -> None:
     fused = adoptim.ADOPT(p, fused=True)
     fused.add_param_group({"params": (x for x in [torch.zeros(2, requires_grad=True)])})  # a generator
     assert len(fused.param_groups[1]["params"]) == 1 and fused.param_groups[1]["fused"]
-    with pytest.raises(ValueError, match="differentiable"):
-        fused_cpu.fused_cpu_adopt(p, p, p, p, [torch.tensor(0.0)], grad_scale=None, found_inf=None,
-                                  beta1=0.9, beta2=0.9, lr=0.1, weight_decay=0.0, eps=1e-6,
-                                  decoupled_weight_decay=False, clip_exponent=None, maximize=False,
-                                  capturable=False, differentiable=True)
+    hyper = dict(beta1=0.9, beta2=0.9, lr=0.1, weight_decay=0.0, eps=1e-6, decoupled_weight_decay=False,
+                 clip_exponent=None, maximize=False)
+    with pytest.raises(ValueError, match="fused.*differentiable"):
+        adoptim.adopt(p, p, p, p, [torch.tensor(0.0)], fused=True, differentiable=True, **hyper)
     with pytest.raises(ValueError, match="same shape"):
         fused_cpu.fused_cpu_adopt([torch.zeros(2)], [torch.zeros(3)], [torch.zeros(2)], [torch.zeros(2)],
-                                  [torch.tensor(0.0)], grad_scale=None, found_inf=None, beta1=0.9,
-                                  beta2=0.9, lr=0.1, weight_decay=0.0, eps=1e-6, maximize=False,
-                                  decoupled_weight_decay=False, clip_exponent=None, capturable=False,
-                                  differentiable=False)
+                                  [torch.tensor(0.0)], Hyper(**hyper))
 
 
 @needs_kernel
@@ -411,7 +409,7 @@ def test_default_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_fallback_without_library(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused_cpu, "_load", lambda: (None, "the compiled library is missing"))
-    fused_cpu._library.cache_clear()
+    fused_cpu.library.cache_clear()
     try:
         assert not functional.default_fused([torch.zeros(1)], differentiable=False)
         params = hard_params(torch.float64)
@@ -424,7 +422,7 @@ def test_fallback_without_library(monkeypatch: pytest.MonkeyPatch) -> None:
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
     finally:
-        fused_cpu._library.cache_clear()
+        fused_cpu.library.cache_clear()
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
@@ -452,11 +450,11 @@ def test_bound_kernel_arithmetic() -> None:
     g = torch.Generator().manual_seed(8)
     p, gr, m, v = (torch.randn(1000, generator=g) for _ in range(4))
     want = (p - 1e-3 * gr, 0.5 * m + gr, 0.5 * v + gr)
-    fused_cpu.bound_kernel(p, gr, m, v)
+    bandwidth_bound(p, gr, m, v)
     for a, b in zip((p, m, v), want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="float32"):
-        fused_cpu.bound_kernel(p.double(), gr, m, v)
+        bandwidth_bound(p.double(), gr, m, v)
 
 
 def test_compiled_step_with_fused_on_cpu_traces_foreach() -> None:
@@ -531,7 +529,7 @@ def test_float16_through_f16c_equals_the_portable_conversions(step: int, hyper: 
     # On x86-64 CPUs with F16C, float16 is widened and narrowed by the CPU's conversion instructions;
     # elsewhere by integer arithmetic. The two must give the same bits for every float16 value
     # (subnormals, infinities, signed zeros; NaN only as NaN, whose payload neither keeps).
-    lib = fused_cpu._library()
+    lib = fused_cpu.library()
     before = lib.adopt_cpu_f16c(-1)
     if not lib.adopt_cpu_f16c(1):
         lib.adopt_cpu_f16c(before)
@@ -548,12 +546,12 @@ def test_float16_through_f16c_equals_the_portable_conversions(step: int, hyper: 
         for path in (1, 0):
             assert lib.adopt_cpu_f16c(path) == path
             state = [p.clone(), m.clone(), v.clone(), torch.tensor(float(step))]
-            fused_cpu.fused_cpu_adopt(
+            left = fused_cpu.fused_cpu_adopt(
                 [state[0]], [g], [state[1]], [state[2]], [state[3]],
-                grad_scale=None if scale is None else torch.tensor(scale), found_inf=None, beta1=0.9,
-                beta2=0.999, clip_exponent=0.25, eps=1e-3, maximize=False, capturable=False,
-                differentiable=False, **kw,
+                Hyper(grad_scale=None if scale is None else torch.tensor(scale), beta1=0.9, beta2=0.999,
+                      clip_exponent=0.25, eps=1e-3, maximize=False, **kw),
             )
+            assert not left  # the C loops took it
             results.append(state[:3])
     finally:
         lib.adopt_cpu_f16c(before)
@@ -577,7 +575,7 @@ lib = ctypes.CDLL(kernel)
 found = lib.adopt_cpu_openmp(-1)
 n = 200_000  # one region on two threads through whichever runtime was found
 p, g, m, v = (array("f", [x] * n) for x in (1.0, 2.0, 4.0, 8.0))
-lib.adopt_cpu_bound(*(ctypes.c_void_p(a.buffer_info()[0]) for a in (p, g, m, v)), ctypes.c_int64(n), 2)
+lib.adopt_bench_bandwidth_bound(*(ctypes.c_void_p(a.buffer_info()[0]) for a in (p, g, m, v)), ctypes.c_int64(n), 2)
 ok = all(abs(x - 0.998) < 1e-6 for x in p) and set(m) == {4.0} and set(v) == {6.0}  # p - 1e-3 g, m / 2 + g, v / 2 + g
 print(found, ok)
 """
@@ -660,7 +658,7 @@ def test_the_default_threads_are_torchs_openmp_threads_where_torch_loaded_libgom
     loaded = maps.exists() and any("/libgomp" in line and torch_dir in line for line in maps.read_text().split("\n"))
     if not (loaded and "OpenMP" in torch.__config__.parallel_info()):
         pytest.skip("torch does not run on its own libgomp here")
-    lib = fused_cpu._library()
+    lib = fused_cpu.library()
     before = lib.adopt_cpu_openmp(-1)
     try:
         lib.adopt_cpu_openmp(1)
@@ -689,9 +687,12 @@ def test_wider_state_goes_to_the_for_loop_kernel_and_narrower_state_is_refused_b
         return [params, [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params],
                 [state[0], state[2]], [state[1], state[3]], [torch.tensor(3.0), torch.tensor(3.0)]]
 
+    alone = lists()
+    assert fused_cpu.fused_cpu_adopt(*alone, Hyper(**hyper)) == [1]  # the kernel leaves tensor 1
+    assert torch.equal(alone[0][1], lists()[0][1]) and not torch.equal(alone[0][0], lists()[0][0])
     fused, loop = lists(), lists()
-    fused_cpu.fused_cpu_adopt(*fused, grad_scale=None, found_inf=None, **hyper)
-    single_tensor_adopt(*loop, **hyper)
+    functional.run_fused_kernel(fused_cpu.fused_cpu_adopt, fused, Hyper(**hyper))  # as the dispatcher runs it
+    single_tensor_adopt(*loop, Hyper(**hyper))
     for f, lp in zip(fused, loop):
         # Tensor 0 went through the C loops (float64, a few ulps from the for-loop's rounding), tensor 1
         # through the for-loop kernel itself: the same bits.
@@ -704,7 +705,7 @@ def test_wider_state_goes_to_the_for_loop_kernel_and_narrower_state_is_refused_b
     narrow[3][1] = narrow[3][1].float()  # exp_avg_sq of tensor 1 narrower than its float64 parameter
     before = [x.clone() for x in sum(narrow, [])]
     with pytest.raises(ValueError, match=r"tensor 1: exp_avg \(torch.float64\) and exp_avg_sq \(torch.float32\)"):
-        fused_cpu.fused_cpu_adopt(*narrow, grad_scale=None, found_inf=None, **hyper)
+        fused_cpu.fused_cpu_adopt(*narrow, Hyper(**hyper))
     assert all(torch.equal(a, b) for a, b in zip(sum(narrow, []), before))  # tensor 0 included
 
 

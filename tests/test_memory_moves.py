@@ -20,6 +20,7 @@ import torch
 from capabilities import KERNELS
 
 import adoptim
+from adoptim import functional
 from adoptim.kernels import fused_cpu
 
 HYPER = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, clip_exponent=0.25)
@@ -192,7 +193,7 @@ def test_parameters_that_are_overlapping_views_of_one_buffer_take_their_updates_
 
 @needs_kernel
 def test_the_c_call_refuses_overlapping_parameters_and_changes_nothing() -> None:
-    lib = fused_cpu._library()
+    lib = fused_cpu.library()
     buf = torch.randn(300, dtype=torch.float64)
     for second, overlaps in ((buf[100:], True), (buf[200:], False), (buf[:0], False), (buf[199:], True)):
         params = [buf[:200], second]
@@ -214,7 +215,7 @@ def test_parameters_that_are_disjoint_views_of_one_buffer_keep_the_fused_kernel(
     # A flat buffer cut into parameters (disjoint views, as flat-parameter schemes make) is no reason to
     # leave the fused kernel.
     calls = []
-    monkeypatch.setattr(fused_cpu, "_for_loop", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(functional, "single_tensor_adopt", lambda *a, **k: calls.append(1))
     buf = torch.randn(1000, dtype=torch.float64)
     init = buf.clone()
     params = [torch.nn.Parameter(buf[i: i + 250]) for i in range(0, 1000, 250)]

@@ -19,6 +19,8 @@ from capabilities import FLAG_COMBOS
 from optim_helpers import hard_grads, hard_params, run_reference
 
 import adoptim.kernels
+from adoptim import functional
+from adoptim.kernels.contract import Hyper
 from adoptim.kernels.single_tensor import single_tensor_adopt
 
 triton = pytest.importorskip("triton")
@@ -44,6 +46,18 @@ def _load_interpreted() -> ModuleType:
 
 
 K = _load_interpreted()
+
+
+def triton_adopt(*lists: list[torch.Tensor], **hyper: object) -> None:
+    """The interpreted Triton kernel run as the dispatcher runs a fused kernel: what it leaves goes to the
+    for-loop kernel in the same call."""
+    functional.run_fused_kernel(K.triton_adopt, lists, Hyper(**hyper))
+
+
+def loop_adopt(*lists: list[torch.Tensor], **hyper: object) -> None:
+    """The for-loop kernel, the ground truth."""
+    single_tensor_adopt(*lists, Hyper(**hyper))
+
 # Small blocks keep the interpreter fast; two blocks per chunk exercise the loop inside a chunk (the
 # GPU default has one).
 K._BLOCK, K._CHUNK = 512, 1024
@@ -91,7 +105,7 @@ def test_float64_matches_reference_on_hard_cases(flags: dict) -> None:
     ref = run_reference(params, grads, **hyper)
     st = State(params)
     for row in grads:
-        st.step(K.triton_adopt, row, **_fused(**hyper))
+        st.step(triton_adopt, row, **_fused(**hyper))
     # The same float64 operations as the reference, up to fused multiply-adds and the order of two
     # roundings: a few ulps after 8 steps of values of order 1.
     for i, p in enumerate(st.p):
@@ -108,8 +122,8 @@ def test_float32_matches_forloop_kernel(flags: dict) -> None:
     hyper = {**HYPER, **flags}
     fused, loop = State(params), State(params)
     for row in grads:
-        fused.step(K.triton_adopt, row, **_fused(**hyper))
-        loop.step(single_tensor_adopt, row, **_plain(**hyper))
+        fused.step(triton_adopt, row, **_fused(**hyper))
+        loop.step(loop_adopt, row, **_plain(**hyper))
     # float32 arithmetic in both; the for-loop kernel rounds after each tensor op while the fused one
     # keeps g + wd*p, the decay and lr*m in registers, so they differ by a few float32 ulps per step.
     for a, b, ma, mb, va, vb in zip(fused.p, loop.p, fused.m, loop.m, fused.v, loop.v):
@@ -138,7 +152,7 @@ def test_low_precision_step_is_the_reference_rounded_once(dtype: torch.dtype, st
     hyper = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=decoupled, clip_exponent=0.25, maximize=False)
     pp, mm, vv = p.clone(), m.clone(), v.clone()
     s = torch.tensor(float(step))
-    K.triton_adopt([pp], [g], [mm], [vv], [s], **_fused(**hyper))
+    triton_adopt([pp], [g], [mm], [vv], [s], **_fused(**hyper))
     flat = lambda t: t.double().tolist()
     rp, rm, rv, _ = adopt_step(flat(p), flat(g), flat(m), flat(v), step, **hyper)
     # The kernel computes in float32 and rounds once to the parameter's dtype. float32 differs from the
@@ -177,9 +191,9 @@ def test_many_tensors_of_many_sizes_take_one_launch_per_dtype(monkeypatch: pytes
     fused, loop = State(params), State(params)
     grids = _count_launches(monkeypatch)
     for row in grads:
-        fused.step(K.triton_adopt, row, **_fused(**HYPER, weight_decay=0.0, decoupled_weight_decay=False,
+        fused.step(triton_adopt, row, **_fused(**HYPER, weight_decay=0.0, decoupled_weight_decay=False,
                                                   clip_exponent=0.25, maximize=False))
-        loop.step(single_tensor_adopt, row, **_plain(**HYPER, weight_decay=0.0, decoupled_weight_decay=False,
+        loop.step(loop_adopt, row, **_plain(**HYPER, weight_decay=0.0, decoupled_weight_decay=False,
                                                      clip_exponent=0.25, maximize=False))
     chunks32 = sum(-(-n // K._CHUNK) for n in sizes)
     assert grids == [chunks32, 3] * 3  # one launch per dtype and step, one program per chunk
@@ -195,15 +209,15 @@ def test_launch_plans_are_built_once_per_set_of_tensors(monkeypatch: pytest.Monk
     st = State([torch.randn(10), torch.randn(5)])
     grads = [torch.randn(10), torch.randn(5)]
     kw = _fused(**HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
-    st.step(K.triton_adopt, grads, **kw)
-    st.step(K.triton_adopt, grads, **kw)
+    st.step(triton_adopt, grads, **kw)
+    st.step(triton_adopt, grads, **kw)
     assert len(builds) == 1  # the same tensors again: the cached plan is reused
-    st.step(K.triton_adopt, [g.clone() for g in grads], **kw)
+    st.step(triton_adopt, [g.clone() for g in grads], **kw)
     assert len(builds) == 2  # new gradient tensors: a new plan
     transposed = [torch.randn(5, 2).t(), torch.randn(5)]  # not the parameter's layout: copied, never cached
     st2 = State([torch.randn(2, 5), torch.randn(5)])
-    st2.step(K.triton_adopt, transposed, **kw)
-    st2.step(K.triton_adopt, transposed, **kw)
+    st2.step(triton_adopt, transposed, **kw)
+    st2.step(triton_adopt, transposed, **kw)
     assert len(builds) == 4 and not K._KEEP_ALIVE
 
 
@@ -216,8 +230,8 @@ def test_a_cached_plan_is_not_reused_for_another_layout_at_the_same_address() ->
     kw = dict(HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
     fused, loop = State([p]), State([p])
     for g in (buf, buf, buf.t(), buf.t(), buf):
-        fused.step(K.triton_adopt, [g], **_fused(**kw))
-        loop.step(single_tensor_adopt, [g], **_plain(**kw))
+        fused.step(triton_adopt, [g], **_fused(**kw))
+        loop.step(loop_adopt, [g], **_plain(**kw))
         torch.testing.assert_close(fused.p[0], loop.p[0], rtol=1e-14, atol=1e-15)
         torch.testing.assert_close(fused.v[0], loop.v[0], rtol=1e-14, atol=1e-15)
 
@@ -256,8 +270,8 @@ def test_cached_plans_follow_every_move_of_memory(monkeypatch: pytest.MonkeyPatc
         if t == 6:
             fused.v[0].data = fused.v[0].data.clone()  # the same state object, another address
             fused.s[1].data = fused.s[1].data.clone()
-        fused.step(K.triton_adopt, grads, **_fused(**kw))
-        loop.step(single_tensor_adopt, grads, **_plain(**kw))
+        fused.step(triton_adopt, grads, **_fused(**kw))
+        loop.step(loop_adopt, grads, **_plain(**kw))
         for a, b in zip(fused.p + fused.m + fused.v + fused.s, loop.p + loop.m + loop.v + loop.s):
             torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
     # Built at 0, 3 (a parameter's new storage), 4 (other strides), 5 (new state), 6 (moved state), 7 and
@@ -279,12 +293,12 @@ def test_found_inf_changes_nothing_and_grad_scale_unscales(dtype: torch.dtype) -
         if poisoned[1] is not None:
             poisoned[1] = poisoned[1].clone()
             poisoned[1].view(-1)[0] = float("inf")
-        st.step(K.triton_adopt, poisoned, **_fused(**hyper) | dict(grad_scale=scale, found_inf=torch.tensor(1.0)))
+        st.step(triton_adopt, poisoned, **_fused(**hyper) | dict(grad_scale=scale, found_inf=torch.tensor(1.0)))
         after = st.p + st.m + st.v + st.s
         for x, y in zip(before, after):
             torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=False)
         scaled = [None if g is None else g * scale for g in row]
-        st.step(K.triton_adopt, scaled, **_fused(**hyper) | dict(grad_scale=scale, found_inf=torch.tensor(0.0)))
+        st.step(triton_adopt, scaled, **_fused(**hyper) | dict(grad_scale=scale, found_inf=torch.tensor(0.0)))
     for i, p in enumerate(st.p):
         tol = dict(rtol=1e-13, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(p.to(torch.float64 if not p.is_complex() else torch.complex128),
@@ -298,8 +312,8 @@ def test_tensor_lr_equals_float_lr() -> None:
     hyper = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=True, clip_exponent=None, maximize=True)
     a, b = State(params), State(params)
     for row in grads:
-        a.step(K.triton_adopt, row, **_fused(**hyper))
-        b.step(K.triton_adopt, row, **_fused(**hyper) | dict(lr=torch.tensor(hyper["lr"], dtype=torch.float64)))
+        a.step(triton_adopt, row, **_fused(**hyper))
+        b.step(triton_adopt, row, **_fused(**hyper) | dict(lr=torch.tensor(hyper["lr"], dtype=torch.float64)))
     for x, y in zip(a.p, b.p):
         torch.testing.assert_close(x, y, rtol=1e-15, atol=1e-16)
 
@@ -311,8 +325,8 @@ def test_channels_last_parameter_and_gradient_of_another_layout() -> None:
     hyper = dict(HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
     fused, loop = State([p]), State([p.contiguous()])
     for g in grads:
-        fused.step(K.triton_adopt, [g], **_fused(**hyper))
-        loop.step(single_tensor_adopt, [g], **_plain(**hyper))
+        fused.step(triton_adopt, [g], **_fused(**hyper))
+        loop.step(loop_adopt, [g], **_plain(**hyper))
     assert fused.p[0].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fused.p[0], loop.p[0], rtol=1e-6, atol=1e-6)
 
@@ -320,18 +334,16 @@ def test_channels_last_parameter_and_gradient_of_another_layout() -> None:
 def test_bad_input_is_named() -> None:
     kw = _fused(**HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=0.25, maximize=False)
     p, g, m, v, s = torch.zeros(4), torch.ones(4), torch.zeros(4), torch.zeros(4), torch.zeros(())
-    with pytest.raises(ValueError, match="differentiable"):
-        K.triton_adopt([p], [g], [m], [v], [s], **kw | dict(differentiable=True))
     with pytest.raises(ValueError, match="same length"):
-        K.triton_adopt([p], [g], [m, m], [v], [s], **kw)
+        triton_adopt([p], [g], [m, m], [v], [s], **kw)
     with pytest.raises(ValueError, match="int64"):
-        K.triton_adopt([p.long()], [g.long()], [m], [v], [s], **kw)
+        triton_adopt([p.long()], [g.long()], [m], [v], [s], **kw)
     with pytest.raises(ValueError, match="gradient 0"):
-        K.triton_adopt([p], [torch.ones(2, 2)], [m], [v], [s], **kw)
+        triton_adopt([p], [torch.ones(2, 2)], [m], [v], [s], **kw)
     with pytest.raises(ValueError, match="exp_avg_sq of parameter 1"):
-        K.triton_adopt([p, p.clone()], [g, g], [m, m.clone()], [v, torch.zeros(5)], [s, s.clone()], **kw)
+        triton_adopt([p, p.clone()], [g, g], [m, m.clone()], [v, torch.zeros(5)], [s, s.clone()], **kw)
     with pytest.raises(ValueError, match="exp_avg of parameter 0 .* its dtype or a wider one: torch.float32"):
-        K.triton_adopt([p.double()], [g.double()], [m], [v.double()], [s], **kw)  # narrower state
+        triton_adopt([p.double()], [g.double()], [m], [v.double()], [s], **kw)  # narrower state
     assert float(s) == 0 and torch.equal(p, torch.zeros(4)) and torch.equal(m, torch.zeros(4))  # nothing ran
 
 
@@ -362,10 +374,10 @@ def test_tensors_the_kernel_cannot_take_go_to_the_forloop_kernel_in_the_same_cal
         grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
         grads[3] = grads[3].float()  # another dtype than the parameter's
         grads[4] = grads[4].float()  # the parameter's dtype, narrower than its state's
-        K.triton_adopt(fused[0], [g * scale for g in grads], *fused[1:],
+        triton_adopt(fused[0], [g * scale for g in grads], *fused[1:],
                        **_fused(**kw) | dict(grad_scale=scale, found_inf=inf))
         if found_inf != 1.0:
-            single_tensor_adopt(loop[0], grads, *loop[1:], **_plain(**kw))
+            loop_adopt(loop[0], grads, *loop[1:], **_plain(**kw))
     for a, b in zip(sum(fused, []), sum(loop, [])):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert [float(x) for x in fused[3]] == [0.0 if found_inf == 1.0 else 3.0] * len(shapes)
@@ -381,16 +393,16 @@ def test_a_tensor_listed_twice_takes_its_updates_in_order(monkeypatch: pytest.Mo
     loop = [p.clone(), torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), dtype=torch.float64)]
     for _ in range(3):
         x, m, v, s = fused
-        K.triton_adopt([x, x], [g, g], [m, m], [v, v], [s, s], **_fused(**kw))
+        triton_adopt([x, x], [g, g], [m, m], [v, v], [s, s], **_fused(**kw))
         x, m, v, s = loop
-        single_tensor_adopt([x, x], [g, g], [m, m], [v, v], [s, s], **_plain(**kw))
+        loop_adopt([x, x], [g, g], [m, m], [v, v], [s, s], **_plain(**kw))
     for a, b in zip(fused, loop):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert float(fused[3]) == 6
     calls = []
-    monkeypatch.setattr(K, "single_tensor_adopt", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(functional, "single_tensor_adopt", lambda *a, **k: calls.append(1))
     empty = [torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)]
-    K.triton_adopt(empty, [torch.zeros(0, dtype=torch.float64)] * 2, [x.clone() for x in empty],
+    triton_adopt(empty, [torch.zeros(0, dtype=torch.float64)] * 2, [x.clone() for x in empty],
                    [x.clone() for x in empty], [torch.zeros((), dtype=torch.float64) for _ in empty], **_fused(**kw))
     assert not calls  # two empty tensors are not a repeat, whatever their addresses
 
@@ -402,15 +414,16 @@ def test_parameters_sharing_memory_go_to_the_for_loop_kernel_and_disjoint_views_
     # a flat buffer cut into parameters, keep the kernel.
     kw = dict(HYPER, weight_decay=0.0, decoupled_weight_decay=False, clip_exponent=None, maximize=False)
     calls: list[int] = []
-    real = K.single_tensor_adopt
-    monkeypatch.setattr(K, "single_tensor_adopt", lambda p, *a, **k: (calls.append(len(p)), real(p, *a, **k)))
+    real = loop_adopt
+    monkeypatch.setattr(functional, "single_tensor_adopt",
+                        lambda p, *a: (calls.append(len(p)), single_tensor_adopt(p, *a))[1])
     gen = torch.Generator().manual_seed(13)
     init = torch.randn(3000, generator=gen, dtype=torch.float64)
     grads = [torch.randn(2000, generator=gen, dtype=torch.float64) for _ in range(2)]
     for cut, routed in (((slice(0, 2000), slice(1000, 3000)), True), ((slice(0, 1000), slice(1000, 3000)), False)):
         calls.clear()
         results = []
-        for kernel in (K.triton_adopt, real):
+        for kernel in (triton_adopt, real):
             buf = init.clone()
             params = [buf[c] for c in cut]
             state = [[torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
@@ -446,7 +459,7 @@ def test_nan_and_inf_gradients_propagate_as_in_the_forloop_kernel(clip_exponent,
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
     fused, loop = [state(0.0), state(3.0)], [state(0.0), state(3.0)]
     for grad in (bad, good, bad, good):
-        for lists, kernel, extra in ((fused, K.triton_adopt, _fused(**kw)), (loop, single_tensor_adopt, _plain(**kw))):
+        for lists, kernel, extra in ((fused, triton_adopt, _fused(**kw)), (loop, loop_adopt, _plain(**kw))):
             p, m, v, s = ([t[i] for t in lists] for i in range(4))
             kernel(p, [grad, grad], m, v, s, **extra)
         for a, b in zip(sum(fused, []), sum(loop, [])):
@@ -483,8 +496,8 @@ def test_betas_and_weight_decay_that_change_every_step_reuse_one_compiled_kernel
         row = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
         hyper = dict(lr=0.05, beta1=beta1, beta2=beta2, eps=1e-6, weight_decay=wd, decoupled_weight_decay=False,
                      clip_exponent=0.25, maximize=False)
-        fused.step(K.triton_adopt, row, **_fused(**hyper))
-        loop.step(single_tensor_adopt, row, **_plain(**hyper))
+        fused.step(triton_adopt, row, **_fused(**hyper))
+        loop.step(loop_adopt, row, **_plain(**hyper))
     # Only whether there is weight decay at all is a constant (wd = 0 at the fourth step).
     assert len({tuple(sorted(c.items())) for c in constants}) == 2, constants
     assert {c["HAS_WD"] for c in constants} == {True, False}
@@ -511,8 +524,8 @@ def test_lazily_negated_gradients_are_read_with_their_sign_even_at_a_cached_addr
     fused, loop = State(params), State(params)
     for row in (grads, [torch._neg_view(g) for g in grads], grads, [grads[0], torch._neg_view(grads[1])]):
         assert all(a.data_ptr() == b.data_ptr() for a, b in zip(row, grads))  # the same addresses throughout
-        fused.step(K.triton_adopt, row, **_fused(**kw))
-        loop.step(single_tensor_adopt, row, **_plain(**kw))
+        fused.step(triton_adopt, row, **_fused(**kw))
+        loop.step(loop_adopt, row, **_plain(**kw))
     for a, b, ma, mb in zip(fused.p, loop.p, fused.m, loop.m):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ma, mb, rtol=1e-6, atol=1e-6)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .kernels.contract import FUSED_DEVICES, FUSED_DTYPES, check_kernel_choice
+
 
 def is_real(x: Any) -> bool:
     """A real number that is not a bool (True is an int to Python, not a step count or a rate)."""
@@ -85,8 +87,23 @@ def check_group(group: dict[str, Any]) -> None:
     for name in ("decoupled_weight_decay", "maximize", "capturable", "differentiable"):
         check_flag(name, group[name])
     check_flag("foreach", group["foreach"], allow_none=True)
-    if group["differentiable"] and group["foreach"]:
-        raise ValueError("Invalid foreach: True together with differentiable=True (needs the for-loop kernel)")
+    check_flag("fused", group["fused"], allow_none=True)
+    check_kernel_choice(group["foreach"], group["fused"], group["differentiable"])
+
+
+def check_fused_params(params: Any) -> None:
+    """With ``fused=True``: raise unless every parameter is of a dtype on a device a fused kernel takes."""
+    params = [params] if isinstance(params, Tensor) else params
+    for i, p in enumerate(params):
+        p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # named parameters
+        if not isinstance(p, Tensor):
+            continue
+        if p.dtype not in FUSED_DTYPES or p.device.type not in FUSED_DEVICES:
+            raise ValueError(
+                f"Invalid fused: True for parameter {i} of dtype {p.dtype} on {p.device.type}: the fused "
+                f"kernels take {', '.join(str(d).removeprefix('torch.') for d in FUSED_DTYPES)} parameters "
+                f"on {' or '.join(FUSED_DEVICES)}"
+            )
 
 
 def scalar_dtype() -> torch.dtype:

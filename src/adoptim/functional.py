@@ -1,22 +1,28 @@
-"""``adopt(...)``: the functional form of ADOPT, which picks a kernel and runs it.
+"""``adopt(...)``: the functional form of ADOPT and the one dispatcher of the kernels.
 
-Every kernel takes the same keyword set, so a caller (the :class:`~adoptim.ADOPT` class, a training
-loop that keeps its own state, a compiled step) can switch kernels with one flag.
+A caller (the :class:`~adoptim.ADOPT` class, a training loop that keeps its own state, a compiled
+step) switches kernels with one flag. This module alone checks the kernel choice, builds the step's
+:class:`~adoptim.kernels.contract.Hyper` record once, picks the kernel, unscales AMP gradients for
+the kernels that do not take AMP's arguments, runs the for-loop kernel on what a fused kernel left,
+and falls back to the foreach kernel when the fused CPU library is not installed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from operator import attrgetter
 
 import torch
 from torch import Tensor
 
 from .kernels import fused_cpu
-from .kernels.common import dtensor_type, without_amp
+from .kernels.common import dtensor_type
+from .kernels.contract import FUSED_DEVICES, Hyper, Kernel, check_kernel_choice
 from .kernels.foreach import foreach_adopt
 from .kernels.single_tensor import single_tensor_adopt
 
-__all__ = ["adopt", "default_foreach", "default_fused"]
+__all__ = ["adopt", "default_foreach", "default_fused", "run_fused_kernel"]
 
 _FOREACH_DEVICES = ("cuda", "xpu", "mps")
 _IS_CPU = attrgetter("is_cpu")
@@ -136,10 +142,7 @@ def adopt(
         )
     if not all(isinstance(t, Tensor) for t in state_steps):
         raise TypeError("state_steps must be a list of tensors")
-    if fused and foreach:
-        raise ValueError("fused=True and foreach=True cannot be combined: choose one kernel")
-    if fused and differentiable:
-        raise ValueError("fused=True does not support differentiable=True (use the for-loop kernel)")
+    check_kernel_choice(foreach, fused, differentiable)
     dtensor = dtensor_type()
     if dtensor is not None:
         grads = _grads_placed_like_params(dtensor, params, grads)
@@ -147,47 +150,72 @@ def adopt(
         if lr.numel() != 1:
             raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
         lr = lr.reshape(())  # every kernel takes a 0-dim lr (the optimizer's groups hold one already)
+    compiling = _is_compiling()
+    hyper = Hyper(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent, maximize=maximize,
+        # A traced step must not branch on a tensor's value: the arithmetic first-step form.
+        capturable=capturable or compiling, differentiable=differentiable,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     # default_fused says yes only for all-CPU parameters outside torch.compile: then nothing below needs
     # to look at the devices again, and foreach is not used.
     all_cpu = fused is None and foreach is None and default_fused(params, differentiable)
-    fused = fused or all_cpu
-    if not fused and foreach is None:
-        foreach = default_foreach(params, differentiable)
-    compiling = _is_compiling()
-    if compiling:
-        # A traced step must not branch on a tensor's value: use the arithmetic first-step form.
-        capturable = True
-    hyper = dict(
-        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent, eps=eps,
-        maximize=maximize, capturable=capturable, differentiable=differentiable,
-    )
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    if fused:
-        if all_cpu or (not compiling and all(map(_IS_CPU, params))):
-            by_device = {"cpu": None}  # the common cases take the lists as they are, with no per-tensor loop
-        elif not compiling and all(map(_IS_CUDA, params)):
-            by_device = {"cuda": None}
-        else:
-            by_device = {}
-            for i, p in enumerate(params):
-                by_device.setdefault(p.device.type, []).append(i)
-            other = sorted(set(by_device) - {"cpu", "cuda"})
-            if other:  # before any device's parameters step
-                raise ValueError(
-                    f"fused=True supports parameters on cpu and cuda, got one on {other[0]}; use foreach=True there"
-                )
-        for device_type, idx in by_device.items():
-            part = list(lists) if idx is None else [[x[i] for i in idx] for x in lists]
-            if device_type == "cpu" and not compiling:
-                fused_cpu.fused_cpu_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, **hyper)
-            elif compiling and device_type in ("cpu", "cuda"):
-                # Neither the C call nor the Triton launch (its host code reads tensor addresses) can be
-                # traced; the compiled foreach step is fused by the compiler instead.
-                without_amp(foreach_adopt, part, grad_scale, found_inf, hyper)
-            else:  # cuda
-                from .kernels.triton import triton_adopt  # imported lazily: Triton ships with CUDA torch
-
-                triton_adopt(*part, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+    if not (fused or all_cpu):
+        if foreach is None:
+            foreach = default_foreach(params, differentiable)
+        _run_eager(foreach_adopt if foreach else single_tensor_adopt, lists, hyper)
         return
-    without_amp(foreach_adopt if foreach else single_tensor_adopt, lists, grad_scale, found_inf, hyper)
+    if all_cpu or (not compiling and all(map(_IS_CPU, params))):
+        by_device = {"cpu": None}  # the common cases take the lists as they are, with no per-tensor loop
+    elif not compiling and all(map(_IS_CUDA, params)):
+        by_device = {"cuda": None}
+    else:
+        by_device = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device.type, []).append(i)
+        other = sorted(set(by_device) - set(FUSED_DEVICES))
+        if other:  # before any device's parameters step
+            raise ValueError(
+                f"fused=True supports parameters on cpu and cuda, got one on {other[0]}; use foreach=True there"
+            )
+    for device_type, idx in by_device.items():
+        part = lists if idx is None else tuple([x[i] for i in idx] for x in lists)
+        if compiling:
+            # Neither the C call nor the Triton launch (its host code reads tensor addresses) can be
+            # traced; the compiled foreach step is fused by the compiler instead.
+            _run_eager(foreach_adopt, part, hyper)
+        elif device_type == "cpu":
+            if fused_cpu.library() is None:  # not built: one warning, then the foreach kernel
+                _run_eager(foreach_adopt, part, hyper)
+            else:
+                run_fused_kernel(fused_cpu.fused_cpu_adopt, part, hyper)
+        else:  # cuda
+            from .kernels.triton import triton_adopt  # imported lazily: Triton ships with CUDA torch
+
+            run_fused_kernel(triton_adopt, part, hyper)
+
+
+def run_fused_kernel(kernel: Kernel, lists: Sequence[list[Tensor]], hyper: Hyper) -> None:
+    """Run a fused kernel, then the for-loop kernel on the tensors it left (the one place of that fallback)."""
+    rest = kernel(*lists, hyper)
+    if rest:
+        # found_inf is read on the host here (a synchronisation) only when some tensor was left.
+        _run_eager(single_tensor_adopt, tuple([x[i] for i in rest] for x in lists), hyper)
+
+
+def _run_eager(kernel: Kernel, lists: Sequence[list[Tensor]], hyper: Hyper) -> None:
+    """Run a kernel that takes no AMP arguments: a nonzero ``found_inf`` (read on the host) skips the call;
+    the gradients are divided by ``grad_scale`` first, into new tensors (the ``.grad`` tensors keep their
+    values)."""
+    grad_scale, found_inf = hyper.grad_scale, hyper.found_inf
+    if grad_scale is None and found_inf is None:
+        kernel(*lists, hyper)
+        return
+    if found_inf is not None and float(found_inf) != 0.0:
+        return
+    params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
+    if grad_scale is not None:
+        grads = [g / grad_scale.to(g.device) for g in grads]
+    kernel(params, grads, exp_avgs, exp_avg_sqs, state_steps, replace(hyper, grad_scale=None, found_inf=None))

@@ -12,17 +12,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _validate as V
+from . import migration
 from .functional import adopt
-from .kernels.common import dtensor_type, state_holds
-from .migration import translate_group
+from .kernels.common import state_holds
 
 _CPU = torch.device("cpu")
 
 __all__ = ["ADOPT", "ADOPTW"]
-
-_FUSED_DTYPES = (
-    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
-)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -52,27 +48,6 @@ def _check_state_dtype(gi: int, pi: int, p: Tensor, m: Tensor, v: Tensor) -> Non
                 f"state of param group {gi} parameter {pi}: {name} is {t.dtype}, which cannot hold the "
                 f"parameter's {p.dtype} (was the parameter cast after some steps?); reload the state with "
                 "opt.load_state_dict(opt.state_dict()), which casts it to its parameter's dtype and device"
-            )
-
-
-def _check_fused(group: dict[str, Any], params: Iterable[Any] = ()) -> None:
-    """Check the ``fused`` flag of a group (and, for a param group, its parameters) at construction."""
-    fused = V.check_flag("fused", group["fused"], allow_none=True)
-    if not fused:
-        return
-    if group["foreach"]:
-        raise ValueError("Invalid fused: True together with foreach=True (choose one kernel)")
-    if group["differentiable"]:
-        raise ValueError("Invalid fused: True together with differentiable=True (needs the for-loop kernel)")
-    params = [params] if isinstance(params, Tensor) else params
-    for i, p in enumerate(params):
-        p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # named parameters
-        if not isinstance(p, Tensor):
-            continue
-        if p.dtype not in _FUSED_DTYPES or p.device.type not in ("cpu", "cuda"):
-            raise ValueError(
-                f"Invalid fused: True for parameter {i} of dtype {p.dtype} on {p.device.type}: the fused "
-                "kernels take float16, bfloat16, float32, float64 and complex parameters on cpu or cuda"
             )
 
 
@@ -151,7 +126,6 @@ class ADOPT(Optimizer):
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
             fused=fused,
         )
-        _check_fused(defaults)
         V.check_group(defaults)
         super().__init__(params, defaults)
         if fused:
@@ -165,8 +139,9 @@ class ADOPT(Optimizer):
         if not isinstance(param_group["params"], (Tensor, set)):
             param_group["params"] = list(param_group["params"])  # a generator is read only once
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        _check_fused(merged, param_group["params"])
         V.check_group(merged)
+        if merged["fused"]:
+            V.check_fused_params(param_group["params"])
         for key in self.defaults:
             if key in param_group:
                 param_group[key] = merged[key]
@@ -174,17 +149,8 @@ class ADOPT(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            # A state_dict from an older version (or another port) may lack newer flags.
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if p_state and not torch.is_tensor(p_state.get("step")):
-                    device = p.device if group["capturable"] or group["fused"] else "cpu"
-                    p_state["step"] = torch.tensor(
-                        float(p_state["step"]), dtype=V.scalar_dtype(), device=device
-                    )
+        # A state_dict from an older version (or another port) may lack newer flags and tensor steps.
+        migration.upgrade_state(self.param_groups, self.state, self.defaults)
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -209,18 +175,19 @@ class ADOPT(Optimizer):
             raise ValueError(
                 "state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())"
             )
-        groups = [translate_group(g, i) for i, g in enumerate(state_dict["param_groups"])]
-        self._check_state_matches(state_dict["state"], groups)
+        groups = [migration.translate_group(g, i) for i, g in enumerate(state_dict["param_groups"])]
+        migration.check_state_matches(state_dict["state"], groups, self.param_groups)
         for gi, (saved, own) in enumerate(zip(groups, self.param_groups, strict=True)):
             for key in self.defaults:
                 if key not in saved:
                     saved[key] = own[key]
             try:
-                _check_fused(saved, own["params"])
                 V.check_group(saved)
+                if saved["fused"]:
+                    V.check_fused_params(own["params"])
             except ValueError as exc:
                 raise ValueError(f"param group {gi} of the state_dict: {exc}") from None
-        state = self._cast_complex_state(state_dict["state"], groups)
+        state = migration.cast_complex_state(state_dict["state"], groups, self.param_groups)
         # torch.optim's load_state_dict would run the pre-hooks a second time: hand it none.
         hooks = self._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -229,99 +196,36 @@ class ADOPT(Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks
 
-    def _cast_complex_state(self, saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]) -> dict[Any, Any]:
-        """The saved state with the moments of complex parameters in their parameter's dtype.
-
-        torch.optim casts loaded state to its parameter's dtype for floating-point parameters only; a
-        complex parameter cast after some steps (complex64 to complex128) would otherwise keep state its
-        step refuses, with no way to reload it.
-        """
-        out = dict(saved_state)
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
-            for key, p in zip(saved["params"], group["params"], strict=True):
-                st = out.get(key)
-                if st and p.is_complex():
-                    out[key] = {k: v.to(p.dtype) if k != "step" and torch.is_tensor(v) and v.is_complex() else v
-                                for k, v in st.items()}
-        return out
-
-    def _check_state_matches(self, saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]) -> None:
-        dtensor = dtensor_type()
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups but the optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param group {gi} of the state_dict has {len(saved['params'])} parameters but the "
-                    f"optimizer's has {len(group['params'])}"
-                )
-            for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                st = saved_state.get(key)
-                if st is None or (isinstance(st, dict) and not st):
-                    continue
-                if not isinstance(st, dict):
-                    raise ValueError(
-                        f"state of param group {gi} parameter {pi} is a {type(st).__name__}, not a dict of "
-                        "'step', 'exp_avg' and 'exp_avg_sq'"
-                    )
-                missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
-                if missing:
-                    hint = ""
-                    if missing == ["step"] and "step" in saved:
-                        # pytorch_optimizer's ADOPT counts steps per param group, not per parameter.
-                        hint = (" (its param group holds the step count, as pytorch_optimizer's ADOPT saves it: "
-                                "convert it with adoptim.integrations.pytorch_optimizer.convert_state_dict)")
-                    raise ValueError(f"state of param group {gi} parameter {pi} lacks {missing}{hint}")
-                for name in ("exp_avg", "exp_avg_sq"):
-                    t = st[name]
-                    if not torch.is_tensor(t) or t.shape != p.shape:
-                        shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-                        raise ValueError(
-                            f"state_dict does not match the parameters: param group {gi} parameter {pi} has "
-                            f"shape {tuple(p.shape)} but its {name} has shape {shape}"
-                        )
-                    if dtensor is not None and isinstance(p, dtensor) != isinstance(t, dtensor):
-                        raise ValueError(
-                            f"state_dict does not match the parameters: param group {gi} parameter {pi} is a "
-                            f"{type(p).__name__} but its {name} is a {type(t).__name__}. A sharded (FSDP2, "
-                            "DTensor) optimizer loads a full or sharded state dict through torch.distributed."
-                            "checkpoint.state_dict.set_optimizer_state_dict, which lays the state out as the "
-                            "parameters are"
-                        )
-                step = st["step"]
-                if torch.is_tensor(step):
-                    if step.numel() != 1 or step.dtype == torch.bool or step.is_complex():
-                        raise ValueError(
-                            f"state of param group {gi} parameter {pi} has a step of {step.numel()} elements "
-                            f"of {step.dtype} (must be one real number)"
-                        )
-                elif not V.is_real(step):
-                    raise ValueError(
-                        f"state of param group {gi} parameter {pi} has step {step!r} (must be a number or a "
-                        "one-element tensor)"
-                    )
-
     # ------------------------------------------------------------------ step
-    def _gather(
+    def _init_group(
         self,
-        gi: int,
         group: dict[str, Any],
         params: list[Tensor],
         grads: list[Tensor],
         exp_avgs: list[Tensor | None],
         exp_avg_sqs: list[Tensor | None],
         state_steps: list[Tensor | None],
+        create: bool = True,
     ) -> list[int]:
-        """Check the parameters of group ``gi`` that have a gradient and append them and their state.
+        """The one collection pass (torch.optim's name, which dynamo runs eagerly under ``torch.compile``).
 
-        Raises before anything changes when a step could not be taken. Returns the positions in the lists
-        of parameters that have no state yet; their state entries are ``None`` until
-        :meth:`_create_state` fills them. One pass, a few attribute reads per parameter (about what
-        torch's ``AdamW._init_group`` costs): for many small tensors, a large part of a fused step.
+        Checks the parameters of ``group`` that have a gradient and appends them, their gradients and
+        their state to the lists; raises before anything changes when a step could not be taken. With
+        ``create`` it creates the state of parameters that have none and returns ``[]``; without, it
+        leaves ``None`` in their state entries and returns their positions, for :meth:`_create_state`
+        once every group has passed its checks.
+
+        Under ``torch.compile`` it is called for each group with ``create``; called for the first group,
+        it first checks every group (into throwaway lists), so a compiled step that fails changes nothing.
+        The traced code never reads ``self.state`` itself: dynamo restarts an analysis (e.g. when a float
+        hyperparameter that differs between compiled optimizers has to be specialised) by replaying the
+        traced code, which must then take the same path.
         """
+        groups = self.param_groups
+        if create and torch.compiler.is_compiling() and group is groups[0]:
+            for g in groups:
+                self._init_group(g, [], [], [], [], [], create=False)
+        gi = next(i for i, g in enumerate(groups) if g is group)
         state = self.state
         differentiable = group["differentiable"]
         missing: list[int] = []
@@ -359,6 +263,9 @@ class ADOPT(Optimizer):
             exp_avgs.append(m)
             exp_avg_sqs.append(v)
             state_steps.append(s)
+        if create and missing:
+            self._create_state(group, params, exp_avgs, exp_avg_sqs, state_steps, missing)
+            return []
         return missing
 
     def _create_state(
@@ -370,7 +277,7 @@ class ADOPT(Optimizer):
         state_steps: list[Tensor | None],
         missing: list[int],
     ) -> None:
-        """Create the state of the parameters at ``missing`` (from :meth:`_gather`) and fill the lists."""
+        """Create the state of the parameters at ``missing`` (from :meth:`_init_group`) and fill the lists."""
         # Steps live on the host unless capturable or fused (reading them there costs no device sync);
         # the fused CUDA kernel keeps them on the device so it never waits for the host.
         on_device = group["capturable"] or group["fused"]
@@ -393,31 +300,6 @@ class ADOPT(Optimizer):
                     st.update(new)
             state_steps[j], exp_avgs[j], exp_avg_sqs[j] = st["step"], st["exp_avg"], st["exp_avg_sq"]
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> None:
-        """Collect one group's tensors, creating missing state (torch.optim's name: dynamo runs it eagerly).
-
-        Used only under ``torch.compile``. Called for the first group, it first checks every group (into
-        throwaway lists), so a step that fails changes nothing. The traced code never reads ``self.state``
-        itself: this call creates state, and dynamo restarts an analysis (e.g. when a float hyperparameter
-        that differs between compiled optimizers has to be specialised) by replaying the traced code,
-        which must then take the same path.
-        """
-        groups = self.param_groups
-        if group is groups[0]:
-            for gi, g in enumerate(groups):
-                self._gather(gi, g, [], [], [], [], [])
-        gi = next(i for i, g in enumerate(groups) if g is group)
-        missing = self._gather(gi, group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        self._create_state(group, params, exp_avgs, exp_avg_sqs, state_steps, missing)
-
     def _collect(self) -> list[tuple[dict[str, Any], list[list[Tensor]]]]:
         """Every group's lists (params, grads, exp_avgs, exp_avg_sqs, state_steps), state created.
 
@@ -425,8 +307,6 @@ class ADOPT(Optimizer):
         """
         groups = self.param_groups
         if torch.compiler.is_compiling():
-            # dynamo runs `_init_group` eagerly instead of tracing it (state creation stays out of the
-            # graph); the checks of all groups run inside its first call.
             out = []
             for group in groups:
                 lists: list[list[Tensor]] = [[], [], [], [], []]
@@ -434,9 +314,9 @@ class ADOPT(Optimizer):
                 out.append((group, lists))
             return out
         gathered = []
-        for gi, group in enumerate(groups):
+        for group in groups:
             lists = [[], [], [], [], []]
-            gathered.append((group, lists, self._gather(gi, group, *lists)))
+            gathered.append((group, lists, self._init_group(group, *lists, create=False)))
         for group, (params, _, exp_avgs, exp_avg_sqs, state_steps), missing in gathered:
             if missing:
                 self._create_state(group, params, exp_avgs, exp_avg_sqs, state_steps, missing)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["decay_scale", "dtensor_type", "share_memory", "state_holds", "without_amp"]
+__all__ = ["decay_scale", "dtensor_type", "share_memory", "state_holds"]
 
 
 def decay_scale(lr: float | Tensor, weight_decay: float, dtype: torch.dtype) -> float | Tensor:
@@ -38,26 +37,6 @@ def state_holds(param: Tensor, state: Tensor) -> bool:
     return state.dtype is param.dtype or (
         state.is_complex() == param.is_complex() and torch.promote_types(param.dtype, state.dtype) == state.dtype
     )
-
-
-def without_amp(
-    kernel: Callable[..., None],
-    lists: Iterable[list[Tensor]],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    hyper: dict[str, Any],
-) -> None:
-    """Run a kernel that knows nothing of AMP on (params, grads, exp_avgs, exp_avg_sqs, state_steps).
-
-    A nonzero ``found_inf`` (read on the host: a synchronisation) skips the call; the gradients are
-    divided by ``grad_scale`` first, into new tensors (the ``.grad`` tensors keep their values).
-    """
-    params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
-    if found_inf is not None and float(found_inf) != 0.0:
-        return
-    if grad_scale is not None:
-        grads = [g / grad_scale.to(g.device) for g in grads]
-    kernel(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper)
 
 
 def share_memory(tensors: Iterable[Tensor]) -> bool:

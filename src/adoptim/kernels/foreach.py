@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .common import decay_scale
+from .contract import Hyper
 from .single_tensor import single_tensor_adopt
 
 
@@ -50,31 +51,20 @@ def foreach_adopt(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    clip_exponent: float | None,
-    eps: float,
-    maximize: bool,
-    capturable: bool,
-    differentiable: bool,
-) -> None:
-    if differentiable:
-        raise ValueError("differentiable=True needs the for-loop kernel (foreach=False)")
+    hyper: Hyper,
+) -> tuple[()]:
+    """One ADOPT step on lists (the kernel contract of :mod:`.contract`); takes every tensor."""
+    if hyper.grad_scale is not None or hyper.found_inf is not None:
+        raise ValueError("the foreach kernel takes no grad_scale or found_inf (the dispatcher unscales)")
     if not params:
-        return
+        return ()
     if len(set(map(id, params))) < len(params):
         # A parameter listed twice (torch.optim only warns): each foreach operation would see both
         # entries before the step counter moves, so the for-loop kernel updates them one after the other.
-        single_tensor_adopt(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1, beta2=beta2, lr=lr,
-            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
-            eps=eps, maximize=maximize, capturable=capturable, differentiable=False,
-        )
-        return
+        return single_tensor_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper)
+    beta1, beta2, lr, eps = hyper.beta1, hyper.beta2, hyper.lr, hyper.eps
+    weight_decay, decoupled_weight_decay = hyper.weight_decay, hyper.decoupled_weight_decay
+    clip_exponent, maximize, capturable = hyper.clip_exponent, hyper.maximize, hyper.capturable
     for idx in _group_by_device_and_dtype(params).values():
         p = [params[i] for i in idx]
         g = [grads[i] for i in idx]
@@ -111,6 +101,7 @@ def foreach_adopt(
                     [v[j] for j in later], [steps[j] for j in later], **kwargs,
                 )
         torch._foreach_add_(s, 1)
+    return ()
 
 
 def _eager_update(

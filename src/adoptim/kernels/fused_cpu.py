@@ -7,8 +7,8 @@ write p, m, v). float32 and float64 are computed in their own precision; bfloat1
 widened to float32 and rounded once when stored, and their state stays in the parameter's dtype.
 
 Tensors the C loops cannot take (not on the CPU, an unsupported dtype, parameter and state laid out
-differently) are updated by the for-loop kernel in the same call. When the library was not built, the
-foreach kernel runs instead, after one warning.
+differently) are returned to the dispatcher, which updates them with the for-loop kernel in the same
+call; when the library was not built, the dispatcher runs the foreach kernel instead, after one warning.
 
 The host checks every tensor and builds the C call's table of addresses at every call: the usual case
 (plain contiguous CPU tensors) a whole list at a time (``_bulk_table``, each check one ``map`` in C),
@@ -31,16 +31,15 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from .common import dtensor_type, state_holds, without_amp
-from .foreach import foreach_adopt
-from .single_tensor import single_tensor_adopt
+from .common import dtensor_type, state_holds
+from .contract import FUSED_REAL_DTYPES, Hyper
 
-__all__ = ["fused_cpu_adopt", "is_available", "bound_kernel"]
+__all__ = ["fused_cpu_adopt", "is_available", "library"]
 
-# Parameter dtype -> code of the C loops (complex tensors are viewed as their real dtype first).
-_PARAM_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+# Parameter dtype -> code of the C loops (complex tensors are viewed as their real dtype first); the
+# order of FUSED_REAL_DTYPES is the C side's enum (DT_F32, DT_F64, DT_BF16, DT_F16).
+_PARAM_CODES = {dtype: code for code, dtype in enumerate(FUSED_REAL_DTYPES)}
 _STEP_CODES = {torch.float32: 0, torch.float64: 1}
-SUPPORTED_DTYPES = (*_PARAM_CODES, torch.complex64, torch.complex128)
 # (p, g, m, v, step) dtypes -> the code passed to C: parameter code | step code << 8.
 _CODES = {(d, d, d, d, sd): c | sc << 8 for d, c in _PARAM_CODES.items() for sd, sc in _STEP_CODES.items()}
 # (parameter dtype, step dtype) -> the same code, for the whole-list fast path.
@@ -61,8 +60,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int,
                 ctypes.c_int, ctypes.c_double, ctypes.c_int,
             ]
-            lib.adopt_cpu_bound.restype = None
-            lib.adopt_cpu_bound.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
+            lib.adopt_bench_bandwidth_bound.restype = None
+            lib.adopt_bench_bandwidth_bound.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
             return lib, ""
         except (OSError, AttributeError) as exc:
             error = f"the compiled library could not be loaded ({exc})"
@@ -70,7 +69,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     """The compiled kernel, or ``None`` after one warning when the installation could not build it."""
     lib, error = _load()
     if lib is not None:
@@ -79,7 +78,7 @@ def _library() -> ctypes.CDLL | None:
         f"adoptim's fused CPU kernel is unavailable: {error}. The foreach kernel runs instead; "
         "reinstall adoptim with a C compiler present to get the fused kernel.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
     return None
 
@@ -142,65 +141,40 @@ def fused_cpu_adopt(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    clip_exponent: float | None,
-    eps: float,
-    maximize: bool,
-    capturable: bool,
-    differentiable: bool,
-) -> None:
-    """One ADOPT step on CPU tensors, in place; the arguments are those of :func:`adoptim.adopt`.
+    hyper: Hyper,
+) -> Sequence[int]:
+    """One ADOPT step on CPU tensors, in place (the kernel contract of :mod:`.contract`).
 
-    ``grad_scale``: the gradients are divided by it first (the gradient tensors are left as they are,
-    as in the Triton kernel). ``found_inf``: when nonzero the whole call changes nothing, steps
-    included. ``capturable`` has no effect on the CPU, where reading a step costs no synchronisation.
+    Returns the indices of the tensors the C loops did not take, for the for-loop kernel. Takes AMP's
+    ``grad_scale`` (the gradients are divided by it; the gradient tensors are left as they are) and
+    ``found_inf`` (when nonzero the whole call changes nothing, steps included). ``capturable`` has no
+    effect on the CPU, where reading a step costs no synchronisation. Needs the compiled library
+    (:func:`is_available`); the dispatcher checks.
     """
-    if differentiable:
-        raise ValueError("differentiable=True needs the for-loop kernel (foreach=False, fused=False)")
     if not params:
-        return
+        return ()
+    grad_scale, found_inf = hyper.grad_scale, hyper.found_inf
     if found_inf is not None and float(found_inf) != 0.0:
-        return
-    hyper = dict(
-        beta1=beta1, beta2=beta2, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-        clip_exponent=clip_exponent, eps=eps, maximize=maximize,
-    )
-    lib = _library()
-    if lib is None:
-        for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
-            if not (p.shape == g.shape == m.shape == v.shape):
-                raise _shape_error(i, p, g, m, v)
-        if grad_scale is not None:
-            grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
-        foreach_adopt(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, capturable=capturable,
-            differentiable=False, **hyper,
-        )
-        return
-
+        return ()
+    lib = library()
     n = len(params)
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     table = _bulk_table(*lists)
     fast: list[int] | range = range(n)
+    rest: list[int] = []
     if table is None:
         fast, rows = _table_per_tensor(*lists)
         if len(fast) < n:
-            _for_loop(sorted(set(range(n)) - set(fast)), lists, grad_scale, lr, capturable, hyper)
+            rest = sorted(set(range(n)) - set(fast))
         if not fast:
-            return
+            return rest
         table = array("q", [x for row in rows for x in row])
     address, _ = table.buffer_info()
+    clip = hyper.clip_exponent
     status = lib.adopt_cpu_step(
-        len(fast), address, float(lr), beta1, beta2, eps, weight_decay, int(decoupled_weight_decay),
-        int(clip_exponent is not None), 0.0 if clip_exponent is None else float(clip_exponent),
-        int(maximize), int(grad_scale is not None), 1.0 if grad_scale is None else float(grad_scale),
+        len(fast), address, float(hyper.lr), hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+        int(hyper.decoupled_weight_decay), int(clip is not None), 0.0 if clip is None else float(clip),
+        int(hyper.maximize), int(grad_scale is not None), 1.0 if grad_scale is None else float(grad_scale),
         torch.get_num_threads(),
     )
     if status == 2:  # only from the whole-list table: the per-tensor one was checked, with no update yet
@@ -208,21 +182,14 @@ def fused_cpu_adopt(
     if status == 1:
         # Two parameters share memory (one listed twice, or views of one buffer): the threads of the C
         # call would update it at once, so the for-loop kernel updates them one after the other.
-        _for_loop(fast, lists, grad_scale, lr, capturable, hyper)
-    elif status != 0:
+        return sorted([*fast, *rest])
+    if status != 0:
         raise MemoryError("the fused CPU kernel could not allocate its bookkeeping; nothing was changed")
-    else:
-        # The C loops write behind autograd's back: bump the parameters' version counters as an in-place
-        # operation does, so a backward through a graph that saved a parameter before this step is refused
-        # rather than silently using the new values (about 50 ns a tensor).
-        increment_version(params if len(fast) == n else [params[i] for i in fast])
-
-
-def _for_loop(idx: Sequence[int], lists: tuple[list[Tensor], ...], grad_scale: Tensor | None, lr: float | Tensor,
-              capturable: bool, hyper: dict) -> None:
-    """The for-loop kernel on the tensors at ``idx`` (``found_inf`` was read already)."""
-    without_amp(single_tensor_adopt, ([x[i] for i in idx] for x in lists), grad_scale, None,
-                dict(hyper, lr=lr, capturable=capturable, differentiable=False))
+    # The C loops write behind autograd's back: bump the parameters' version counters as an in-place
+    # operation does, so a backward through a graph that saved a parameter before this step is refused
+    # rather than silently using the new values (about 50 ns a tensor).
+    increment_version(params if len(fast) == n else [params[i] for i in fast])
+    return rest
 
 
 _dtype = attrgetter("dtype")
@@ -318,19 +285,3 @@ def _table_per_tensor(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
         rc.append(code)
 
     return fast, rows
-
-
-def bound_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> None:
-    """A STREAM-like kernel with the step's memory traffic, for benchmarks: float32, contiguous, CPU.
-
-    It reads p, g, m and v and writes p, m and v (28 bytes per element) with trivial arithmetic, on
-    ``torch.get_num_threads()`` threads as the step does; its time is the memory-bandwidth bound.
-    """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the fused CPU kernel is not built, so its bandwidth bound cannot be measured")
-    for x in (p, g, m, v):
-        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.shape != p.shape:
-            raise ValueError("bound_kernel takes four contiguous float32 CPU tensors of one shape")
-    ptrs = (x.data_ptr() for x in (p, g, m, v))
-    lib.adopt_cpu_bound(*ptrs, p.numel(), torch.get_num_threads())

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .common import decay_scale
+from .contract import Hyper
 
 
 def _scale_sub_(target: Tensor, source: Tensor, scale: float | Tensor) -> None:
@@ -34,18 +35,14 @@ def single_tensor_adopt(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    clip_exponent: float | None,
-    eps: float,
-    maximize: bool,
-    capturable: bool,
-    differentiable: bool,
-) -> None:
+    hyper: Hyper,
+) -> tuple[()]:
+    """One ADOPT step, one tensor at a time (the kernel contract of :mod:`.contract`); takes every tensor."""
+    if hyper.grad_scale is not None or hyper.found_inf is not None:
+        raise ValueError("the for-loop kernel takes no grad_scale or found_inf (the dispatcher unscales)")
+    beta1, beta2, lr, eps = hyper.beta1, hyper.beta2, hyper.lr, hyper.eps
+    weight_decay, decoupled_weight_decay = hyper.weight_decay, hyper.decoupled_weight_decay
+    clip_exponent, maximize, capturable = hyper.clip_exponent, hyper.maximize, hyper.capturable
     for i, param in enumerate(params):
         grad = -grads[i] if maximize else grads[i]
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
@@ -92,6 +89,7 @@ def single_tensor_adopt(
         _scale_sub_(param, exp_avg, lr)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_t += 1
+    return ()
 
 
 def _capturable_update(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -32,8 +33,8 @@ import triton.language as tl
 from torch import Tensor
 
 # Absolute: the tests load this file on its own, under Triton's interpreter.
-from adoptim.kernels.common import share_memory, state_holds, without_amp
-from adoptim.kernels.single_tensor import single_tensor_adopt
+from adoptim.kernels.common import share_memory, state_holds
+from adoptim.kernels.contract import FUSED_REAL_DTYPES, Hyper
 
 __all__ = ["triton_adopt"]
 
@@ -46,12 +47,7 @@ _NUM_WARPS = 8
 _ROW = 6  # table columns: p, g, m, v, step addresses, numel
 _CACHE_SIZE = 32
 
-_TL_DTYPES = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-}
+_TL_DTYPES = {dtype: getattr(tl, str(dtype).removeprefix("torch.")) for dtype in FUSED_REAL_DTYPES}
 
 # Launch plans keyed by the addresses and sizes they hold (a cache, not a switch: a miss rebuilds).
 _PLANS: dict[tuple, tuple[list[_Group], list[int]]] = {}
@@ -406,29 +402,16 @@ def triton_adopt(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    clip_exponent: float | None,
-    eps: float,
-    maximize: bool,
-    capturable: bool,
-    differentiable: bool,
-) -> None:
-    """One ADOPT step for every parameter, one Triton launch per (device, dtype) group.
+    hyper: Hyper,
+) -> Sequence[int]:
+    """One ADOPT step for every parameter it takes, one Triton launch per (device, dtype) group.
 
-    Same arguments as the other kernels, plus AMP's ``grad_scale`` (gradients are divided by it) and
-    ``found_inf`` (nonzero: nothing changes, steps included). With device step counters and a device or
-    float ``lr`` it never synchronises with the host, so it can be captured in a CUDA graph. Step
-    counters on the host work too (the host then increments them, and reads ``found_inf`` to do so).
+    The kernel contract of :mod:`adoptim.kernels.contract`: returns the indices of the tensors it left
+    for the for-loop kernel. Takes AMP's ``grad_scale`` (gradients are divided by it) and ``found_inf``
+    (nonzero: nothing changes, steps included). With device step counters and a device or float ``lr``
+    it never synchronises with the host, so it can be captured in a CUDA graph. Step counters on the
+    host work too (the host then increments them, and reads ``found_inf`` to do so).
     """
-    if differentiable:
-        raise ValueError("differentiable=True needs the for-loop kernel (fused=False, foreach=False)")
     lists = (grads, exp_avgs, exp_avg_sqs, state_steps)
     if any(len(x) != len(params) for x in lists):
         raise ValueError(
@@ -436,22 +419,14 @@ def triton_adopt(
             f"{[len(params)] + [len(x) for x in lists]}"
         )
     if not params:
-        return
-    groups, slow = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
-    if slow:
-        # The host reads found_inf here (a synchronisation), only when some tensor needs the for-loop kernel.
-        hyper = dict(beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
-                     decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
-                     capturable=capturable, differentiable=False)
-        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        without_amp(single_tensor_adopt, ([x[i] for i in slow] for x in lists), grad_scale, found_inf, hyper)
+        return ()
+    groups, slow = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper.capturable)
     try:
         for group in groups:
-            _launch(group, grad_scale=grad_scale, found_inf=found_inf, beta1=beta1, beta2=beta2, lr=lr,
-                    weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                    clip_exponent=clip_exponent, eps=eps, maximize=maximize)
+            _launch(group, hyper)
     finally:
         _KEEP_ALIVE.clear()
+    return slow
 
 
 def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -496,10 +471,11 @@ def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     return plan
 
 
-def _launch(group: _Group, *, grad_scale: Tensor | None, found_inf: Tensor | None, beta1: float, beta2: float,
-            lr: float | Tensor, weight_decay: float, decoupled_weight_decay: bool, clip_exponent: float | None,
-            eps: float, maximize: bool) -> None:
+def _launch(group: _Group, hyper: Hyper) -> None:
     device, dtype, s = group.device, group.dtype, group.steps
+    lr, beta1, beta2 = hyper.lr, hyper.beta1, hyper.beta2
+    weight_decay, clip_exponent = hyper.weight_decay, hyper.clip_exponent
+    grad_scale, found_inf = hyper.grad_scale, hyper.found_inf
     scale = _on(device, grad_scale, "grad_scale")
     inf = _on(device, found_inf, "found_inf")
     if isinstance(lr, Tensor) and lr.device.type == "cpu" and device.type != "cpu":
@@ -523,9 +499,9 @@ def _launch(group: _Group, *, grad_scale: Tensor | None, found_inf: Tensor | Non
             DTYPE=_TL_DTYPES[dtype], BF16=dtype == torch.bfloat16, STEP_DTYPE=_TL_DTYPES[s[0].dtype],
             F64=dtype == torch.float64, HOST_STEPS=group.host_steps, LR_TENSOR=lr_tensor is not None,
             HAS_SCALE=scale is not None, HAS_INF=inf is not None,
-            EPS=float(eps), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
+            EPS=float(hyper.eps), HAS_WD=weight_decay != 0, DECOUPLED=bool(hyper.decoupled_weight_decay),
             HAS_CLIP=clip_exponent is not None,
-            CLIP=0.0 if clip_exponent is None else float(clip_exponent), MAXIMIZE=bool(maximize),
+            CLIP=0.0 if clip_exponent is None else float(clip_exponent), MAXIMIZE=bool(hyper.maximize),
             BLOCK=_BLOCK, CHUNK=_CHUNK, num_warps=_NUM_WARPS,
         )
     if group.host_steps:
