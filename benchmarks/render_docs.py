@@ -130,7 +130,7 @@ def first_step(doc: Doc) -> list[str]:
         parts_lines.append(f"({table['layout']}) {table['title']}, {table['rounds']} rounds: {parts}")
     out = _table(["layout", "optimizer", "first step ms", "steady step ms", "first / steady, per round (quartiles)"],
                  "llrrl", rows)
-    return out + ["", "adoptim's first step, medians over the rounds:", ""] + [f"- {line}" for line in parts_lines] + [""]
+    return out + ["", "adoptim's first step, medians over the rounds:", ""] + [f"- {x}" for x in parts_lines] + [""]
 
 
 def element_cost(doc: Doc) -> list[str]:
@@ -178,9 +178,10 @@ def render(page: str, results: dict[str, Doc]) -> str:
     shown = [m.group("name") for m in BLOCK.finditer(page)]
     missing = [n for n in shown if n not in results]
     unshown = [n for n in results if n not in shown]
-    if missing or unshown or len(set(shown)) != len(shown):
+    twice = sorted({n for n in shown if shown.count(n) > 1})
+    if missing or unshown or twice:
         raise ValueError(f"results blocks and files differ: blocks without a results file {missing}, results files "
-                         f"without a block {unshown}, blocks shown twice {sorted({n for n in shown if shown.count(n) > 1})}")
+                         f"without a block {unshown}, blocks shown twice {twice}")
     return BLOCK.sub(lambda m: block(m.group("name"), results[m.group("name")]), page)
 
 
