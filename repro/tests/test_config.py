@@ -18,6 +18,9 @@ BAD = [
     (["toy", "--set", "beta2s=0.5,1.0"], "config key 'beta2s' needs values in [0, 1)"),
     (["toy", "--set", "compile=maybe"], "config key 'compile' expects a bool"),
     (["toy", "--set", "optimizers=adam,sgd"], "unknown optimizer 'sgd' in 'optimizers'"),
+    # the real reason first: not "adamax has no settings", which giving them would not cure
+    (["toy", "--set", "optimizers=adamax"],
+     "this experiment runs only adam, amsgrad, adopt, adopt-noclip, not 'adamax'"),
     (["toy", "--set", "adam.lr=-1"], "optimizer 'adam': lr must be a finite number > 0, got -1.0"),
     (["toy", "--set", "adam.betas=0.9"], "config key 'adam.betas' expects 2 comma-separated values"),
     (["toy", "--set", "adam.momentum=0.9"], "unknown optimizer setting 'adam.momentum'"),

@@ -108,6 +108,26 @@ def test_quick_run_pretrains_then_finetunes(tmp_path):
     assert (out / "pretrained" / "s0.pt").is_file() and (out / "llama_loss.png").is_file()
 
 
+@pytest.mark.parametrize("what,make,message", [
+    ("data", lambda d: (d / "README.md").write_text("# not JSON\n"), "config key 'data': {} is not a JSON file"),
+    ("data", lambda d: (d / "a.json").write_text('[{"instruction": "x"}]'), "record 0 lacks 'instruction' or 'output'"),
+    ("mmlu", lambda d: (d / "mmlu").mkdir(), "has no test/*_test.csv"),
+    ("model", lambda d: (d / "ckpt").mkdir(), "holds no config.json"),
+])
+def test_bad_inputs_are_refused_before_the_pretraining_runs(tmp_path, capsys, what, make, message):
+    from adoptim_repro.cli import main
+
+    made = tmp_path / "in"
+    made.mkdir()
+    make(made)
+    (path,) = made.iterdir()
+    out = tmp_path / "out"
+    assert main(["llama", "--quick", "--set", f"{what}={path}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message.format(path) in err, err
+    assert not out.exists()  # nothing pretrained, saved or locked: the corrected command may use this --out
+
+
 @pytest.mark.slow
 def test_full_scale_path_with_a_local_checkpoint(tmp_path):
     """``model=DIR data=alpaca.json mmlu=DIR``: a tiny checkpoint with a real BPE tokenizer saved locally."""

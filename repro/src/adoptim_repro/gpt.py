@@ -268,7 +268,7 @@ def plot(cfg: GptConfig, results: list[RunResult], out: Path) -> None:
             for s in res.records[0]["spike_steps"]:
                 ax.axvline(s + 1, color=line.get_color(), lw=0.5, ls=":")
         ax.set_title(f"batch {b} x {cfg.block_size} tokens")
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
         ax.set_ylabel("loss (nats/token)")
         ax.legend(fontsize=7)
     report.save(fig, out / "gpt_loss.png")

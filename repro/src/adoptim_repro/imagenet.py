@@ -303,7 +303,7 @@ def plot(cfg: ImagenetConfig, results: list[RunResult], out: Path) -> None:
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=".", label=f"{res.unit.optimizer} s{res.unit.seed}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("val top-1 (%)")
+    ax.set_ylabel("validation top-1 accuracy (%)")
     ax.legend(fontsize=8)
     report.save(fig, out / "imagenet.png")
 

@@ -368,7 +368,7 @@ def plot(cfg: LlamaConfig, results: list[RunResult], out: Path) -> None:
     if cfg.model is not None:
         axes[0, 0].set_title("no pretraining (checkpoint given)")
     for ax in axes[0]:
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
         ax.set_ylabel("loss (nats/token)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

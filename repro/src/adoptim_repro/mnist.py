@@ -118,16 +118,23 @@ def summarize(cfg: MnistConfig, records: list[dict[str, Any]]) -> list[dict[str,
 
 def plot(cfg: MnistConfig, results: list[RunResult], out: Path) -> None:
     """Training loss and test accuracy over steps, mean over seeds."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     fig, axes = report.figure(1, 2, size=(4.2, 3.0))
     for name in cfg.optimizers:
         hists = [r.history for r in results if r.unit.optimizer == name]
-        for ax, key in zip(axes[0], ("train_loss", "test_accuracy"), strict=True):
+        for ax, key, scale in zip(axes[0], ("train_loss", "test_accuracy"), (1, 100), strict=True):
             steps, vals = report.mean_curve(hists, key)
-            ax.plot(steps, vals, label=name, lw=1.2)
-            ax.set_xlabel("step")
-            ax.set_ylabel(key.replace("_", " "))
+            ax.plot(steps, [scale * v for v in vals], label=name, lw=1.2)
+    for ax, label in zip(axes[0], ("training loss (nats/image)", "test accuracy (%)"), strict=True):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    loss_axis = axes[0][0].yaxis
     axes[0][0].set_yscale("log")
-    axes[0][1].legend(fontsize=8)
+    loss_axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.2, 0.5, 1: labels that do not touch
+    loss_axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    loss_axis.set_minor_formatter(NullFormatter())
     axes[0][1].set_title(f"MLP on MNIST, mean of {cfg.seeds} seed(s)", fontsize=9)
     report.save(fig, out / "mnist.png")
 

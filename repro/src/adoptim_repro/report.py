@@ -99,13 +99,41 @@ def figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (4.0, 3.0
     return fig, axes
 
 
+def compact_number(value: float, top: float | None = None) -> str:
+    """A tick label short enough not to run into its neighbours: 150000 -> 150k, 2000000 -> 2M.
+
+    ``top`` (the largest value on the axis) picks one unit for all of an axis's labels.
+    """
+    top = abs(value) if top is None else abs(top)
+    if value == 0:
+        return "0"
+    if top >= 1e6:
+        return f"{value / 1e6:g}M"
+    if top >= 1e4:
+        return f"{value / 1e3:g}k"
+    return f"{value:g}"
+
+
+def _compact_formatter(axis: Any) -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _pos: compact_number(v, max(abs(x) for x in axis.get_view_interval())))
+
+
 def save(fig: Any, path: Path) -> None:
-    """Save ``fig`` as a small PNG (written beside and renamed, like every result) and close it."""
+    """Save ``fig`` as a small PNG (written beside and renamed, like every result) and close it.
+
+    Linear axes get compact tick labels (150k, 2M): long step counts would otherwise run together.
+    """
     import matplotlib.pyplot as plt
 
     from . import _io
 
     path = Path(path)
+    for ax in fig.axes:
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "linear":
+                axis.set_major_formatter(_compact_formatter(axis))
     fig.tight_layout()
     _io._atomic(path, lambda f: fig.savefig(f, format="png", dpi=80), "wb")
     plt.close(fig)

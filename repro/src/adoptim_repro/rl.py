@@ -465,7 +465,7 @@ def plot(cfg: RlConfig, results: list[RunResult], out: Path) -> None:
                           label=None if name in colors else name)
         colors.setdefault(name, line.get_color())
     ax.set_xlabel("environment steps")
-    ax.set_ylabel("training return (last 10 episodes)")
+    ax.set_ylabel("episode return (sum of rewards),\nmean of the last 10 episodes", fontsize=9)
     ax.set_title(f"PPO on {cfg.env}, {cfg.seeds} seeds", fontsize=9)
     ax.legend(fontsize=8)
     report.save(fig, out / "rl.png")

@@ -224,14 +224,14 @@ def plot(cfg: ToyConfig, results: list[RunResult], out: Path) -> None:
                 lo, hi = [h["q25"][a][b] for h in res.history], [h["q75"][a][b] for h in res.history]
                 (line,) = ax.plot(steps, med, label=res.unit.optimizer, lw=1.2)
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-                ax.set_title(f"k={k}, beta2={beta2}", fontsize=9)
+                ax.set_title(f"k = {k}, $\\beta_2$ = {beta2}", fontsize=9)
                 ax.set_ylim(-1.05, 1.05)
                 ax.axhline(OPTIMUM, color="k", lw=0.5, ls=":")
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
     for row in axes:
-        row[0].set_ylabel("x (median, IQR)")
-    axes[0][0].legend(fontsize=7)
+        for ax in row:
+            ax.set_xlabel("gradient calls")
+        row[0].set_ylabel("x, median and IQR of runs\n(dimensionless)")
+    axes[0][0].legend(fontsize=7, loc="center right")
     report.save(fig, out / "toy.png")
 
 

@@ -155,7 +155,7 @@ def plot(cfg: VaeConfig, results: list[RunResult], out: Path) -> None:
         (line,) = ax.plot(steps, vals, lw=1.0, alpha=0.6, label=f"{name} train")
         steps, vals = report.mean_curve(hists, "test_nelbo")
         ax.plot(steps, vals, "o-", color=line.get_color(), lw=1.4, ms=3, label=f"{name} test")
-    ax.set_xlabel("step")
+    ax.set_xlabel("training step")
     ax.set_ylabel("negative ELBO (nats/image)")
     lo = min((min(h["train_nelbo"] for h in r.history) for r in results if r.history), default=80)
     ax.set_ylim(lo - 5, lo + 60)
