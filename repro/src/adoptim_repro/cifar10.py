@@ -269,16 +269,12 @@ def plot(cfg: Cifar10Config, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "cifar10.png")
 
 
-# Measured: see the note in registry.py.
-RUN_TIME = "not measured yet"
-
 EXPERIMENT = Experiment(
     name="cifar10",
     summary=("ResNet-18 (CIFAR variant), adam vs adopt, test accuracy over seeds; offline default is "
              "scaled down (width 1/8, 10k images, 5 epochs) on Fashion-MNIST padded to 32x32, not CIFAR-10"),
     paper_scale="paper: CIFAR-10, full ResNet-18: --set data_dir=PATH --set width=1 --set epochs=200 "
                 "--set train_subset=none (GPU hours)",
-    run_time=RUN_TIME,
     preflight=load_data,
     config=Cifar10Config,
     quick={"width": 0.0625, "epochs": 2, "train_subset": 4096, "test_subset": 2000, "seeds": 2},

@@ -35,8 +35,9 @@ def _parser(exp: Experiment | None = None) -> argparse.ArgumentParser:
     epilog = "'adoptim list' shows the experiments; 'adoptim demo' runs toy and mnist quickly."
     if exp is not None:
         quick = ", ".join(f"{k}={v}" for k, v in exp.quick.items())
-        epilog = (f"{exp.name}: {exp.summary}\nrun time: {exp.run_time}\n\nconfig keys (--set KEY=VALUE, or "
-                  f"KEY = VALUE in a --config file):\n{describe(exp.config)}\n\n--quick sets: {quick}")
+        epilog = (f"{exp.name}: {exp.summary}\nrun time: {registry.run_time(exp.name)}\n\n"
+                  f"config keys (--set KEY=VALUE, or KEY = VALUE in a --config file):\n{describe(exp.config)}\n\n"
+                  f"--quick sets: {quick}")
     p = argparse.ArgumentParser(
         prog="adoptim", description="Reproduce the experiments of the ADOPT paper (arXiv 2411.02853).",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +72,7 @@ def _list() -> int:
         if isinstance(exp, Exception):
             print(f"{name:9s} (unavailable: {exp})")
         else:
-            print(f"{name:9s} {exp.summary} [full scale: {exp.paper_scale}] [run time: {exp.run_time}]")
+            print(f"{name:9s} {exp.summary} [full scale: {exp.paper_scale}] [run time: {registry.run_time(exp.name)}]")
     return 0
 
 

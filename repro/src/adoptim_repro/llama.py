@@ -375,14 +375,10 @@ def plot(cfg: LlamaConfig, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "llama_loss.png")
 
 
-# Measured: see the note in registry.py.
-RUN_TIME = "not measured yet"
-
 EXPERIMENT = Experiment(
     name="llama",
     summary="scaled-down: LlamaForCausalLM (0.7M) pretrained on Shakespeare, finetuned on KJV records",
     paper_scale="paper: LLaMA-7B on Alpaca + MMLU via --set model=DIR data=alpaca.json mmlu=DIR, GPUs",
-    run_time=RUN_TIME,
     requires=(("transformers", "pip install 'adoptim-repro[llama]'"),),
     preflight=preflight,
     config=LlamaConfig,

@@ -7,9 +7,8 @@ the default PPO settings of Stable-Baselines3 and CleanRL), gymnasium's ``HalfCh
 ``Pendulum-v1`` with ``--quick``. The metric is the mean undiscounted return of deterministic evaluation episodes at the
 end of training (frozen observation statistics), reported as mean and 95% interval over seeds.
 
-Scale: a full-length MuJoCo PPO run is 1M environment steps; the default here trains 150k per run (the six
-runs took 52 minutes on two CPU cores shared with other jobs), where PPO on HalfCheetah is still early in
-learning.
+Scale: a full-length MuJoCo PPO run is 1M environment steps; the default here trains 150k per run
+(``adoptim list`` gives the measured run time), where PPO on HalfCheetah is still early in learning.
 
 Distributed: under ``torchrun`` each process steps its share of the ``envs`` parallel environments and
 trains on its share of every minibatch; gradients are averaged across processes before clipping, so
@@ -471,15 +470,11 @@ def plot(cfg: RlConfig, results: list[RunResult], out: Path) -> None:
     report.save(fig, out / "rl.png")
 
 
-# Measured: see the note in registry.py.
-RUN_TIME = "not measured yet"
-
 EXPERIMENT = Experiment(
     name="rl",
     summary=("PPO (own, CleanRL style) on MuJoCo HalfCheetah-v5, adam vs adopt, eval return over seeds; "
              "scaled down: 150k steps per run (--quick: Pendulum-v1)"),
     paper_scale="paper: HalfCheetah and Ant at full length: --set total_steps=1000000 (--set env=Ant-v5)",
-    run_time=RUN_TIME,
     requires=(("gymnasium", "pip install 'adoptim-repro[rl]'"),),
     preflight=preflight,
     config=RlConfig,

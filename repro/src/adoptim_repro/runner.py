@@ -38,17 +38,20 @@ How to add an experiment (say ``foo``)
      killed at any moment resumes from its last checkpoint. Put everything that determines the rest of
      the run into ``state``: step, model and optimizer ``state_dict()``, RNG states. Prefer data order
      and noise drawn from generators seeded by ``(seed, step or epoch)``: then they need no saving.
-   - Distributed: ``ctx.rank``, ``ctx.world_size`` (split the global batch by them), ``ctx.device``,
-     ``ctx.is_main``. Only rank 0 writes files and shows progress; every rank runs every unit.
+   - Distributed: ``ctx.dist`` (:class:`~.distributed.Dist`: ``slice(n)`` of the global batch,
+     ``all_sum``, ``wrap(model)`` in DistributedDataParallel), also as ``ctx.rank``, ``ctx.world_size``,
+     ``ctx.device``, ``ctx.is_main``. Only rank 0 writes files and shows progress; every rank runs every unit.
+   - A learning-rate schedule: :class:`~.schedule.Schedule` (put its ``state_dict()`` in the checkpoint).
 6. ``summarize(config, records) -> list[dict]``: the ``final`` rows of ``summary.json`` (each with
-   ``optimizer``), e.g. mean and 95% interval over seeds (see :mod:`.report`). ``summary.md`` is the
+   ``optimizer``), e.g. mean and 95% interval over seeds (:func:`.report.stats`; spreads of one seed are
+   ``None``, shown as n/a); accuracies in percent. ``summary.md`` is the
    same rows as a Markdown table.
 7. ``plot(config, results, out)`` (optional): write PNGs into ``out`` with matplotlib (use
    :func:`.report.figure`); ``results`` are :class:`RunResult` s, each with its unit, records and the
    metric ``history`` read back from its JSON lines.
 8. ``summary``: the one line ``adoptim list`` prints; ``paper_scale``: what the paper's full setting
-   needs (e.g. ``"8 A100 x 2 days"``); ``run_time``: the measured wall time of the default and the
-   ``--quick`` run, with the machine and date of the measurement (the one place run times are kept).
+   needs (e.g. ``"8 A100 x 2 days"``). Its measured run time goes in :data:`.registry.RUN_TIMES` (the
+   one place run times are kept), with the machine and date of the measurement.
 9. ``requires`` (optional): ``(module, how to install it)`` pairs; ``adoptim list`` shows the
    experiment as unavailable, and a run is refused before anything is written, while one is missing.
    ``preflight(config)`` (optional): every data and path check that can run before the first unit
@@ -120,7 +123,6 @@ class Experiment:
     name: str
     summary: str
     paper_scale: str
-    run_time: str
     config: type
     quick: Mapping[str, Any]
     units: Callable[[Any], list[Unit]]
