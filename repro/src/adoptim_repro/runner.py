@@ -72,14 +72,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +84,15 @@ import torch
 from . import _io
 from .config import ConfigError, to_dict
 from .distributed import Dist, init_distributed
+from .outdir import (
+    acquire_lock,
+    check_out,
+    check_writable,
+    read_result,
+    release_lock,
+    remove_stale_temporaries,
+    start_fresh,
+)
 
 Record = dict[str, Any]
 
@@ -271,133 +275,6 @@ def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, fl
     return out
 
 
-# --------------------------------------------------------------------------- the output folder
-LOCK = ".lock"
-# What a run writes into --out (all of it removed by --fresh; nothing else there is touched).
-OUTPUTS = ("config.json", "runs", "metrics", "checkpoints", "tensorboard", "summary.json", "summary.md",
-           "pretrained", "smoke_data")
-
-
-def _read_result(path: Path, what: str, check: Callable[[Any], bool]) -> Any:
-    """A results file of ``out`` parsed, or a :class:`ConfigError` naming it (results are written
-    atomically, so only damage from outside makes one unreadable)."""
-    try:
-        value = _io.read_json(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e}); {what}") from None
-    if not check(value):
-        raise ConfigError(f"{path} does not hold what this runner writes there; {what}")
-    return value
-
-
-def _check_writable(out: Path) -> None:
-    """``out`` is (or can be made) a directory this process can write into, or a :class:`ConfigError`."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--out {out} cannot hold results: {e.strerror or e}") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-@contextmanager
-def _guard(out: Path) -> Any:
-    """Serialise lock-taking processes on ``out`` (flock on the folder itself, where there is one)."""
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: the lock file's exclusive creation alone
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
-
-
-def acquire_lock(out: Path, say: Callable[[str], None]) -> Path:
-    """Hold ``out`` for this process: ``out/.lock`` created exclusively with this pid, host and start time.
-
-    A lock of a live process (or of any process on another host) refuses in one line; the lock of a
-    process that is no longer running on this host is taken over, with a message.
-    """
-    path = out / LOCK
-    host = socket.gethostname()
-    with _guard(out):
-        if path.exists():
-            try:
-                holder = json.loads(path.read_text())
-                pid, owner, since = int(holder["pid"]), str(holder["host"]), str(holder.get("started", "?"))
-            except (OSError, ValueError, KeyError, TypeError):
-                raise ConfigError(f"{path} exists but is not a lock this runner wrote; if no run is using {out}, "
-                                  "delete it") from None
-            if owner != host or pid == os.getpid() or _alive(pid):
-                raise ConfigError(f"{out} is in use by another run (pid {pid} on {owner}, since {since}); wait for "
-                                  f"it to finish or use another --out (if it is gone, delete {path})")
-            say(f"[lock] {out}: taking over the lock of pid {pid} (started {since}), which is no longer running")
-            path.unlink()
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-    return path
-
-
-def release_lock(path: Path) -> None:
-    path.unlink(missing_ok=True)
-
-
-def _start_fresh(out: Path) -> None:
-    """Remove what earlier runs wrote into ``out`` (and nothing else)."""
-    for name in OUTPUTS:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    for png in out.glob("*.png"):
-        png.unlink()
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    # A kill during an atomic write leaves its temporary file (never read: the target is renamed into
-    # place only when complete). Checkpoints are large, so they are removed before a run goes on.
-    for tmp in out.glob("**/.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
-def _check_out(out: Path, meta: Record, say: Callable[[str], None]) -> None:
-    path = out / "config.json"
-    if not path.exists():
-        return
-    old = _read_result(path, "remove it (and the results beside it), use --fresh, or use another --out",
-                       lambda v: isinstance(v, dict) and isinstance(v.get("config"), dict))
-    if old.get("experiment") != meta["experiment"]:
-        raise ConfigError(f"{out} holds results of experiment {old.get('experiment')!r}; use another --out")
-    if not any(out.glob("runs/*.json")) and not any(out.glob("checkpoints/*.pt")):
-        return  # nothing finished or saved under the old config (it failed early): the new one may start
-    new_cfg = json.loads(json.dumps(meta["config"]))
-    for key in sorted(set(old["config"]) | set(new_cfg)):
-        # More (or fewer) seeds only add (or leave out) units: the finished ones stay valid.
-        if key != "seeds" and old["config"].get(key) != new_cfg.get(key):
-            raise ConfigError(
-                f"{out} was made with {key}={old['config'].get(key)!r}, not {new_cfg.get(key)!r}; "
-                "rerun with the same config to resume, --fresh to start over, or use another --out")
-    if old.get("threads") not in (None, meta["threads"]):
-        say(f"[{meta['experiment']}] note: the results so far used {old['threads']} threads, this run "
-            f"{meta['threads']}; float results depend on the thread count")
-
-
 def _agree(dist: Dist, check: Callable[[], None]) -> None:
     """Run ``check`` on rank 0 and raise its :class:`ConfigError` on every rank (so none waits forever)."""
     error = None
@@ -446,12 +323,12 @@ def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu", ch
     lock: list[Path] = []
 
     def take_out() -> None:
-        _check_writable(out)
+        check_writable(out)
         lock.append(acquire_lock(out, say))
         try:
             if fresh:
-                _start_fresh(out)
-            _check_out(out, meta, say)
+                start_fresh(out)
+            check_out(out, meta, say)
         except BaseException:
             release_lock(lock.pop())
             raise
@@ -467,7 +344,7 @@ def run_experiment(exp: Experiment, cfg: Any, out: Path, device: str = "cpu", ch
 def _run_units(exp: Experiment, cfg: Any, out: Path, units: list[Unit], meta: Record, dist: Dist,
                checkpoint_every: float, say: Callable[[str], None], tensorboard: bool) -> Record:
     if dist.is_main:
-        _remove_stale_temporaries(out)
+        remove_stale_temporaries(out)
         _io.write_json(out / "config.json", meta)
         finished = [u.key for u in units if (out / "runs" / f"{u.key}.json").exists()]
         if finished and len(finished) == len(units):
@@ -481,7 +358,7 @@ def _run_units(exp: Experiment, cfg: Any, out: Path, units: list[Unit], meta: Re
     for i, unit in enumerate(units, 1):
         path = out / "runs" / f"{unit.key}.json"
         if path.exists():
-            records = _read_result(path, "delete it to run this unit again",
+            records = read_result(path, "delete it to run this unit again",
                                    lambda v: isinstance(v, dict) and isinstance(v.get("records"), list))["records"]
             if dist.is_main:  # left behind when a kill came between the result and its cleanup
                 (out / "checkpoints" / f"{unit.key}.pt").unlink(missing_ok=True)
