@@ -76,7 +76,7 @@ def triton_host_us(opt: adoptim.ADOPT, repeats: int, whole_step: bool) -> float 
         return None
     kernels = K._adopt_kernel, K._bump_steps_kernel
     K._adopt_kernel = K._bump_steps_kernel = _NoLaunch()
-    (_, lists), = opt._collect()
+    (_, lists, _), = opt._collect()
     cpu_kernel = fused_cpu.fused_cpu_adopt
     if whole_step:
         fused_cpu.fused_cpu_adopt = K.triton_adopt  # looked up on the module at every call
@@ -93,7 +93,7 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
     adopt.step()
     adamw = torch.optim.AdamW(params, fused=True)
     adamw.step()
-    (_, lists), = adopt._collect()
+    (_, lists, _), = adopt._collect()
     # AdamW's lists: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     adamw_init = lambda: adamw._init_group(adamw.param_groups[0], *[[] for _ in range(6)])
     return [

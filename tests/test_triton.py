@@ -20,7 +20,7 @@ from optim_helpers import hard_grads, hard_params, run_reference
 
 import adoptim.kernels
 from adoptim import functional
-from adoptim.kernels.contract import Hyper
+from adoptim.kernels.contract import Hyper, KernelPlan
 from adoptim.kernels.single_tensor import single_tensor_adopt
 
 triton = pytest.importorskip("triton")
@@ -529,3 +529,31 @@ def test_lazily_negated_gradients_are_read_with_their_sign_even_at_a_cached_addr
     for a, b, ma, mb in zip(fused.p, loop.p, fused.m, loop.m):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ma, mb, rtol=1e-6, atol=1e-6)
+
+
+def test_a_kernel_plan_keeps_the_launch_plan_and_follows_the_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With a KernelPlan (the caller promises the parameters and state are unchanged), the launch plan is
+    # looked up by the gradients alone: the same gradients reuse it without building a key of every tensor,
+    # new gradients (other addresses, another layout) get a new one, and the trajectory stays the for-loop
+    # kernel's.
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64)]
+    kw = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=True, clip_exponent=0.25, maximize=False)
+    fused, loop = State(params), State(params)
+    plan = KernelPlan()
+    lookups = []
+    real = K._cached_plan
+    monkeypatch.setattr(K, "_cached_plan", lambda *a: lookups.append(1) or real(*a))
+    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    for t in range(6):
+        if t in (2, 4):
+            grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]  # new tensors
+        if t == 5:
+            grads = [torch.randn(4, 3, generator=gen, dtype=torch.float64).t(), grads[1]]  # other strides
+        lookups.clear()
+        lists = [fused.p, grads, fused.m, fused.v, fused.s]
+        functional.run_fused_kernel(K.triton_adopt, lists, Hyper(**_fused(**kw)), plan)
+        loop_adopt(loop.p, grads, loop.m, loop.v, loop.s, **_plain(**kw))
+        assert bool(lookups) == (t in (0, 2, 4, 5)), t
+        for a, b in zip(fused.p + fused.m + fused.v, loop.p + loop.m + loop.v):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .kernels import fused_cpu
 from .kernels.common import dtensor_type
-from .kernels.contract import FUSED_DEVICES, Hyper, Kernel, check_kernel_choice
+from .kernels.contract import FUSED_DEVICES, Hyper, Kernel, KernelPlan, check_kernel_choice
 from .kernels.foreach import foreach_adopt
 from .kernels.single_tensor import single_tensor_adopt
 
@@ -109,6 +109,7 @@ def adopt(
     clip_exponent: float | None,
     eps: float,
     maximize: bool,
+    plan: KernelPlan | None = None,
 ) -> None:
     r"""Run one ADOPT step in place on ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``.
 
@@ -123,6 +124,11 @@ def adopt(
     (:func:`default_fused`), else foreach on accelerators and the for-loop kernel elsewhere
     (:func:`default_foreach`). ``grad_scale`` and ``found_inf`` are AMP's: the gradients are divided
     by ``grad_scale`` and a nonzero ``found_inf`` skips the call entirely (steps included).
+
+    ``plan``: a :class:`~adoptim.kernels.contract.KernelPlan` kept by the caller between calls with the
+    same parameters and state (only the gradients new); the fused kernels keep their address tables in
+    it, which saves most of their host work per tensor. Pass a new one whenever a parameter or state
+    tensor changes.
 
     Example::
 
@@ -190,16 +196,17 @@ def adopt(
             if fused_cpu.library() is None:  # not built: one warning, then the foreach kernel
                 _run_eager(foreach_adopt, part, hyper)
             else:
-                run_fused_kernel(fused_cpu.fused_cpu_adopt, part, hyper)
+                run_fused_kernel(fused_cpu.fused_cpu_adopt, part, hyper, plan if idx is None else None)
         else:  # cuda
             from .kernels.triton import triton_adopt  # imported lazily: Triton ships with CUDA torch
 
-            run_fused_kernel(triton_adopt, part, hyper)
+            run_fused_kernel(triton_adopt, part, hyper, plan if idx is None else None)
 
 
-def run_fused_kernel(kernel: Kernel, lists: Sequence[list[Tensor]], hyper: Hyper) -> None:
+def run_fused_kernel(kernel: Kernel, lists: Sequence[list[Tensor]], hyper: Hyper,
+                     plan: KernelPlan | None = None) -> None:
     """Run a fused kernel, then the for-loop kernel on the tensors it left (the one place of that fallback)."""
-    rest = kernel(*lists, hyper)
+    rest = kernel(*lists, hyper, plan)
     if rest:
         # found_inf is read on the host here (a synchronisation) only when some tensor was left.
         _run_eager(single_tensor_adopt, tuple([x[i] for i in rest] for x in lists), hyper)

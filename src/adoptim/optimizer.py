@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from operator import is_
 from typing import Any
 
 import torch
@@ -13,8 +14,10 @@ from torch.optim import Optimizer
 
 from . import _validate as V
 from . import migration
+from ._plan import GroupPlan, ParamState, StateDict, plannable
 from .functional import adopt
 from .kernels.common import state_holds
+from .kernels.contract import KernelPlan
 
 _CPU = torch.device("cpu")
 
@@ -128,6 +131,8 @@ class ADOPT(Optimizer):
         )
         V.check_group(defaults)
         super().__init__(params, defaults)
+        self.state = StateDict(self.state)  # counts its writes: see _collect
+        self._kept: tuple | None = None
         if fused:
             # GradScaler then hands this optimizer `grad_scale` and `found_inf` instead of unscaling
             # the gradients itself (torch.optim's protocol for fused optimizers).
@@ -149,8 +154,16 @@ class ADOPT(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.state = StateDict(self.state)
+        self._kept = None
         # A state_dict from an older version (or another port) may lack newer flags and tensor steps.
         migration.upgrade_state(self.param_groups, self.state, self.defaults)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, each parameter's state a plain dict (``torch.load(weights_only=True)``)."""
+        out = super().state_dict()
+        out["state"] = {k: dict(v) if isinstance(v, ParamState) else v for k, v in out["state"].items()}
+        return out
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -295,15 +308,18 @@ class ADOPT(Optimizer):
                 # that out costs a keyword parse per call, a quarter of the call for small tensors.
                 new = {"step": zero.clone(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                 if st is None:
-                    st = state[p] = new
+                    st = state[p] = ParamState(state, new) if isinstance(state, StateDict) else new
                 else:  # an empty dict someone made by reading opt.state[p] (and may hold): fill it
                     st.update(new)
             state_steps[j], exp_avgs[j], exp_avg_sqs[j] = st["step"], st["exp_avg"], st["exp_avg_sq"]
 
-    def _collect(self) -> list[tuple[dict[str, Any], list[list[Tensor]]]]:
-        """Every group's lists (params, grads, exp_avgs, exp_avg_sqs, state_steps), state created.
+    def _collect(self) -> list[tuple[dict[str, Any], list[list[Tensor]], KernelPlan | None]]:
+        """Every group's lists (params, grads, exp_avgs, exp_avg_sqs, state_steps) and kernel plan.
 
-        All groups are checked before any state is created, so a step that fails changes nothing.
+        A step that follows steps of the same parameters and state reuses the lists kept from the step
+        before, with this step's gradients, after a check that notices every way they can go stale
+        (``adoptim/_plan.py``). Otherwise each group is collected by :meth:`_init_group`, all groups
+        checked before any state is created (so a step that fails changes nothing), and the lists kept.
         """
         groups = self.param_groups
         if torch.compiler.is_compiling():
@@ -311,8 +327,22 @@ class ADOPT(Optimizer):
             for group in groups:
                 lists: list[list[Tensor]] = [[], [], [], [], []]
                 self._init_group(group, *lists)
-                out.append((group, lists))
+                out.append((group, lists, None))
             return out
+        kept, state = self._kept, self.state
+        if kept is not None:
+            kept_groups, n_groups, kept_state, writes, plans = kept
+            if (kept_groups is groups and len(groups) == n_groups and state is kept_state
+                    and state.writes == writes and all(map(is_, groups, [p.group for p in plans]))):
+                out = []
+                for plan in plans:
+                    lists = plan.current()
+                    if lists is None:
+                        break
+                    out.append((plan.group, lists, plan.kernel))
+                else:
+                    return out
+        self._kept = None
         gathered = []
         for group in groups:
             lists = [[], [], [], [], []]
@@ -320,7 +350,11 @@ class ADOPT(Optimizer):
         for group, (params, _, exp_avgs, exp_avg_sqs, state_steps), missing in gathered:
             if missing:
                 self._create_state(group, params, exp_avgs, exp_avg_sqs, state_steps, missing)
-        return [(group, lists) for group, lists, _ in gathered]
+        if not (isinstance(state, StateDict) and all(plannable(group, lists[0]) for group, lists, _ in gathered)):
+            return [(group, lists, None) for group, lists, _ in gathered]
+        plans = [GroupPlan(group, lists, state) for group, lists, _ in gathered]
+        self._kept = (groups, len(groups), state, state.writes, plans)
+        return [(group, lists, plan.kernel) for (group, lists, _), plan in zip(gathered, plans, strict=True)]
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -330,7 +364,7 @@ class ADOPT(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in self._collect():
+        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps), plan in self._collect():
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -340,7 +374,7 @@ class ADOPT(Optimizer):
                 grad_scale=grad_scale, found_inf=found_inf,
                 differentiable=group["differentiable"], beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"],
+                clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"], plan=plan,
             )
         return loss
 

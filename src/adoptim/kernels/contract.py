@@ -2,13 +2,15 @@
 
 Every kernel (``single_tensor``, ``foreach``, ``fused_cpu``, ``triton``) is a function
 
-    kernel(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper) -> Sequence[int]
+    kernel(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper, plan=None) -> Sequence[int]
 
 that updates in place the tensors it takes (parameter, momentum, second moment, step counter) and
-returns the indices of those it left alone. The dispatcher (:func:`adoptim.functional.adopt`) alone
-decides which kernel runs, checks the kernel choice, runs the for-loop kernel on what a fused kernel
-left, unscales gradients for the kernels that do not take AMP's arguments, and falls back when a fused
-kernel cannot run at all. The for-loop and foreach kernels take every tensor and return ``()``.
+returns the indices of those it left alone. ``plan`` is an optional :class:`KernelPlan` the caller keeps
+between calls; kernels with host-side tables (the fused ones) keep them there, the others ignore it.
+The dispatcher (:func:`adoptim.functional.adopt`) alone decides which kernel runs, checks the kernel
+choice, runs the for-loop kernel on what a fused kernel left, unscales gradients for the kernels that
+do not take AMP's arguments, and falls back when a fused kernel cannot run at all. The for-loop and
+foreach kernels take every tensor and return ``()``.
 
 The arithmetic every kernel implements is :mod:`adoptim.reference`'s.
 """
@@ -23,7 +25,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "FUSED_DEVICES", "FUSED_DTYPES", "FUSED_REAL_DTYPES", "Hyper", "Kernel", "check_kernel_choice", "real_dtype",
+    "FUSED_DEVICES", "FUSED_DTYPES", "FUSED_REAL_DTYPES", "Hyper", "Kernel", "KernelPlan", "check_kernel_choice",
+    "real_dtype",
 ]
 
 # The dtypes of parameters the fused kernels take; complex tensors are updated as pairs of their real dtype.
@@ -73,11 +76,29 @@ class Hyper:
     found_inf: Tensor | None = None
 
 
+class KernelPlan:
+    """A slot a caller keeps between kernel calls, and its promise about them.
+
+    Passing the same plan again promises that the parameters, the state tensors and the step counters
+    are the same tensors as at the call before, with the same data, shapes, dtypes and layouts; only the
+    gradients may be new tensors (which the kernel checks). A kernel keeps what it built for those
+    tensors (an address table, a launch plan) in ``data`` and reuses it. A caller that cannot keep the
+    promise passes a new plan, or none. :class:`adoptim.ADOPT` keeps one per param group and checks the
+    promise before every step (see ``adoptim/_plan.py``).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data: object = None
+
+
 class Kernel(Protocol):
     """The one signature every kernel has (see the module docstring)."""
 
     def __call__(self, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                 exp_avg_sqs: list[Tensor], state_steps: list[Tensor], hyper: Hyper) -> Sequence[int]: ...
+                 exp_avg_sqs: list[Tensor], state_steps: list[Tensor], hyper: Hyper,
+                 plan: KernelPlan | None = None) -> Sequence[int]: ...
 
 
 def check_kernel_choice(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .common import decay_scale
-from .contract import Hyper
+from .contract import Hyper, KernelPlan
 from .single_tensor import single_tensor_adopt
 
 
@@ -52,8 +52,10 @@ def foreach_adopt(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     hyper: Hyper,
+    plan: KernelPlan | None = None,
 ) -> tuple[()]:
-    """One ADOPT step on lists (the kernel contract of :mod:`.contract`); takes every tensor."""
+    """One ADOPT step on lists (the kernel contract of :mod:`.contract`); takes every tensor
+    (``plan`` is not used)."""
     if hyper.grad_scale is not None or hyper.found_inf is not None:
         raise ValueError("the foreach kernel takes no grad_scale or found_inf (the dispatcher unscales)")
     if not params:

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from .common import dtensor_type, state_holds
-from .contract import FUSED_REAL_DTYPES, Hyper
+from .contract import FUSED_REAL_DTYPES, Hyper, KernelPlan
 
 __all__ = ["fused_cpu_adopt", "is_available", "library"]
 
@@ -142,6 +142,7 @@ def fused_cpu_adopt(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     hyper: Hyper,
+    plan: KernelPlan | None = None,
 ) -> Sequence[int]:
     """One ADOPT step on CPU tensors, in place (the kernel contract of :mod:`.contract`).
 
@@ -150,6 +151,10 @@ def fused_cpu_adopt(
     ``found_inf`` (when nonzero the whole call changes nothing, steps included). ``capturable`` has no
     effect on the CPU, where reading a step costs no synchronisation. Needs the compiled library
     (:func:`is_available`); the dispatcher checks.
+
+    With a ``plan`` (see :class:`~adoptim.kernels.contract.KernelPlan`), the table built for the whole
+    list is kept, and a later call with the same plan only checks the gradients (plain contiguous
+    tensors of the parameters' dtypes and sizes, not lazily negated) and writes their addresses into it.
     """
     if not params:
         return ()
@@ -159,7 +164,14 @@ def fused_cpu_adopt(
     lib = library()
     n = len(params)
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    table = _bulk_table(*lists)
+    kept = plan.data if plan is not None else None
+    if type(kept) is _KeptTable and kept.n == n and kept.takes(grads):
+        table = kept.table
+        table[n: 2 * n] = array("q", map(_ptr, grads))
+    else:
+        table = _bulk_table(*lists)
+        if plan is not None:
+            plan.data = None if table is None else _KeptTable(table, params)
     fast: list[int] | range = range(n)
     rest: list[int] = []
     if table is None:
@@ -199,6 +211,24 @@ _ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _contiguous = Tensor.is_contiguous
 _is_neg = Tensor.is_neg
+_PLAIN_TYPES = {Tensor, torch.nn.Parameter}
+
+
+class _KeptTable:
+    """A whole-list table kept in a plan, with what a new list of gradients must match to reuse it."""
+
+    __slots__ = ("table", "n", "dtypes", "numels")
+
+    def __init__(self, table: array, params: list[Tensor]) -> None:
+        self.table, self.n = table, len(params)
+        self.dtypes = list(map(_dtype, params))
+        self.numels = list(map(_numel, params))
+
+    def takes(self, grads: list[Tensor]) -> bool:
+        """Whether the table's checks hold for these gradients (the parameters and state are the plan's)."""
+        return (set(map(type, grads)) <= _PLAIN_TYPES and list(map(_dtype, grads)) == self.dtypes
+                and list(map(_numel, grads)) == self.numels and all(map(_contiguous, grads))
+                and not any(map(_is_neg, grads)))
 
 
 def _bulk_table(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .common import decay_scale
-from .contract import Hyper
+from .contract import Hyper, KernelPlan
 
 
 def _scale_sub_(target: Tensor, source: Tensor, scale: float | Tensor) -> None:
@@ -36,8 +36,10 @@ def single_tensor_adopt(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     hyper: Hyper,
+    plan: KernelPlan | None = None,
 ) -> tuple[()]:
-    """One ADOPT step, one tensor at a time (the kernel contract of :mod:`.contract`); takes every tensor."""
+    """One ADOPT step, one tensor at a time (the kernel contract of :mod:`.contract`); takes every tensor
+    (``plan`` is not used)."""
     if hyper.grad_scale is not None or hyper.found_inf is not None:
         raise ValueError("the for-loop kernel takes no grad_scale or found_inf (the dispatcher unscales)")
     beta1, beta2, lr, eps = hyper.beta1, hyper.beta2, hyper.lr, hyper.eps

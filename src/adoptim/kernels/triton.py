@@ -34,7 +34,7 @@ from torch import Tensor
 
 # Absolute: the tests load this file on its own, under Triton's interpreter.
 from adoptim.kernels.common import share_memory, state_holds
-from adoptim.kernels.contract import FUSED_REAL_DTYPES, Hyper
+from adoptim.kernels.contract import FUSED_REAL_DTYPES, Hyper, KernelPlan
 
 __all__ = ["triton_adopt"]
 
@@ -403,6 +403,7 @@ def triton_adopt(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     hyper: Hyper,
+    plan: KernelPlan | None = None,
 ) -> Sequence[int]:
     """One ADOPT step for every parameter it takes, one Triton launch per (device, dtype) group.
 
@@ -411,6 +412,9 @@ def triton_adopt(
     (nonzero: nothing changes, steps included). With device step counters and a device or float ``lr``
     it never synchronises with the host, so it can be captured in a CUDA graph. Step counters on the
     host work too (the host then increments them, and reads ``found_inf`` to do so).
+
+    With a ``plan`` (:class:`~adoptim.kernels.contract.KernelPlan`), whose promise covers the parameters
+    and state, the launch plan is kept there and looked up by the gradients alone.
     """
     lists = (grads, exp_avgs, exp_avg_sqs, state_steps)
     if any(len(x) != len(params) for x in lists):
@@ -420,7 +424,19 @@ def triton_adopt(
         )
     if not params:
         return ()
-    groups, slow = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper.capturable)
+    kept = plan.data if plan is not None else None
+    key = None
+    if plan is not None:
+        key = (_grads_key(grads), hyper.capturable)
+        if type(kept) is _KeptLaunch and kept.key == key:
+            groups, slow = kept.groups, kept.slow
+        else:
+            plan.data = None
+            kept = None
+    if kept is None:
+        groups, slow, reusable = _cached_plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper.capturable)
+        if plan is not None and reusable:
+            plan.data = _KeptLaunch(key, groups, slow)
     try:
         for group in groups:
             _launch(group, hyper)
@@ -429,10 +445,26 @@ def triton_adopt(
     return slow
 
 
+class _KeptLaunch:
+    """A launch plan kept in a caller's plan, with the gradients' key it was built for."""
+
+    __slots__ = ("key", "groups", "slow")
+
+    def __init__(self, key: tuple, groups: list[_Group], slow: list[int]) -> None:
+        self.key, self.groups, self.slow = key, groups, slow
+
+
+def _grads_key(grads: list[Tensor]) -> tuple:
+    """What a launch plan depends on in the gradients: addresses, sizes, dtypes, layouts, lazy negations."""
+    layout = () if all(map(_contiguous, grads)) else tuple(map(Tensor.stride, grads))
+    negated = tuple(map(_is_neg, grads)) if any(map(_is_neg, grads)) else ()
+    return tuple(map(_ptr, grads)), tuple(map(_numel, grads)), tuple(map(_dtype, grads)), layout, negated
+
+
 def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 state_steps: list[Tensor], capturable: bool) -> tuple[list[_Group], list[int]]:
-    """The launch plan and the for-loop kernel's share (see ``_plan``), from the process-wide cache, built
-    and checked on a miss.
+                 state_steps: list[Tensor], capturable: bool) -> tuple[list[_Group], list[int], bool]:
+    """The launch plan, the for-loop kernel's share (see ``_plan``) and whether the plan may be reused,
+    from the process-wide cache, built and checked on a miss.
 
     The plan (checks, grouping, address tables) is reused while the same tensors come back. Its key holds
     everything the plan depends on: every address, size and dtype (of parameters, gradients, state and
@@ -454,21 +486,21 @@ def _cached_plan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
            *(tuple(map(_numel, x)) for x in tensors[1:]), *(tuple(map(_dtype, x)) for x in (*tensors, state_steps)),
            layout, negated, state_steps[0].device, capturable)
     plan = _PLANS.get(key)
-    if plan is None:
-        if share_memory(params):
-            # Parameters that share memory (one listed twice, views of one buffer) go to the for-loop
-            # kernel with the whole call: the programs of one launch would update them at once, the
-            # for-loop kernel one after the other. The key holds what decides it (addresses, sizes,
-            # dtypes, layouts), so the check runs on a miss only.
-            groups, reusable, slow = [], True, list(range(len(params)))
-        else:
-            groups, reusable, slow = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
-        plan = groups, slow
-        if reusable:
-            if len(_PLANS) >= _CACHE_SIZE:
-                del _PLANS[next(iter(_PLANS))]  # the oldest
-            _PLANS[key] = plan
-    return plan
+    if plan is not None:
+        return (*plan, True)
+    if share_memory(params):
+        # Parameters that share memory (one listed twice, views of one buffer) go to the for-loop
+        # kernel with the whole call: the programs of one launch would update them at once, the
+        # for-loop kernel one after the other. The key holds what decides it (addresses, sizes,
+        # dtypes, layouts), so the check runs on a miss only.
+        groups, reusable, slow = [], True, list(range(len(params)))
+    else:
+        groups, reusable, slow = _plan(params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable)
+    if reusable:
+        if len(_PLANS) >= _CACHE_SIZE:
+            del _PLANS[next(iter(_PLANS))]  # the oldest
+        _PLANS[key] = groups, slow
+    return groups, slow, reusable
 
 
 def _launch(group: _Group, hyper: Hyper) -> None:

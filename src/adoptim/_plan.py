@@ -1,0 +1,230 @@
+"""What one step keeps for the next: each param group's collection, and a cheap check that it still holds.
+
+A training loop steps the same parameters with the same state at every step; only the gradients are new
+(``zero_grad(set_to_none=True)`` frees them). :meth:`adoptim.ADOPT.step` keeps, per param group, the lists
+its collection pass (``ADOPT._init_group``) made and the facts those lists rest on, and reuses them while
+a check of the facts passes; the kernels keep their address tables in the same record
+(:class:`~adoptim.kernels.contract.KernelPlan`). The check notices every way the lists can go stale:
+
+* a param group added or removed, its ``params`` list replaced or changed (compared element by element);
+* a parameter that gained or lost its gradient, or a sparse gradient (the collection pass refuses it);
+* a parameter's ``.data`` replaced: its data pointer or strides differ (a dtype or device change moves
+  the data, so it is among these);
+* ``opt.state`` replaced, or written at either level: a parameter's entry set, deleted or replaced, or a
+  key of an entry set (``load_state_dict`` replaces the whole state). Entries are :class:`ParamState`
+  dicts that count their writes; an entry someone set to a plain dict is compared key by key instead;
+* a state tensor's ``.data`` replaced (the data pointers of ``exp_avg``, ``exp_avg_sq`` and ``step``).
+
+Gradients of another dtype, layout or kind are the kernels' business: they check them at every call.
+Groups that are differentiable or hold tensor subclasses (DTensor) are collected afresh at every step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import repeat
+from operator import attrgetter, is_, is_not, itemgetter
+from typing import Any
+
+from torch import Tensor
+
+from .kernels.contract import KernelPlan
+
+_grad = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
+_ptr = Tensor.data_ptr
+_stride = Tensor.stride
+_m, _v, _s = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
+_PLAIN = {Tensor, __import__("torch").nn.Parameter}
+
+
+class ParamState(dict):
+    """One parameter's state entry (a dict), counting its writes on the optimizer's :class:`StateDict`.
+
+    Pickles, and appears in ``state_dict()``, as a plain dict.
+    """
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: StateDict, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owner = owner
+
+    def _wrote(self) -> None:
+        self._owner.writes += 1
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._wrote()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._wrote()
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self._wrote()
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._wrote()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._wrote()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._wrote()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._wrote()
+        return super().setdefault(key, default)
+
+    def __ior__(self, other: Any) -> ParamState:
+        self._wrote()
+        return super().__ior__(other)
+
+    def __reduce__(self) -> tuple:
+        return dict, (dict(self),)
+
+    def __copy__(self) -> dict:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        import copy
+
+        return copy.deepcopy(dict(self), memo)
+
+
+class StateDict(defaultdict):
+    """``opt.state``: torch.optim's ``defaultdict(dict)``, counting writes to itself and its entries.
+
+    Pickles as a plain ``defaultdict(dict)`` of plain dicts (the optimizer wraps it again on load).
+    """
+
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__(None)
+        self.writes = 0
+        for key, value in dict(items).items():
+            super().__setitem__(key, self.wrap(value))
+
+    def wrap(self, value: Any) -> Any:
+        """``value`` as a :class:`ParamState` of this dict when it is a plain dict (else as it is)."""
+        return ParamState(self, value) if type(value) is dict else value
+
+    def __missing__(self, key: Any) -> ParamState:
+        value = ParamState(self)
+        self[key] = value
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.writes += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self.writes += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.writes += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.writes += 1
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.writes += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.writes += 1
+        return super().setdefault(key, default)
+
+    def __ior__(self, other: Any) -> StateDict:
+        self.writes += 1
+        return super().__ior__(other)
+
+    def __reduce__(self) -> tuple:
+        return _plain_state, (dict(self),)
+
+    def __copy__(self) -> defaultdict:
+        return _plain_state(dict(self))
+
+    def __deepcopy__(self, memo: dict) -> defaultdict:
+        import copy
+
+        return copy.deepcopy(_plain_state(dict(self)), memo)
+
+
+def _plain_state(items: dict) -> defaultdict:
+    """A plain ``defaultdict(dict)`` of plain dicts: what ``opt.state`` pickles as."""
+    out: defaultdict = defaultdict(dict)
+    for key, value in items.items():
+        out[key] = dict(value) if isinstance(value, dict) else value
+    return out
+
+
+class GroupPlan:
+    """One param group's collection (the five lists) and the facts it rests on."""
+
+    __slots__ = ("group", "params_list", "all_params", "mask", "lists", "entries", "untracked",
+                 "p_ptrs", "p_strides", "m_ptrs", "v_ptrs", "s_ptrs", "kernel")
+
+    def __init__(self, group: dict[str, Any], lists: list[list[Tensor]], state: StateDict) -> None:
+        params, _, exp_avgs, exp_avg_sqs, state_steps = lists
+        self.group = group
+        self.params_list = group["params"]
+        self.all_params = list(self.params_list)
+        grads = list(map(_grad, self.all_params))
+        self.mask = None if not any(map(is_, grads, repeat(None))) else list(map(is_not, grads, repeat(None)))
+        # The gradients are not kept: each step brings its own (keeping them would hold a step's worth of memory).
+        self.lists = [params, None, exp_avgs, exp_avg_sqs, state_steps]
+        self.entries = [state[p] for p in params]
+        # Entries someone set to a plain dict do not count their writes: those are compared at every step.
+        self.untracked = any(type(e) is not ParamState or e._owner is not state for e in self.entries)
+        self.p_ptrs = list(map(_ptr, params))
+        self.p_strides = list(map(_stride, params))
+        self.m_ptrs = list(map(_ptr, exp_avgs))
+        self.v_ptrs = list(map(_ptr, exp_avg_sqs))
+        self.s_ptrs = list(map(_ptr, state_steps))
+        self.kernel = KernelPlan()
+
+    def current(self) -> list[list[Tensor]] | None:
+        """The five lists with this step's gradients, or ``None`` when any fact they rest on changed."""
+        params_list, all_params = self.params_list, self.all_params
+        if self.group["params"] is not params_list or len(params_list) != len(all_params):
+            return None
+        if not all(map(is_, params_list, all_params)):
+            return None
+        grads = list(map(_grad, all_params))
+        if self.mask is None:
+            if any(map(is_, grads, repeat(None))):
+                return None
+        else:
+            if list(map(is_not, grads, repeat(None))) != self.mask:
+                return None
+            grads = [g for g in grads if g is not None]
+        params, _, exp_avgs, exp_avg_sqs, state_steps = self.lists
+        if any(map(_is_sparse, grads)):
+            return None
+        if list(map(_ptr, params)) != self.p_ptrs or list(map(_stride, params)) != self.p_strides:
+            return None
+        if self.untracked and not (all(map(is_, map(_m, self.entries), exp_avgs))
+                                   and all(map(is_, map(_v, self.entries), exp_avg_sqs))
+                                   and all(map(is_, map(_s, self.entries), state_steps))):
+            return None
+        if (list(map(_ptr, exp_avgs)) != self.m_ptrs or list(map(_ptr, exp_avg_sqs)) != self.v_ptrs
+                or list(map(_ptr, state_steps)) != self.s_ptrs):
+            return None
+        return [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+
+
+def plannable(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """Whether a group's collection may be kept between steps (see the module docstring)."""
+    return not group["differentiable"] and set(map(type, params)) <= _PLAIN
