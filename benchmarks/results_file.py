@@ -83,9 +83,10 @@ def write(path: Path, benchmark: str, settings: dict[str, Any], results: Any, th
     """Write ``results`` of ``benchmark`` with its provenance to ``path`` (atomically)."""
     import adoptim
 
-    # Uncommitted changes to tracked files of the library or the benchmarks (results files are not code).
+    # Uncommitted changes to tracked files of the library or the benchmarks; results files are not code
+    # (rerunning a benchmark rewrites a committed one).
     status = _git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks", "setup.py",
-                  "pyproject.toml")
+                  "pyproject.toml", ":(exclude)benchmarks/results")
     doc = {
         "benchmark": benchmark,
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
