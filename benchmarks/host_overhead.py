@@ -4,11 +4,13 @@ With tiny tensors a step is all host work (Python and C++ around the kernels), w
 a fused step from the memory-bandwidth bound on a fast GPU. Prints one table per tensor count:
 
 - ``ADOPT(fused=True).step()`` and ``torch.optim.AdamW(fused=True).step()`` on the CPU, whole steps;
-- the parts of ADOPT's step: ``_collect`` (checks, lists, state), and the host code of the fused CPU and
-  Triton wrappers. The Triton rows run ``kernels/triton.py``'s host code on CPU tensors with the two
-  kernel launches replaced by no-ops (they need ``triton`` importable, not a GPU): the plan's key and
-  lookup and the launch arguments, everything but Triton's own launcher. The last row is what
-  ``ADOPT.step`` does on the host for CUDA parameters: ``_collect`` then the Triton wrapper.
+- the parts of ADOPT's step: ``_collect`` (the lists kept from the step before, and the check that they
+  still hold; then, for comparison, the collection pass that builds them), and the host code of the
+  fused CPU and Triton wrappers with the kernel plan the optimizer keeps (and, for comparison, without
+  one). The Triton rows run ``kernels/triton.py``'s host code on CPU tensors with the two kernel launches
+  replaced by no-ops (they need ``triton`` importable, not a GPU): the plan's lookup and the launch
+  arguments, everything but Triton's own launcher. The last row is what ``ADOPT.step`` does on the host
+  for CUDA parameters: ``_collect`` then the Triton wrapper.
 
     python benchmarks/host_overhead.py                 # 148 and 1000 tensors of 4 elements
     python benchmarks/host_overhead.py --tensors 148 --repeats 5000
@@ -32,7 +34,7 @@ import torch
 
 import adoptim
 from adoptim.kernels import fused_cpu
-from adoptim.kernels.contract import Hyper
+from adoptim.kernels.contract import Hyper, KernelPlan
 
 HYPER = Hyper(beta1=0.9, beta2=0.9999, lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
               clip_exponent=0.25, eps=1e-6, maximize=False)
@@ -77,11 +79,12 @@ def triton_host_us(opt: adoptim.ADOPT, repeats: int, whole_step: bool) -> float 
     kernels = K._adopt_kernel, K._bump_steps_kernel
     K._adopt_kernel = K._bump_steps_kernel = _NoLaunch()
     (_, lists, _), = opt._collect()
+    plan = KernelPlan()
     cpu_kernel = fused_cpu.fused_cpu_adopt
     if whole_step:
         fused_cpu.fused_cpu_adopt = K.triton_adopt  # looked up on the module at every call
     try:
-        return median_us(opt.step if whole_step else lambda: K.triton_adopt(*lists, HYPER), repeats)
+        return median_us(opt.step if whole_step else lambda: K.triton_adopt(*lists, HYPER, plan), repeats)
     finally:
         K._adopt_kernel, K._bump_steps_kernel = kernels
         fused_cpu.fused_cpu_adopt = cpu_kernel
@@ -93,15 +96,25 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
     adopt.step()
     adamw = torch.optim.AdamW(params, fused=True)
     adamw.step()
-    (_, lists, _), = adopt._collect()
+    (_, lists, kernel_plan), = adopt._collect()
     # AdamW's lists: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     adamw_init = lambda: adamw._init_group(adamw.param_groups[0], *[[] for _ in range(6)])
-    return [
-        ("ADOPT(fused=True).step(), C kernel", median_us(adopt.step, repeats)),
-        ("torch AdamW(fused=True).step()", median_us(adamw.step, repeats)),
-        ("torch AdamW._init_group alone", median_us(adamw_init, repeats)),
-        ("  ADOPT._collect (checks, lists)", median_us(adopt._collect, repeats)),
-        ("  fused CPU wrapper + C kernel", median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, HYPER), repeats)),
+
+    def collection_pass() -> None:
+        adopt._kept = None  # as after a change the check notices: the lists are built again
+        adopt._collect()
+
+    row = []
+    row.append(("ADOPT(fused=True).step(), C kernel", median_us(adopt.step, repeats)))
+    row.append(("torch AdamW(fused=True).step()", median_us(adamw.step, repeats)))
+    row.append(("torch AdamW._init_group alone", median_us(adamw_init, repeats)))
+    row.append(("  ADOPT._collect: kept lists, checked", median_us(adopt._collect, repeats)))
+    row.append(("  ADOPT._collect: collection pass (lists rebuilt)", median_us(collection_pass, repeats)))
+    adopt._collect()
+    return row + [
+        ("  fused CPU wrapper + C kernel, kept table",
+         median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, HYPER, kernel_plan), repeats)),
+        ("  fused CPU wrapper + C kernel, table built", median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, HYPER), repeats)),
         ("  Triton wrapper, launches stubbed", triton_host_us(adopt, repeats, False)),
         ("ADOPT.step's host path on CUDA, launches stubbed", triton_host_us(adopt, repeats, True)),
     ]

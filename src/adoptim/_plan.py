@@ -22,7 +22,7 @@ Groups that are differentiable or hold tensor subclasses (DTensor) are collected
 from __future__ import annotations
 
 from collections import defaultdict
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_, is_not, itemgetter
 from typing import Any
 
@@ -174,7 +174,7 @@ class GroupPlan:
     """One param group's collection (the five lists) and the facts it rests on."""
 
     __slots__ = ("group", "params_list", "all_params", "mask", "lists", "entries", "untracked",
-                 "p_ptrs", "p_strides", "m_ptrs", "v_ptrs", "s_ptrs", "kernel")
+                 "ptrs", "p_strides", "kernel")
 
     def __init__(self, group: dict[str, Any], lists: list[list[Tensor]], state: StateDict) -> None:
         params, _, exp_avgs, exp_avg_sqs, state_steps = lists
@@ -188,11 +188,9 @@ class GroupPlan:
         self.entries = [state[p] for p in params]
         # Entries someone set to a plain dict do not count their writes: those are compared at every step.
         self.untracked = any(type(e) is not ParamState or e._owner is not state for e in self.entries)
-        self.p_ptrs = list(map(_ptr, params))
+        # The data pointers of the parameters and of their state, in one list (one map and one comparison).
+        self.ptrs = list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps)))
         self.p_strides = list(map(_stride, params))
-        self.m_ptrs = list(map(_ptr, exp_avgs))
-        self.v_ptrs = list(map(_ptr, exp_avg_sqs))
-        self.s_ptrs = list(map(_ptr, state_steps))
         self.kernel = KernelPlan()
 
     def current(self) -> list[list[Tensor]] | None:
@@ -213,14 +211,13 @@ class GroupPlan:
         params, _, exp_avgs, exp_avg_sqs, state_steps = self.lists
         if any(map(_is_sparse, grads)):
             return None
-        if list(map(_ptr, params)) != self.p_ptrs or list(map(_stride, params)) != self.p_strides:
+        if list(map(_stride, params)) != self.p_strides:
             return None
         if self.untracked and not (all(map(is_, map(_m, self.entries), exp_avgs))
                                    and all(map(is_, map(_v, self.entries), exp_avg_sqs))
                                    and all(map(is_, map(_s, self.entries), state_steps))):
             return None
-        if (list(map(_ptr, exp_avgs)) != self.m_ptrs or list(map(_ptr, exp_avg_sqs)) != self.v_ptrs
-                or list(map(_ptr, state_steps)) != self.s_ptrs):
+        if list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps))) != self.ptrs:
             return None
         return [params, grads, exp_avgs, exp_avg_sqs, state_steps]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from itertools import repeat
 from operator import attrgetter
 
 import torch
@@ -146,7 +147,7 @@ def adopt(
             "params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got "
             f"{[len(params)] + [len(x) for x in lists]}"
         )
-    if not all(isinstance(t, Tensor) for t in state_steps):
+    if not all(map(isinstance, state_steps, repeat(Tensor))):
         raise TypeError("state_steps must be a list of tensors")
     check_kernel_choice(foreach, fused, differentiable)
     dtensor = dtensor_type()
@@ -165,27 +166,18 @@ def adopt(
         grad_scale=grad_scale, found_inf=found_inf,
     )
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    # default_fused says yes only for all-CPU parameters outside torch.compile: then nothing below needs
-    # to look at the devices again, and foreach is not used.
-    all_cpu = fused is None and foreach is None and default_fused(params, differentiable)
-    if not (fused or all_cpu):
-        if foreach is None:
-            foreach = default_foreach(params, differentiable)
-        _run_eager(foreach_adopt if foreach else single_tensor_adopt, lists, hyper)
+    # The kernel choice depends on the flags and on the parameters' devices and types, which a plan's
+    # promise covers: it is kept there.
+    flags = (fused, foreach, differentiable)
+    route = plan.route if plan is not None and not compiling else None
+    if route is None or route[0] != flags:
+        route = flags, _route(params, fused, foreach, differentiable, compiling)
+        if plan is not None and not compiling:
+            plan.route = route
+    by_device = route[1]
+    if not isinstance(by_device, dict):  # an eager kernel: True for foreach, False for the for-loop
+        _run_eager(foreach_adopt if by_device else single_tensor_adopt, lists, hyper)
         return
-    if all_cpu or (not compiling and all(map(_IS_CPU, params))):
-        by_device = {"cpu": None}  # the common cases take the lists as they are, with no per-tensor loop
-    elif not compiling and all(map(_IS_CUDA, params)):
-        by_device = {"cuda": None}
-    else:
-        by_device = {}
-        for i, p in enumerate(params):
-            by_device.setdefault(p.device.type, []).append(i)
-        other = sorted(set(by_device) - set(FUSED_DEVICES))
-        if other:  # before any device's parameters step
-            raise ValueError(
-                f"fused=True supports parameters on cpu and cuda, got one on {other[0]}; use foreach=True there"
-            )
     for device_type, idx in by_device.items():
         part = lists if idx is None else tuple([x[i] for i in idx] for x in lists)
         if compiling:
@@ -201,6 +193,30 @@ def adopt(
             from .kernels.triton import triton_adopt  # imported lazily: Triton ships with CUDA torch
 
             run_fused_kernel(triton_adopt, part, hyper, plan if idx is None else None)
+
+
+def _route(params: list[Tensor], fused: bool | None, foreach: bool | None, differentiable: bool,
+           compiling: bool) -> bool | dict[str, list[int] | None]:
+    """Whether the eager kernel to run is foreach (else the for-loop kernel), or the fused kernels'
+    parameters by device type (``None``: all of them)."""
+    # default_fused says yes only for all-CPU parameters outside torch.compile: then nothing below needs
+    # to look at the devices again, and foreach is not used.
+    all_cpu = fused is None and foreach is None and default_fused(params, differentiable)
+    if not (fused or all_cpu):
+        return default_foreach(params, differentiable) if foreach is None else bool(foreach)
+    if all_cpu or (not compiling and all(map(_IS_CPU, params))):
+        return {"cpu": None}  # the common cases take the lists as they are, with no per-tensor loop
+    if not compiling and all(map(_IS_CUDA, params)):
+        return {"cuda": None}
+    by_device: dict[str, list[int] | None] = {}
+    for i, p in enumerate(params):
+        by_device.setdefault(p.device.type, []).append(i)
+    other = sorted(set(by_device) - set(FUSED_DEVICES))
+    if other:  # before any device's parameters step
+        raise ValueError(
+            f"fused=True supports parameters on cpu and cuda, got one on {other[0]}; use foreach=True there"
+        )
+    return by_device
 
 
 def run_fused_kernel(kernel: Kernel, lists: Sequence[list[Tensor]], hyper: Hyper,

@@ -87,10 +87,11 @@ class KernelPlan:
     promise before every step (see ``adoptim/_plan.py``).
     """
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "route")
 
     def __init__(self) -> None:
-        self.data: object = None
+        self.data: object = None  # the kernel's
+        self.route: tuple | None = None  # the dispatcher's: the kernel choice for these tensors
 
 
 class Kernel(Protocol):
