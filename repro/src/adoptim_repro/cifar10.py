@@ -188,7 +188,7 @@ def run(cfg: Cifar10Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"config key 'batch_size' ({cfg.batch_size}) must split evenly over "
                          f"{ctx.world_size} processes")
-    per = cfg.batch_size // ctx.world_size
+    mine = ctx.dist.slice(cfg.batch_size)  # this process's share of every batch
     schedule = Schedule(opt, WarmupCosine(spec.lr, total)) if cfg.cosine else None
     epoch, step = 0, 0
     saved = ctx.resume()
@@ -211,7 +211,6 @@ def run(cfg: Cifar10Config, unit: Unit, ctx: RunContext) -> dict[str, Any]:
             xb = image_data.normalize(train.images[idx], mean, std)
             if cfg.augment:
                 xb = image_data.augment(xb, gen)
-            mine = slice(ctx.rank * per, (ctx.rank + 1) * per)  # this process's share of the batch
             xb, yb = xb[mine].to(dev), train.labels[idx][mine].to(dev)
             loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
