@@ -196,3 +196,4 @@ def test_cli_reports_a_wrong_data_dir_in_one_line(tmp_path, capsys):
     errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x.lower() or "Traceback" in x]
     assert len(errors) == 1 and errors[0].startswith("adoptim: error: config key 'data_dir'")
     assert "CIFAR-10 python batches" in errors[0]
+    assert not (tmp_path / "out").exists()  # the data are read before anything is written

@@ -127,6 +127,14 @@ def test_config_errors_are_one_line():
         PPO(cfg, "adam", 0)
 
 
+def test_an_environment_that_cannot_be_made_is_refused_before_anything_is_written(tmp_path, capsys):
+    from repro_helpers import run_cli
+
+    assert run_cli("rl", "--quick", "--set", "env=NoSuchEnv-v0", "--out", tmp_path / "o") == 2
+    assert "config key 'env': gymnasium cannot make 'NoSuchEnv-v0'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_quick_run_writes_results(tmp_path):
     cfg = resolve(RlConfig, [*EXPERIMENT.quick.items(), *TINY.items()])
