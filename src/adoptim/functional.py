@@ -48,9 +48,9 @@ def default_fused(params: list[Tensor], differentiable: bool) -> bool:
     """Whether the fused kernel is chosen when the user sets neither ``foreach`` nor ``fused``.
 
     Unlike torch.optim, which defaults to foreach on CUDA and never to fused, adoptim defaults to its
-    fused kernel on the CPU: it is the fastest there (several times the for-loop and foreach kernels,
-    see the README), starts in milliseconds, and matches the for-loop kernel to rounding. It is not
-    chosen with ``differentiable=True``, under ``torch.compile`` (the C call cannot be traced), for
+    fused kernel on the CPU: it is the fastest there (several times the for-loop and foreach kernels, see
+    the docs' Performance page), starts in milliseconds, and matches the for-loop kernel to rounding. It is
+    not chosen with ``differentiable=True``, under ``torch.compile`` (the C call cannot be traced), for
     tensor subclasses, or when the compiled kernel is not installed.
     """
     if differentiable or not params or _is_compiling():

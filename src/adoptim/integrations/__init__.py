@@ -6,5 +6,6 @@
   pytorch_optimizer's ``ADOPT`` (steps kept per param group) into one ``ADOPT.load_state_dict`` takes.
 
 Hugging Face ``Trainer``, PyTorch Lightning and torch.distributed (DDP, FSDP2, ZeroRedundancyOptimizer,
-torch.distributed.checkpoint) need no adapter: ADOPT is a plain ``torch.optim.Optimizer`` (see the README).
+torch.distributed.checkpoint) need no adapter: ADOPT is a plain ``torch.optim.Optimizer`` (see the docs'
+Distributed page).
 """
