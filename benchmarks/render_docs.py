@@ -50,9 +50,10 @@ def provenance(doc: Doc) -> str:
     cores = f"{m['physical_cores']} cores, " if m.get("physical_cores") else ""
     dirty = " plus uncommitted changes" if doc.get("dirty") else ""
     gpu = f", {m['cuda_device']}" if m.get("cuda_device") else ""
+    load = f", load average {m['load_average']:.1f} when written" if "load_average" in m else ""
     date = doc["date"].replace("T", " ").replace("Z", " UTC")
     return (f"`{doc['command']}`, {date}: {m['cpu']} ({cores}{m['logical_cpus']} logical CPUs{gpu}), "
-            f"{m['torch_threads']} torch thread(s), torch {doc['torch']}, adoptim {doc['adoptim']}, "
+            f"{m['torch_threads']} torch thread(s){load}, torch {doc['torch']}, adoptim {doc['adoptim']}, "
             f"commit `{(doc['commit'] or 'unknown')[:10]}`{dirty}.")
 
 

@@ -6,7 +6,7 @@ Schema (one object per file)::
      "command": "python benchmarks/host_overhead.py --repeats 500 --json ...",
      "date": "2026-12-03T08:30:00Z",          # UTC, when the file was written
      "machine": {"cpu": "AMD EPYC ...", "logical_cpus": 2, "physical_cores": 1, "torch_threads": 1,
-                 "platform": "Linux-...", "python": "3.11.7"},
+                 "platform": "Linux-...", "python": "3.11.7", "load_average": 0.4},
      "torch": "2.13.0+cpu", "adoptim": "0.1.0",
      "commit": "ade7286...", "dirty": false,  # git HEAD; whether tracked library or benchmark files differed
      "settings": {...},                       # the script's arguments
@@ -74,6 +74,8 @@ def machine(threads: int | None = None) -> dict[str, Any]:
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "platform": platform.platform(), "python": platform.python_version(),
     }
+    if hasattr(os, "getloadavg"):  # how busy the machine was: a loaded one runs slower
+        out["load_average"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
         out["cuda_device"] = torch.cuda.get_device_name()
     return out
