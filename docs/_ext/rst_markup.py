@@ -93,6 +93,8 @@ def rst_to_markdown(text: str) -> str:
             code = _dedent(lines[i + 1:end])
             if any(x.strip() for x in code):
                 if stripped in ("Example::", "Examples::"):
+                    while not code[0].strip():
+                        code.pop(0)  # griffe reads a section only when its body follows the title at once
                     out.append(pad + "Examples:")
                     out += ["    " + pad + x if x.strip() else "" for x in code]
                 else:
