@@ -190,3 +190,36 @@ def test_citation_file():
         "Taniguchi", "Harada", "Minegishi", "Oshima", "Jeong", "Nagahara", "Iiyama", "Suzuki", "Iwasawa", "Matsuo"]
     assert {"type": "doi", "value": "10.48550/arXiv.2411.02853"}.items() <= paper["identifiers"][0].items()
     json.dumps(cff)  # plain data, as the format requires
+
+
+# ------------------------------------------------------------------ the docstrings' markup
+
+def test_docstring_markup_becomes_markdown():
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("rst_markup", DOCS / "_ext" / "rst_markup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = """For any :math:`\\\\beta_2`, see :class:`~adoptim.ADOPT` and :func:`adoptim.adopt`.
+
+.. math::
+    a \\\\leftarrow b
+
+=====  =====
+key    value
+=====  =====
+a      1
+=====  =====
+
+The box::
+
+    p = p - lr*m
+
+Example::
+
+    >>> 1 + 1
+    2
+"""
+    assert module.rst_to_markdown(text).splitlines() == [
+        "For any $\\\\beta_2$, see `ADOPT` and `adoptim.adopt`.", "", "$$", "a \\\\leftarrow b", "$$", "",
+        "| key | value |", "| --- | --- |", "| a | 1 |", "", "The box:", "", "```text", "p = p - lr*m", "```", "",
+        "Examples:", "    >>> 1 + 1", "    2"]

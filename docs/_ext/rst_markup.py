@@ -92,9 +92,9 @@ def rst_to_markdown(text: str) -> str:
             end = _block(lines, i + 1, _indent(line))
             code = _dedent(lines[i + 1:end])
             if any(x.strip() for x in code):
+                while not code[0].strip():
+                    code.pop(0)  # griffe reads a section only when its body follows the title at once
                 if stripped in ("Example::", "Examples::"):
-                    while not code[0].strip():
-                        code.pop(0)  # griffe reads a section only when its body follows the title at once
                     out.append(pad + "Examples:")
                     out += ["    " + pad + x if x.strip() else "" for x in code]
                 else:
