@@ -104,8 +104,12 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
         adopt._kept = None  # as after a change the check notices: the lists are built again
         adopt._collect()
 
+    flat_params = _params(n)
+    flat = adoptim.ADOPT(flat_params, fused=True, flat=True)
+    flat.step()
     row = []
     row.append(("ADOPT(fused=True).step(), C kernel", median_us(adopt.step, repeats)))
+    row.append(("ADOPT(fused=True, flat=True).step(), C kernel", median_us(flat.step, repeats)))
     row.append(("torch AdamW(fused=True).step()", median_us(adamw.step, repeats)))
     row.append(("torch AdamW._init_group alone", median_us(adamw_init, repeats)))
     row.append(("  ADOPT._collect: kept lists, checked", median_us(adopt._collect, repeats)))
@@ -114,7 +118,8 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
     return row + [
         ("  fused CPU wrapper + C kernel, kept table",
          median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, HYPER, kernel_plan), repeats)),
-        ("  fused CPU wrapper + C kernel, table built", median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, HYPER), repeats)),
+        ("  fused CPU wrapper + C kernel, table built",
+         median_us(lambda: fused_cpu.fused_cpu_adopt(*lists, HYPER), repeats)),
         ("  Triton wrapper, launches stubbed", triton_host_us(adopt, repeats, False)),
         ("ADOPT.step's host path on CUDA, launches stubbed", triton_host_us(adopt, repeats, True)),
     ]

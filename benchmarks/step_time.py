@@ -98,6 +98,7 @@ def rows(device: str) -> list[tuple[str, Factory | None]]:
         ("adoptim ADOPT for-loop", lambda p: adoptim.ADOPT(p, foreach=False)),
         ("adoptim ADOPT foreach", lambda p: adoptim.ADOPT(p, foreach=True)),
         ("adoptim ADOPT fused" + (" (C)" if device == "cpu" else " (Triton)"), lambda p: adoptim.ADOPT(p, fused=True)),
+        ("adoptim ADOPT fused, flat", lambda p: adoptim.ADOPT(p, fused=True, flat=True)),
     ]
     kinds = (("for-loop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True)))
     for cls in (torch.optim.Adam, torch.optim.AdamW):
@@ -303,10 +304,10 @@ def run_layout(key: str, args: argparse.Namespace, results: dict) -> None:
 
 
 def head_to_head(key: str, args: argparse.Namespace) -> dict:
-    """The bound, adoptim's fused step and torch's fused AdamW, taking turns every round.
+    """The bound, adoptim's fused step (default and flat layout) and torch's fused AdamW, taking turns.
 
     The bandwidth a shared machine offers drifts by tens of percent within a minute, so rows timed one
-    after another can disagree by more than the difference between them; taking turns puts all three
+    after another can disagree by more than the difference between them; taking turns puts all four
     under the same conditions, and the per-round ratios show the spread.
     """
     title, shapes_fn = LAYOUTS[key]
@@ -318,6 +319,7 @@ def head_to_head(key: str, args: argparse.Namespace) -> dict:
     numel = sum(b.numel() for b in base)
     nbytes = 7 * numel * base[0].element_size()
     contenders = {"adoptim ADOPT fused": lambda p: adoptim.ADOPT(p, fused=True),
+                  "adoptim ADOPT fused, flat": lambda p: adoptim.ADOPT(p, fused=True, flat=True),
                   "torch AdamW fused": lambda p: torch.optim.AdamW(p, fused=True)}
     steps = {}
     for name, factory in contenders.items():
@@ -341,25 +343,29 @@ def head_to_head(key: str, args: argparse.Namespace) -> dict:
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
-        for name in names[r % 3:] + names[: r % 3]:  # each goes first, second and third in turn
+        k = r % len(names)
+        for name in names[k:] + names[:k]:  # each goes first, second, ... in turn
             _sync(args.device)
             t0 = time.perf_counter()
             steps[name]()
             _sync(args.device)
             times[name].append((time.perf_counter() - t0) * 1e3)
-    ratios = [a / b for a, b in zip(times["adoptim ADOPT fused"], times["torch AdamW fused"], strict=True)]
-    of_bound = [b / a for a, b in zip(times["adoptim ADOPT fused"], times["bound"], strict=True)]
+    def per_round(num: str, den: str) -> list[float]:
+        return [a / b for a, b in zip(times[num], times[den], strict=True)]
     print(f"\n### ({key}) head to head, taking turns: {title}, {numel / 1e6:.1f}M parameters, {args.dtype}, "
           f"{args.device}, {args.threads} thread(s), {args.rounds} rounds\n")
     print("| what | median ms | min ms | GB/s |")
     print("|---|---:|---:|---:|")
-    for name in ["bound", "adoptim ADOPT fused", "torch AdamW fused"]:
+    for name in ["bound", *contenders]:
         med = statistics.median(times[name])
         print(f"| {name} | {med:.1f} | {min(times[name]):.1f} | {nbytes / (med / 1e3) / 1e9:.1f} |")
-    q = statistics.quantiles(ratios, n=4)
-    print(f"\nadoptim / AdamW fused, per round: median {statistics.median(ratios):.3f} "
-          f"(quartiles {q[0]:.3f} to {q[2]:.3f}); bound / adoptim, per round: median "
-          f"{statistics.median(of_bound):.2f}; load average {os.getloadavg()[0]:.1f}")
+    print()
+    for name in [n for n in contenders if n.startswith("adoptim")]:
+        ratios, of_bound = per_round(name, "torch AdamW fused"), per_round(name, "bound")
+        q = statistics.quantiles(ratios, n=4)
+        print(f"{name} / AdamW fused, per round: median {statistics.median(ratios):.3f} (quartiles {q[0]:.3f} "
+              f"to {q[2]:.3f}); {name} / bound, per round: median {statistics.median(of_bound):.2f}")
+    print(f"load average {os.getloadavg()[0]:.1f}")
     layout = {"title": title, "tensors": len(shapes), "numel": numel, "element_size": base[0].element_size()}
     return {"layout": layout, "rounds": args.rounds, "times_ms": times}
 

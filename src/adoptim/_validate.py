@@ -89,6 +89,9 @@ def check_group(group: dict[str, Any]) -> None:
     check_flag("foreach", group["foreach"], allow_none=True)
     check_flag("fused", group["fused"], allow_none=True)
     check_kernel_choice(group["foreach"], group["fused"], group["differentiable"])
+    check_flag("flat", group.get("flat", False))
+    if group.get("flat") and group["differentiable"]:
+        raise ValueError("Invalid flat: True together with differentiable=True (the flat buffers are updated in place)")
 
 
 def check_fused_params(params: Any) -> None:

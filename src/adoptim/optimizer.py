@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from . import _validate as V
 from . import migration
+from ._flat import Bucket, check_flat_params, warn_broken
 from ._plan import GroupPlan, ParamState, StateDict, plannable
 from .functional import adopt
 from .kernels.common import state_holds
@@ -52,6 +53,14 @@ def _check_state_dtype(gi: int, pi: int, p: Tensor, m: Tensor, v: Tensor) -> Non
                 f"parameter's {p.dtype} (was the parameter cast after some steps?); reload the state with "
                 "opt.load_state_dict(opt.state_dict()), which casts it to its parameter's dtype and device"
             )
+
+
+def _make_buckets(group: dict[str, Any]) -> list[Bucket]:
+    """A flat group's buckets: its parameters by (device, dtype), in order."""
+    by_key: dict[tuple, list[Tensor]] = {}
+    for p in group["params"]:
+        by_key.setdefault((p.device, p.dtype), []).append(p)
+    return [Bucket(params) for params in by_key.values()]
 
 
 class ADOPT(Optimizer):
@@ -98,6 +107,11 @@ class ADOPT(Optimizer):
             ``foreach`` nor ``fused`` set, the fused kernel is chosen when all parameters are on the CPU
             and the compiled kernel is installed; ``fused=True`` with ``foreach=True`` or
             ``differentiable=True`` is an error.
+        flat: the opt-in flat layout: the parameters, their gradients and their state become views
+            into one buffer per (param group, device, dtype), so a step is one kernel call per buffer
+            whatever the number of tensors. Every parameter of such a group must require grad and steps
+            at every step (a gradient backward did not reach is zero); ``zero_grad`` zeroes the buffer
+            in place. See the docs' Kernels page for what else it changes.
 
     Example::
 
@@ -122,12 +136,13 @@ class ADOPT(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
-            fused=fused,
+            fused=fused, flat=flat,
         )
         V.check_group(defaults)
         super().__init__(params, defaults)
@@ -147,23 +162,56 @@ class ADOPT(Optimizer):
         V.check_group(merged)
         if merged["fused"]:
             V.check_fused_params(param_group["params"])
+        if merged["flat"]:
+            params = [param_group["params"]] if isinstance(param_group["params"], Tensor) else param_group["params"]
+            check_flat_params(params)
         for key in self.defaults:
             if key in param_group:
                 param_group[key] = merged[key]
         super().add_param_group(param_group)
+        if merged["flat"]:
+            group = self.param_groups[-1]
+            self.__dict__.setdefault("_buckets", {})[id(group)] = (group, group["params"], _make_buckets(group))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.state = StateDict(self.state)
         self._kept = None
+        self.__dict__.setdefault("_buckets", {})  # a flat group of an unpickled optimizer is laid out again
         # A state_dict from an older version (or another port) may lack newer flags and tensor steps.
         migration.upgrade_state(self.param_groups, self.state, self.defaults)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state_dict, each parameter's state a plain dict (``torch.load(weights_only=True)``)."""
+        """torch.optim's state_dict, each parameter's state a plain dict (``torch.load(weights_only=True)``)
+        with a step tensor of its own (the parameters of a flat group share one while they run)."""
         out = super().state_dict()
-        out["state"] = {k: dict(v) if isinstance(v, ParamState) else v for k, v in out["state"].items()}
+        flat = any(g.get("flat") for g in self.param_groups)
+        state = {}
+        for key, entry in out["state"].items():
+            entry = dict(entry) if isinstance(entry, ParamState) else entry
+            if flat and torch.is_tensor(entry.get("step")):
+                entry = {**entry, "step": entry["step"].clone()}
+            state[key] = entry
+        out["state"] = state
         return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``; the gradients of a flat group stay views into its buffer, zeroed in
+        place, whatever ``set_to_none`` says."""
+        flat = [g for g in self.param_groups if g.get("flat")]
+        if not flat:
+            return super().zero_grad(set_to_none)
+        for group in flat:
+            entry = self.__dict__.get("_buckets", {}).get(id(group))
+            if entry is not None and entry[0] is group and entry[1] is group["params"]:
+                for bucket in entry[2]:
+                    bucket.zero_grad()
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g.get("flat")]
+        try:
+            super().zero_grad(set_to_none)
+        finally:
+            self.param_groups = groups
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -194,6 +242,15 @@ class ADOPT(Optimizer):
             for key in self.defaults:
                 if key not in saved:
                     saved[key] = own[key]
+            saved["flat"] = own["flat"]  # the layout is this run's, as the kernel choice of another port's group
+            if own["flat"]:
+                steps = {float(st["step"]) if st else None
+                         for st in (state_dict["state"].get(k) for k in saved["params"])}
+                if len(steps) > 1:
+                    raise ValueError(
+                        f"param group {gi} is flat (its parameters step together), but the state_dict's steps "
+                        f"of its parameters differ: {sorted(steps, key=lambda x: -1 if x is None else x)}"
+                    )
             try:
                 V.check_group(saved)
                 if saved["fused"]:
@@ -320,6 +377,7 @@ class ADOPT(Optimizer):
         before, with this step's gradients, after a check that notices every way they can go stale
         (``adoptim/_plan.py``). Otherwise each group is collected by :meth:`_init_group`, all groups
         checked before any state is created (so a step that fails changes nothing), and the lists kept.
+        A flat group (``flat=True``, ``adoptim/_flat.py``) gives one list entry per buffer.
         """
         groups = self.param_groups
         if torch.compiler.is_compiling():
@@ -329,11 +387,70 @@ class ADOPT(Optimizer):
                 self._init_group(group, *lists)
                 out.append((group, lists, None))
             return out
+        flat = [g for g in groups if g.get("flat")]
+        buckets = self._flat_buckets(flat) if flat else []
+        default = [g for g in groups if not g.get("flat")] if flat else groups
+        out = self._collect_default(default)
+        for group, bucket in buckets:
+            if bucket.step is None:  # the group's first step
+                bucket.create_state(self.state, group["capturable"] or group["fused"])
+            out.append((group, [[bucket.flat_p], [bucket.flat_g], [bucket.flat_m], [bucket.flat_v], [bucket.step]],
+                        bucket.kernel))
+        if flat:
+            self._flat_writes = (self.state, self.state.writes)
+        return out
+
+    def _flat_buckets(self, flat: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Bucket]]:
+        """The buckets of the flat groups, checked (and this step's gradients taken into their buffers).
+
+        A group whose layout no longer holds (a parameter's or state tensor's data replaced) goes on in
+        the default layout, with a warning; one whose params list changed is laid out again.
+        """
+        registry = self.__dict__.setdefault("_buckets", {})
+        state = self.state
+        writes = getattr(self, "_flat_writes", None)
+        state_changed = writes is None or writes[0] is not state or writes[1] != state.writes
+        out = []
+        for group in flat:
+            entry = registry.get(id(group))
+            if entry is None or entry[0] is not group or entry[1] is not group["params"]:
+                check_flat_params(group["params"])
+                entry = registry[id(group)] = (group, group["params"], _make_buckets(group))
+                state_changed = True
+            for bucket in entry[2]:
+                if bucket.current() is None:
+                    self._unflatten(group)
+                    break
+            else:
+                for bucket in entry[2]:
+                    if state_changed and (bucket.step is not None or any(state.get(p) for p in bucket.params)):
+                        if bucket.step is None:
+                            bucket.create_state(state, group["capturable"] or group["fused"])
+                        else:
+                            bucket.adopt_state(state)
+                    out.append((group, bucket))
+        return out
+
+    def _unflatten(self, group: dict[str, Any]) -> None:
+        """End a flat group's layout: each parameter gets a step counter of its own, and the default layout
+        takes over (the tensors stay views, which every kernel takes)."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        warn_broken(gi)
+        self.__dict__["_buckets"].pop(id(group), None)
+        group["flat"] = False
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+    def _collect_default(self, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[list[Tensor]],
+                                                                          KernelPlan | None]]:
+        """The lists of the groups in the default layout (see :meth:`_collect`)."""
         kept, state = self._kept, self.state
         if kept is not None:
-            kept_groups, n_groups, kept_state, writes, plans = kept
-            if (kept_groups is groups and len(groups) == n_groups and state is kept_state
-                    and state.writes == writes and all(map(is_, groups, [p.group for p in plans]))):
+            kept_state, kept_groups, writes, plans = kept
+            if (state is kept_state and state.writes == writes and len(groups) == len(kept_groups)
+                    and all(map(is_, groups, kept_groups))):
                 out = []
                 for plan in plans:
                     lists = plan.current()
@@ -353,7 +470,7 @@ class ADOPT(Optimizer):
         if not (isinstance(state, StateDict) and all(plannable(group, lists[0]) for group, lists, _ in gathered)):
             return [(group, lists, None) for group, lists, _ in gathered]
         plans = [GroupPlan(group, lists, state) for group, lists, _ in gathered]
-        self._kept = (groups, len(groups), state, state.writes, plans)
+        self._kept = (state, tuple(groups), state.writes, plans)
         return [(group, lists, plan.kernel) for (group, lists, _), plan in zip(gathered, plans, strict=True)]
 
     @_use_grad_for_differentiable
@@ -396,9 +513,10 @@ class ADOPTW(ADOPT):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        flat: bool = False,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
             clip_exponent=clip_exponent, maximize=maximize, foreach=foreach, capturable=capturable,
-            differentiable=differentiable, fused=fused,
+            differentiable=differentiable, fused=fused, flat=flat,
         )

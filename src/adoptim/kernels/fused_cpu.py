@@ -1,7 +1,8 @@
 """The fused CPU kernel: a whole ADOPT step over every tensor in one pass over memory.
 
-The arithmetic lives in ``csrc/adopt_cpu.c``, a small C library built at install time and called here
-through ctypes on raw data pointers. One call updates all tensors: the elements of all of them are cut
+The arithmetic lives in ``csrc/`` (``elementwise.c`` the loops, ``threads.c`` the threads, ``step.c`` the
+exported call), a small C library built at install time and called here through ctypes on raw data
+pointers. One call updates all tensors: the elements of all of them are cut
 into equal shares, one per torch thread, and each element is read and written once (read p, g, m, v;
 write p, m, v). float32 and float64 are computed in their own precision; bfloat16 and float16 are
 widened to float32 and rounded once when stored, and their state stays in the parameter's dtype.
@@ -10,11 +11,12 @@ Tensors the C loops cannot take (not on the CPU, an unsupported dtype, parameter
 differently) are returned to the dispatcher, which updates them with the for-loop kernel in the same
 call; when the library was not built, the dispatcher runs the foreach kernel instead, after one warning.
 
-The host checks every tensor and builds the C call's table of addresses at every call: the usual case
-(plain contiguous CPU tensors) a whole list at a time (``_bulk_table``, each check one ``map`` in C),
-anything else one tensor at a time (``_table_per_tensor``). Nothing is cached between calls: a tensor's
-storage, dtype or layout can change under the same Python object (``t.data = ...``), and the C loops
-write through the addresses, so only a table checked against the tensors as they are now is safe.
+The host checks every tensor and builds the C call's table of addresses: the usual case (plain contiguous
+CPU tensors) a whole list at a time (``_bulk_table``, each check one ``map`` in C), anything else one
+tensor at a time (``_table_per_tensor``). A tensor's storage, dtype or layout can change under the same
+Python object (``t.data = ...``), and the C loops write through the addresses, so a table is only reused
+under a caller's :class:`~adoptim.kernels.contract.KernelPlan`, whose promise covers the parameters and
+state; the gradients are checked again at every call, and only their row is rewritten.
 """
 
 from __future__ import annotations

@@ -1,0 +1,174 @@
+"""The opt-in flat layout (``flat=True``): one buffer per (param group, device, dtype), one kernel call per step.
+
+With ``flat=True`` a param group's parameters become views into one flat buffer per (device, dtype), and
+so do their gradients (which stay views: ``opt.zero_grad()`` zeroes the buffer in place, and backward
+accumulates into it) and their state. A step is then one kernel call per buffer, whatever the number of
+tensors, and the host work per tensor is a check that each parameter still has its place (its data and its
+gradient are the buffer's views), about three ``map`` calls. The layout of DeepSpeed's and apex's flat
+groups and of FSDP's flat parameters.
+
+What it changes, as with those libraries:
+
+* every parameter of the group steps at every step: its gradient is a view into the flat gradient buffer,
+  zero where backward did not reach it (in the default layout a ``None`` gradient skips the parameter);
+  so the group's parameters must all require grad, and their step counters are equal;
+* ``opt.zero_grad()`` zeroes the gradient buffer whatever ``set_to_none`` says; a gradient replaced by
+  another tensor (or set to ``None``: zero) is copied into the buffer at the next step, which costs a copy
+  per such tensor (``model.zero_grad()`` sets them to ``None``: prefer ``opt.zero_grad()``);
+* parameters become contiguous views of one buffer (a ``channels_last`` parameter becomes contiguous);
+  tensors that share memory are refused by some savers (safetensors): clone them to save them there;
+* replacing a parameter's ``.data`` (``model.to(...)``) or a state tensor's ends the flat layout of that
+  group, with a warning; the optimizer then goes on in the default layout.
+
+``state_dict()`` has the default layout's format (one step tensor per parameter) and loads into either.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from operator import attrgetter, is_
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from .kernels.contract import KernelPlan
+
+_grad = attrgetter("grad")
+_ptr = Tensor.data_ptr
+_PLAIN = {Tensor, torch.nn.Parameter}
+
+
+def check_flat_params(params: Iterable[Any]) -> None:
+    """Raise ``ValueError`` unless these parameters can be flattened (at construction, before anything changes)."""
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if type(p) not in _PLAIN:
+            raise ValueError(f"Invalid flat: True for parameter {i}, a {type(p).__name__} (plain tensors only)")
+        if not p.requires_grad:
+            raise ValueError(
+                f"Invalid flat: True for parameter {i}, which does not require grad: every parameter of a flat "
+                "group steps at every step; put frozen parameters in a group with flat=False"
+            )
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(f"Invalid flat: True for parameter {i} of dtype {p.dtype}")
+        if id(p) in seen:
+            raise ValueError(f"Invalid flat: True for parameter {i}, listed twice")
+        seen.add(id(p))
+
+
+class Bucket:
+    """The parameters of one param group on one (device, dtype), their gradients and state, as flat buffers."""
+
+    __slots__ = ("params", "spans", "flat_p", "flat_g", "grad_views", "flat_m", "flat_v", "step", "m_views",
+                 "v_views", "ptrs", "m_ptrs", "v_ptrs", "step_ptr", "kernel")
+
+    def __init__(self, params: list[Tensor]) -> None:
+        first = params[0]
+        total = sum(p.numel() for p in params)
+        self.params = params
+        self.spans = []
+        offset = 0
+        for p in params:
+            self.spans.append((offset, p.numel(), p.shape))
+            offset += p.numel()
+        with torch.no_grad():
+            self.flat_p = torch.empty(total, dtype=first.dtype, device=first.device)
+            self.flat_g = torch.zeros(total, dtype=first.dtype, device=first.device)
+            for p, view in zip(params, self._views(self.flat_p), strict=True):
+                view.copy_(p.detach())
+                p.data = view
+            self.grad_views = self._views(self.flat_g)
+            for p, view in zip(params, self.grad_views, strict=True):
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+        self.ptrs = list(map(_ptr, params))
+        self.flat_m = self.flat_v = self.step = None
+        self.m_views: list[Tensor] = []
+        self.v_views: list[Tensor] = []
+        self.m_ptrs: list[int] = []
+        self.v_ptrs: list[int] = []
+        self.step_ptr = 0
+        self.kernel = KernelPlan()
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [flat[o: o + n].view(shape) for o, n, shape in self.spans]
+
+    def create_state(self, state: dict, on_device: bool) -> None:
+        """The state of every parameter, as views into flat buffers, with one shared step counter."""
+        p = self.flat_p
+        self.flat_m, self.flat_v = torch.zeros_like(p), torch.zeros_like(p)
+        self.step = torch.zeros((), dtype=V.scalar_dtype(), device=p.device if on_device else "cpu")
+        self.m_views, self.v_views = self._views(self.flat_m), self._views(self.flat_v)
+        self.m_ptrs, self.v_ptrs = list(map(_ptr, self.m_views)), list(map(_ptr, self.v_views))
+        self.step_ptr = self.step.data_ptr()
+        self.adopt_state(state)
+
+    def adopt_state(self, state: dict) -> None:
+        """Make each parameter's state entry the buffers' views, taking over the values an entry holds
+        (after ``load_state_dict``, or a state tensor set by hand). Raises when the entries' steps differ."""
+        entries = [state.get(p) for p in self.params]
+        held = [e for e in entries if e]
+        steps = {float(e["step"]) for e in held}
+        if held and (len(held) != len(entries) or len(steps) != 1):
+            raise ValueError(
+                "a flat param group's parameters step together, but their states have steps "
+                f"{sorted(steps) + ([0.0] if len(held) != len(entries) else [])}"
+            )
+        with torch.no_grad():
+            if held:
+                self.step.copy_(torch.tensor(steps.pop()))
+            for p, e, m, v in zip(self.params, entries, self.m_views, self.v_views, strict=True):
+                if e:
+                    if e["exp_avg"] is not m:
+                        m.copy_(e["exp_avg"])
+                    if e["exp_avg_sq"] is not v:
+                        v.copy_(e["exp_avg_sq"])
+                state[p] = {"step": self.step, "exp_avg": m, "exp_avg_sq": v}
+
+    def current(self) -> list[list[Tensor]] | None:
+        """This step's lists (one tensor each), or ``None`` when the layout no longer holds."""
+        params = self.params
+        if list(map(_ptr, params)) != self.ptrs:
+            return None
+        grads = list(map(_grad, params))
+        if not all(map(is_, grads, self.grad_views)):
+            self._take_grads(grads)
+        if self.step is not None and (list(map(_ptr, self.m_views)) != self.m_ptrs
+                                      or list(map(_ptr, self.v_views)) != self.v_ptrs
+                                      or self.step.data_ptr() != self.step_ptr):
+            return None
+        return [[self.flat_p], [self.flat_g], [self.flat_m], [self.flat_v], [self.step]]
+
+    def _take_grads(self, grads: list[Tensor | None]) -> None:
+        """Copy gradients that are not the buffer's views into it (``None``: zero) and put the views back."""
+        with torch.no_grad():
+            for p, g, view in zip(self.params, grads, self.grad_views, strict=True):
+                if g is view:
+                    continue
+                if g is None:
+                    view.zero_()
+                else:
+                    if g.is_sparse:
+                        raise RuntimeError("ADOPT does not support sparse gradients (flat param group)")
+                    view.copy_(g)
+                p.grad = view
+
+    def zero_grad(self) -> None:
+        grads = list(map(_grad, self.params))
+        if not all(map(is_, grads, self.grad_views)):
+            for p, view in zip(self.params, self.grad_views, strict=True):
+                p.grad = view
+        self.flat_g.zero_()
+
+
+def warn_broken(gi: int) -> None:
+    warnings.warn(
+        f"param group {gi}: a parameter's or a state tensor's data was replaced, which ends the group's flat "
+        "layout; the optimizer goes on in the default layout",
+        RuntimeWarning,
+        stacklevel=4,
+    )
