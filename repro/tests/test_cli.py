@@ -223,10 +223,11 @@ def test_an_experiment_whose_packages_are_missing_is_listed_unavailable_and_refu
 def test_run_times_have_one_source_a_dated_measurement_in_the_registry(capsys):
     assert run_cli("list") == 0
     out = capsys.readouterr().out
-    duration = re.compile(r"\d\s*(min|minutes|h|hours|s)\b")
+    duration = re.compile(r"\b\d+(\.\d+)?\s*(min|minutes|h|hours|s)\b")
     for name in registry.names():
         exp = registry.load(name)
-        assert re.search(r"measured \d{4}-\d{2}-\d{2}", registry.run_time(name)), (name, registry.run_time(name))
+        dated = r"measured \d{4}-\d{2}-\d{2}|not measured \(checked \d{4}-\d{2}-\d{2}"
+        assert re.search(dated, registry.run_time(name)), (name, registry.run_time(name))
         # nowhere else: the one-line summary, the full-scale note and the config docs name no duration
         for text in (exp.summary, exp.paper_scale, exp.config.__doc__ or "", *field_help(exp.config).values()):
             assert not duration.search(text), (name, text)

@@ -11,9 +11,24 @@ from .runner import Experiment
 EXPERIMENT_MODULES = ("toy", "mnist", "vae", "gpt", "llama", "cifar10", "imagenet", "rl")
 
 # Wall-clock run times, the one place they are kept (``adoptim list`` and ``--help`` print them; the docs
-# point here). Measured with the default thread count (2) on a 2-core AMD EPYC virtual machine; the
-# machine's load at the time is given, since a loaded machine runs slower than an idle one.
-RUN_TIMES: dict[str, str] = {}
+# point here). All with the default thread count (2) on the project's 2-core AMD EPYC virtual machine:
+# "idle" runs had the machine to themselves; "load 3-5" ran beside other jobs, and on two cores that
+# costs a factor of 2 to 4 (torch's two threads wait for each other). The --quick times and the toy
+# default were measured on 2026-12-03 with /usr/bin/time; the other defaults are the earlier
+# measurements recorded with the results they produced (the commits of those dates).
+_LOADED = "2026-12-03, load 3-5"
+RUN_TIMES: dict[str, str] = {
+    "toy": f"default 3.6 min idle (measured 2026-11-28), 7.4 min at load 3-4 (measured {_LOADED}); --quick "
+           f"7.7 min at load 4-5 (measured {_LOADED}; it runs uncompiled, the default compiles)",
+    "mnist": f"default 9.5 min idle (measured 2026-11-29); --quick 41 s (measured {_LOADED})",
+    "vae": f"default 2.5 min idle (measured 2026-11-29); --quick 2.6 min (measured {_LOADED})",
+    "gpt": f"default 53 min at load (measured 2026-11-28); --quick 7 s (measured {_LOADED})",
+    "llama": f"default 20 min per seed at load (measured 2026-11-28); --quick 11 s (measured {_LOADED})",
+    "cifar10": f"default 62 min for the six runs at load (measured 2026-11-28); --quick 42 s (measured {_LOADED})",
+    "imagenet": "not measured (checked 2026-12-03: the measuring machine has no torchvision); the full scale "
+                "is days on 8 GPUs",
+    "rl": f"default 7 min idle, 52 min at load (both measured 2026-11-28); --quick 16 s (measured {_LOADED})",
+}
 
 
 def run_time(name: str) -> str:
