@@ -122,6 +122,23 @@ def test_parameter_data_replaced_by_a_view_with_other_strides_at_the_same_addres
 
 
 @pytest.mark.parametrize("flags", KERNELS, ids=_ids)
+def test_parameter_data_replaced_by_a_shorter_view_at_the_same_address(flags: dict) -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, generator=gen, dtype=torch.float64)) for _ in range(2)]
+    opt = adoptim.ADOPT(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **flags)
+    _warm(params, opt)
+    base = params[0].data
+    params[0].data = base[:4]  # same address and strides, fewer elements
+    tail = base[4:].clone()
+    for k, st in ((k, opt.state[params[0]]) for k in ("exp_avg", "exp_avg_sq")):
+        st[k] = st[k][:4].clone()  # its state cut to match (a write the check also notices)
+    opt.state.writes -= 2  # as if only the parameter had changed
+    _grads(params, 23)
+    _step_matches_reference(opt, params)
+    assert torch.equal(base[4:], tail)  # the elements the parameter no longer holds are left alone
+
+
+@pytest.mark.parametrize("flags", KERNELS, ids=_ids)
 def test_parameter_dtype_changed(flags: dict) -> None:
     params, opt = _make(**flags)
     _warm(params, opt)

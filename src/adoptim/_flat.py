@@ -38,6 +38,7 @@ from .kernels.contract import KernelPlan
 
 _grad = attrgetter("grad")
 _ptr = Tensor.data_ptr
+_numel = Tensor.numel
 _PLAIN = {Tensor, torch.nn.Parameter}
 
 
@@ -63,7 +64,7 @@ class Bucket:
     """The parameters of one param group on one (device, dtype), their gradients and state, as flat buffers."""
 
     __slots__ = ("params", "spans", "flat_p", "flat_g", "grad_views", "flat_m", "flat_v", "step", "m_views",
-                 "v_views", "ptrs", "m_ptrs", "v_ptrs", "step_ptr", "kernel")
+                 "v_views", "ptrs", "numels", "m_ptrs", "v_ptrs", "step_ptr", "kernel")
 
     def __init__(self, params: list[Tensor]) -> None:
         first = params[0]
@@ -86,6 +87,7 @@ class Bucket:
                     view.copy_(p.grad)
                 p.grad = view
         self.ptrs = list(map(_ptr, params))
+        self.numels = list(map(_numel, params))
         self.flat_m = self.flat_v = self.step = None
         self.m_views: list[Tensor] = []
         self.v_views: list[Tensor] = []
@@ -132,7 +134,7 @@ class Bucket:
     def current(self) -> list[list[Tensor]] | None:
         """This step's lists (one tensor each), or ``None`` when the layout no longer holds."""
         params = self.params
-        if list(map(_ptr, params)) != self.ptrs:
+        if list(map(_ptr, params)) != self.ptrs or list(map(_numel, params)) != self.numels:
             return None
         grads = list(map(_grad, params))
         if not all(map(is_, grads, self.grad_views)):

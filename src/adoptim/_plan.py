@@ -8,8 +8,8 @@ a check of the facts passes; the kernels keep their address tables in the same r
 
 * a param group added or removed, its ``params`` list replaced or changed (compared element by element);
 * a parameter that gained or lost its gradient, or a sparse gradient (the collection pass refuses it);
-* a parameter's ``.data`` replaced: its data pointer or strides differ (a dtype or device change moves
-  the data, so it is among these);
+* a parameter's ``.data`` replaced: its data pointer, strides or size differ (a dtype or device change
+  moves the data, so it is among these);
 * ``opt.state`` replaced, or written at either level: a parameter's entry set, deleted or replaced, or a
   key of an entry set (``load_state_dict`` replaces the whole state). Entries are :class:`ParamState`
   dicts that count their writes; an entry someone set to a plain dict is compared key by key instead;
@@ -34,6 +34,7 @@ _grad = attrgetter("grad")
 _is_sparse = attrgetter("is_sparse")
 _ptr = Tensor.data_ptr
 _stride = Tensor.stride
+_numel = Tensor.numel
 _m, _v, _s = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
 _PLAIN = {Tensor, __import__("torch").nn.Parameter}
 
@@ -174,7 +175,7 @@ class GroupPlan:
     """One param group's collection (the five lists) and the facts it rests on."""
 
     __slots__ = ("group", "params_list", "all_params", "mask", "lists", "entries", "untracked",
-                 "ptrs", "p_strides", "kernel")
+                 "ptrs", "p_strides", "p_numels", "kernel")
 
     def __init__(self, group: dict[str, Any], lists: list[list[Tensor]], state: StateDict) -> None:
         params, _, exp_avgs, exp_avg_sqs, state_steps = lists
@@ -191,6 +192,7 @@ class GroupPlan:
         # The data pointers of the parameters and of their state, in one list (one map and one comparison).
         self.ptrs = list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps)))
         self.p_strides = list(map(_stride, params))
+        self.p_numels = list(map(_numel, params))
         self.kernel = KernelPlan()
 
     def current(self) -> list[list[Tensor]] | None:
@@ -211,7 +213,8 @@ class GroupPlan:
         params, _, exp_avgs, exp_avg_sqs, state_steps = self.lists
         if any(map(_is_sparse, grads)):
             return None
-        if list(map(_stride, params)) != self.p_strides:
+        # Strides and sizes: a view of the same data (same address) with another layout or fewer elements.
+        if list(map(_stride, params)) != self.p_strides or list(map(_numel, params)) != self.p_numels:
             return None
         if self.untracked and not (all(map(is_, map(_m, self.entries), exp_avgs))
                                    and all(map(is_, map(_v, self.entries), exp_avg_sqs))
