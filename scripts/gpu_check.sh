@@ -73,6 +73,7 @@ for name, shapes in LAYOUTS.items():
     makers = {
         "adoptim triton_adopt": Functional,
         "adoptim ADOPT fused": lambda ps: adoptim.ADOPT(ps, fused=True),
+        "adoptim ADOPT fused flat": lambda ps: adoptim.ADOPT(ps, fused=True, flat=True),
         "adoptim ADOPT foreach": lambda ps: adoptim.ADOPT(ps, foreach=True),
         "adoptim ADOPT for-loop": lambda ps: adoptim.ADOPT(ps, foreach=False),
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
