@@ -101,7 +101,7 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
     adamw_init = lambda: adamw._init_group(adamw.param_groups[0], *[[] for _ in range(6)])
 
     def collection_pass() -> None:
-        adopt._kept = None  # as after a change the check notices: the lists are built again
+        adopt._kept.clear()  # as after a change the check notices: the lists are built again
         adopt._collect()
 
     flat_params = _params(n)

@@ -167,10 +167,89 @@ class Bucket:
         self.flat_g.zero_()
 
 
-def warn_broken(gi: int) -> None:
-    warnings.warn(
-        f"param group {gi}: a parameter's or a state tensor's data was replaced, which ends the group's flat "
-        "layout; the optimizer goes on in the default layout",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+def _make_buckets(group: dict[str, Any]) -> list[Bucket]:
+    """A flat group's buckets: its parameters by (device, dtype), in order."""
+    by_key: dict[tuple, list[Tensor]] = {}
+    for p in group["params"]:
+        by_key.setdefault((p.device, p.dtype), []).append(p)
+    return [Bucket(params) for params in by_key.values()]
+
+
+class FlatGroups:
+    """An optimizer's flat groups: their buckets, and the write count of ``opt.state`` last adopted."""
+
+    def __init__(self) -> None:
+        self.registry: dict[int, tuple[dict[str, Any], list, list[Bucket]]] = {}
+        self.seen: tuple | None = None  # (state, its write count) after the last step
+
+    def add(self, group: dict[str, Any]) -> None:
+        """Lay a group out flat (at ``add_param_group``; the group's parameters were checked)."""
+        self.registry[id(group)] = (group, group["params"], _make_buckets(group))
+
+    def _entry(self, group: dict[str, Any]) -> tuple | None:
+        entry = self.registry.get(id(group))
+        return entry if entry is not None and entry[0] is group and entry[1] is group["params"] else None
+
+    def buckets(self, flat: list[dict[str, Any]], param_groups: list[dict[str, Any]],
+                state: Any) -> list[tuple[dict[str, Any], Bucket]]:
+        """The buckets of the flat groups, checked (and this step's gradients taken into their buffers).
+
+        A group whose layout no longer holds (a parameter's or state tensor's data replaced) goes on in
+        the default layout, with a warning; one whose params list changed, or of an unpickled optimizer,
+        is laid out again. After ``opt.state`` was written (``load_state_dict``, an entry set by hand), the
+        buckets take the entries' values into their buffers.
+        """
+        state_changed = self.seen is None or self.seen[0] is not state or self.seen[1] != state.writes
+        out = []
+        for group in flat:
+            entry = self._entry(group)
+            if entry is None:
+                check_flat_params(group["params"])
+                self.add(group)
+                entry = self.registry[id(group)]
+                state_changed = True
+            if any(bucket.current() is None for bucket in entry[2]):
+                self.unflatten(group, param_groups, state)
+                continue
+            for bucket in entry[2]:
+                if state_changed and (bucket.step is not None or any(state.get(p) for p in bucket.params)):
+                    if bucket.step is None:
+                        bucket.create_state(state, group["capturable"] or group["fused"])
+                    else:
+                        bucket.adopt_state(state)
+                out.append((group, bucket))
+        return out
+
+    def lists(self, buckets: list[tuple[dict[str, Any], Bucket]], state: Any) -> list[tuple]:
+        """(group, lists, kernel plan) per bucket, creating the state of a group's first step."""
+        out = []
+        for group, bucket in buckets:
+            if bucket.step is None:
+                bucket.create_state(state, group["capturable"] or group["fused"])
+            out.append((group, [[bucket.flat_p], [bucket.flat_g], [bucket.flat_m], [bucket.flat_v], [bucket.step]],
+                        bucket.kernel))
+        self.seen = (state, state.writes)
+        return out
+
+    def unflatten(self, group: dict[str, Any], param_groups: list[dict[str, Any]], state: Any) -> None:
+        """End a flat group's layout: each parameter gets a step counter of its own, and the default layout
+        takes over (the tensors stay views, which every kernel takes)."""
+        gi = next(i for i, g in enumerate(param_groups) if g is group)
+        warnings.warn(
+            f"param group {gi}: a parameter's or a state tensor's data was replaced, which ends the group's flat "
+            "layout; the optimizer goes on in the default layout",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        self.registry.pop(id(group), None)
+        group["flat"] = False
+        for p in group["params"]:
+            st = state.get(p)
+            if st and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+    def zero_grad(self, flat: list[dict[str, Any]]) -> None:
+        for group in flat:
+            entry = self._entry(group)
+            for bucket in entry[2] if entry is not None else ():
+                bucket.zero_grad()

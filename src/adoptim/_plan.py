@@ -228,3 +228,38 @@ class GroupPlan:
 def plannable(group: dict[str, Any], params: list[Tensor]) -> bool:
     """Whether a group's collection may be kept between steps (see the module docstring)."""
     return not group["differentiable"] and set(map(type, params)) <= _PLAIN
+
+
+class KeptPlans:
+    """The collection of an optimizer's groups in the default layout, kept from one step to the next."""
+
+    def __init__(self) -> None:
+        self.kept: tuple | None = None  # (state, groups, state's write count, plans)
+
+    def clear(self) -> None:
+        self.kept = None
+
+    def lists(self, groups: list[dict[str, Any]], state: Any) -> list[tuple] | None:
+        """(group, lists, kernel plan) per group from the kept plans, or ``None`` when anything changed."""
+        if self.kept is None:
+            return None
+        kept_state, kept_groups, writes, plans = self.kept
+        if not (state is kept_state and state.writes == writes and len(groups) == len(kept_groups)
+                and all(map(is_, groups, kept_groups))):
+            return None
+        out = []
+        for plan in plans:
+            lists = plan.current()
+            if lists is None:
+                return None
+            out.append((plan.group, lists, plan.kernel))
+        return out
+
+    def keep(self, collected: list[tuple[dict[str, Any], list[list[Tensor]]]], state: Any) -> list[tuple]:
+        """Keep freshly collected lists where every group allows it; (group, lists, kernel plan) per group."""
+        if not (isinstance(state, StateDict) and all(plannable(group, lists[0]) for group, lists in collected)):
+            self.kept = None
+            return [(group, lists, None) for group, lists in collected]
+        plans = [GroupPlan(group, lists, state) for group, lists in collected]
+        self.kept = (state, tuple(group for group, _ in collected), state.writes, plans)
+        return [(group, lists, plan.kernel) for (group, lists), plan in zip(collected, plans, strict=True)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from operator import is_
 from typing import Any
 
 import torch
@@ -14,8 +13,8 @@ from torch.optim import Optimizer
 
 from . import _validate as V
 from . import migration
-from ._flat import Bucket, check_flat_params, warn_broken
-from ._plan import GroupPlan, ParamState, StateDict, plannable
+from ._flat import FlatGroups, check_flat_params
+from ._plan import KeptPlans, ParamState, StateDict
 from .functional import adopt
 from .kernels.common import state_holds
 from .kernels.contract import KernelPlan
@@ -53,14 +52,6 @@ def _check_state_dtype(gi: int, pi: int, p: Tensor, m: Tensor, v: Tensor) -> Non
                 f"parameter's {p.dtype} (was the parameter cast after some steps?); reload the state with "
                 "opt.load_state_dict(opt.state_dict()), which casts it to its parameter's dtype and device"
             )
-
-
-def _make_buckets(group: dict[str, Any]) -> list[Bucket]:
-    """A flat group's buckets: its parameters by (device, dtype), in order."""
-    by_key: dict[tuple, list[Tensor]] = {}
-    for p in group["params"]:
-        by_key.setdefault((p.device, p.dtype), []).append(p)
-    return [Bucket(params) for params in by_key.values()]
 
 
 class ADOPT(Optimizer):
@@ -147,7 +138,8 @@ class ADOPT(Optimizer):
         V.check_group(defaults)
         super().__init__(params, defaults)
         self.state = StateDict(self.state)  # counts its writes: see _collect
-        self._kept: tuple | None = None
+        self._kept = KeptPlans()
+        self.__dict__.setdefault("_flat", FlatGroups())  # add_param_group (above, in torch's __init__) may have made it
         if fused:
             # GradScaler then hands this optimizer `grad_scale` and `found_inf` instead of unscaling
             # the gradients itself (torch.optim's protocol for fused optimizers).
@@ -170,14 +162,13 @@ class ADOPT(Optimizer):
                 param_group[key] = merged[key]
         super().add_param_group(param_group)
         if merged["flat"]:
-            group = self.param_groups[-1]
-            self.__dict__.setdefault("_buckets", {})[id(group)] = (group, group["params"], _make_buckets(group))
+            self.__dict__.setdefault("_flat", FlatGroups()).add(self.param_groups[-1])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.state = StateDict(self.state)
-        self._kept = None
-        self.__dict__.setdefault("_buckets", {})  # a flat group of an unpickled optimizer is laid out again
+        self._kept = KeptPlans()
+        self.__dict__.setdefault("_flat", FlatGroups())  # a flat group of an unpickled optimizer is laid out again
         # A state_dict from an older version (or another port) may lack newer flags and tensor steps.
         migration.upgrade_state(self.param_groups, self.state, self.defaults)
 
@@ -201,11 +192,7 @@ class ADOPT(Optimizer):
         flat = [g for g in self.param_groups if g.get("flat")]
         if not flat:
             return super().zero_grad(set_to_none)
-        for group in flat:
-            entry = self.__dict__.get("_buckets", {}).get(id(group))
-            if entry is not None and entry[0] is group and entry[1] is group["params"]:
-                for bucket in entry[2]:
-                    bucket.zero_grad()
+        self._flat.zero_grad(flat)
         groups = self.param_groups
         self.param_groups = [g for g in groups if not g.get("flat")]
         try:
@@ -388,78 +375,19 @@ class ADOPT(Optimizer):
                 out.append((group, lists, None))
             return out
         flat = [g for g in groups if g.get("flat")]
-        buckets = self._flat_buckets(flat) if flat else []
-        default = [g for g in groups if not g.get("flat")] if flat else groups
-        out = self._collect_default(default)
-        for group, bucket in buckets:
-            if bucket.step is None:  # the group's first step
-                bucket.create_state(self.state, group["capturable"] or group["fused"])
-            out.append((group, [[bucket.flat_p], [bucket.flat_g], [bucket.flat_m], [bucket.flat_v], [bucket.step]],
-                        bucket.kernel))
-        if flat:
-            self._flat_writes = (self.state, self.state.writes)
-        return out
-
-    def _flat_buckets(self, flat: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Bucket]]:
-        """The buckets of the flat groups, checked (and this step's gradients taken into their buffers).
-
-        A group whose layout no longer holds (a parameter's or state tensor's data replaced) goes on in
-        the default layout, with a warning; one whose params list changed is laid out again.
-        """
-        registry = self.__dict__.setdefault("_buckets", {})
-        state = self.state
-        writes = getattr(self, "_flat_writes", None)
-        state_changed = writes is None or writes[0] is not state or writes[1] != state.writes
-        out = []
-        for group in flat:
-            entry = registry.get(id(group))
-            if entry is None or entry[0] is not group or entry[1] is not group["params"]:
-                check_flat_params(group["params"])
-                entry = registry[id(group)] = (group, group["params"], _make_buckets(group))
-                state_changed = True
-            for bucket in entry[2]:
-                if bucket.current() is None:
-                    self._unflatten(group)
-                    break
-            else:
-                for bucket in entry[2]:
-                    if state_changed and (bucket.step is not None or any(state.get(p) for p in bucket.params)):
-                        if bucket.step is None:
-                            bucket.create_state(state, group["capturable"] or group["fused"])
-                        else:
-                            bucket.adopt_state(state)
-                    out.append((group, bucket))
-        return out
-
-    def _unflatten(self, group: dict[str, Any]) -> None:
-        """End a flat group's layout: each parameter gets a step counter of its own, and the default layout
-        takes over (the tensors stay views, which every kernel takes)."""
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-        warn_broken(gi)
-        self.__dict__["_buckets"].pop(id(group), None)
-        group["flat"] = False
-        for p in group["params"]:
-            st = self.state.get(p)
-            if st and torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+        if not flat:
+            return self._collect_default(groups)
+        buckets = self._flat.buckets(flat, groups, self.state)
+        out = self._collect_default([g for g in groups if not g.get("flat")])
+        return out + self._flat.lists(buckets, self.state)
 
     def _collect_default(self, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[list[Tensor]],
                                                                           KernelPlan | None]]:
         """The lists of the groups in the default layout (see :meth:`_collect`)."""
-        kept, state = self._kept, self.state
+        kept = self._kept.lists(groups, self.state)
         if kept is not None:
-            kept_state, kept_groups, writes, plans = kept
-            if (state is kept_state and state.writes == writes and len(groups) == len(kept_groups)
-                    and all(map(is_, groups, kept_groups))):
-                out = []
-                for plan in plans:
-                    lists = plan.current()
-                    if lists is None:
-                        break
-                    out.append((plan.group, lists, plan.kernel))
-                else:
-                    return out
-        self._kept = None
+            return kept
+        self._kept.clear()
         gathered = []
         for group in groups:
             lists = [[], [], [], [], []]
@@ -467,11 +395,7 @@ class ADOPT(Optimizer):
         for group, (params, _, exp_avgs, exp_avg_sqs, state_steps), missing in gathered:
             if missing:
                 self._create_state(group, params, exp_avgs, exp_avg_sqs, state_steps, missing)
-        if not (isinstance(state, StateDict) and all(plannable(group, lists[0]) for group, lists, _ in gathered)):
-            return [(group, lists, None) for group, lists, _ in gathered]
-        plans = [GroupPlan(group, lists, state) for group, lists, _ in gathered]
-        self._kept = (state, tuple(groups), state.writes, plans)
-        return [(group, lists, plan.kernel) for (group, lists, _), plan in zip(gathered, plans, strict=True)]
+        return self._kept.keep([(group, lists) for group, lists, _ in gathered], self.state)
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
