@@ -232,3 +232,29 @@ def test_a_flat_group_added_later_and_a_pickled_optimizer(flags: dict) -> None:
         opt.step()
         clone.step()
     assert all(torch.equal(p, q) for p, q in zip(params, copies, strict=True))
+
+
+@pytest.mark.parametrize("flags", KERNELS, ids=_ids)
+@pytest.mark.parametrize("how", ["load_state_dict", "entry set by hand"])
+def test_state_written_into_a_running_flat_optimizer_is_taken_into_its_buffers(flags: dict, how: str) -> None:
+    # A running flat optimizer whose state is replaced (a checkpoint loaded, an entry set) steps from the
+    # new values, as a default-layout optimizer given the same state does.
+    source_model = _model(seed=5)
+    source = adoptim.ADOPT(source_model.parameters(), lr=0.01, **flags)
+    _train(source_model, source, steps=4, seed=8)
+    saved = source.state_dict()
+    runs = []
+    for flat in (False, True):
+        model = _model()
+        opt = adoptim.ADOPT(model.parameters(), lr=0.01, flat=flat, **flags)
+        _train(model, opt, steps=3)
+        if how == "load_state_dict":
+            opt.load_state_dict(copy.deepcopy(saved))
+        else:
+            for i, p in enumerate(model.parameters()):
+                opt.state[p] = {k: v.clone() for k, v in saved["state"][i].items()}
+        _train(model, opt, steps=2, seed=6)
+        runs.append((model, opt))
+    (a, oa), (b, ob) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert float(ob.state[next(b.parameters())]["step"]) == 6

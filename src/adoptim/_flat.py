@@ -176,19 +176,23 @@ def _make_buckets(group: dict[str, Any]) -> list[Bucket]:
 
 
 class FlatGroups:
-    """An optimizer's flat groups: their buckets, and the write count of ``opt.state`` last adopted."""
+    """An optimizer's flat groups: their buckets, and the write count of ``opt.state`` last adopted.
+
+    Buckets are found by the group's ``params`` list, which ``load_state_dict`` keeps while it replaces
+    the group dicts themselves.
+    """
 
     def __init__(self) -> None:
-        self.registry: dict[int, tuple[dict[str, Any], list, list[Bucket]]] = {}
+        self.registry: dict[int, tuple[list, list[Bucket]]] = {}
         self.seen: tuple | None = None  # (state, its write count) after the last step
 
     def add(self, group: dict[str, Any]) -> None:
         """Lay a group out flat (at ``add_param_group``; the group's parameters were checked)."""
-        self.registry[id(group)] = (group, group["params"], _make_buckets(group))
+        self.registry[id(group["params"])] = (group["params"], _make_buckets(group))
 
-    def _entry(self, group: dict[str, Any]) -> tuple | None:
-        entry = self.registry.get(id(group))
-        return entry if entry is not None and entry[0] is group and entry[1] is group["params"] else None
+    def _entry(self, group: dict[str, Any]) -> list[Bucket] | None:
+        entry = self.registry.get(id(group["params"]))
+        return entry[1] if entry is not None and entry[0] is group["params"] else None
 
     def buckets(self, flat: list[dict[str, Any]], param_groups: list[dict[str, Any]],
                 state: Any) -> list[tuple[dict[str, Any], Bucket]]:
@@ -202,16 +206,16 @@ class FlatGroups:
         state_changed = self.seen is None or self.seen[0] is not state or self.seen[1] != state.writes
         out = []
         for group in flat:
-            entry = self._entry(group)
-            if entry is None:
+            buckets = self._entry(group)
+            if buckets is None:
                 check_flat_params(group["params"])
                 self.add(group)
-                entry = self.registry[id(group)]
+                buckets = self.registry[id(group["params"])][1]
                 state_changed = True
-            if any(bucket.current() is None for bucket in entry[2]):
+            if any(bucket.current() is None for bucket in buckets):
                 self.unflatten(group, param_groups, state)
                 continue
-            for bucket in entry[2]:
+            for bucket in buckets:
                 if state_changed and (bucket.step is not None or any(state.get(p) for p in bucket.params)):
                     if bucket.step is None:
                         bucket.create_state(state, group["capturable"] or group["fused"])
@@ -241,7 +245,7 @@ class FlatGroups:
             RuntimeWarning,
             stacklevel=5,
         )
-        self.registry.pop(id(group), None)
+        self.registry.pop(id(group["params"]), None)
         group["flat"] = False
         for p in group["params"]:
             st = state.get(p)
@@ -250,6 +254,5 @@ class FlatGroups:
 
     def zero_grad(self, flat: list[dict[str, Any]]) -> None:
         for group in flat:
-            entry = self._entry(group)
-            for bucket in entry[2] if entry is not None else ():
+            for bucket in self._entry(group) or ():
                 bucket.zero_grad()
