@@ -1,0 +1,73 @@
+"""Many runs of one small model at once: seeds stacked on a leading dimension, one optimizer call per step.
+
+An elementwise optimizer (Adam, AMSGrad, ADOPT) applied to stacked parameters is exactly K independent
+runs: every element's update reads only that element's gradient and state. So K seeds of an MLP or a
+small transformer train as one batched model, at the hardware's speed rather than Python's:
+
+    ens = Ensemble([make_model(seed) for seed in seeds])
+    opt = adoptim.ADOPT(ens.parameters(), lr=1e-3)
+    logits = ens(x)                      # x: (K, batch, ...), member k sees x[k]
+    loss = ens.sum_of_means(loss_fn, logits, y)
+    loss.backward()
+    opt.step()
+
+The loss is the sum over members of each member's mean loss, so member k's gradient is the one its own
+run would compute. ``torch.func.stack_module_state`` stacks the members' parameters and
+``torch.func.functional_call`` under ``torch.vmap`` runs one member's forward on each slice.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state
+
+__all__ = ["Ensemble"]
+
+
+class Ensemble(nn.Module):
+    """K copies of one architecture, their parameters stacked: ``parameters()`` has a leading dimension K."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        kinds = {type(m) for m in members}
+        if len(kinds) != 1:
+            raise ValueError(f"ensemble members must share one architecture, got {sorted(k.__name__ for k in kinds)}")
+        params, buffers = stack_module_state(list(members))
+        self.size = len(members)
+        self.names = list(params)
+        self.stacked = nn.ParameterList([nn.Parameter(params[n].detach().clone()) for n in self.names])
+        self.buffer_names = list(buffers)
+        for i, name in enumerate(self.buffer_names):
+            self.register_buffer(f"buffer{i}", buffers[name].clone())
+        # The architecture, without its own tensors (functional_call supplies each member's).
+        self._base = [copy.deepcopy(members[0]).to("meta")]
+
+    def member_state(self, k: int) -> dict[str, Tensor]:
+        """Member k's parameters and buffers by their names in the member model (views of the stack)."""
+        out = {name: p[k] for name, p in zip(self.names, self.stacked, strict=True)}
+        out.update({name: getattr(self, f"buffer{i}")[k] for i, name in enumerate(self.buffer_names)})
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Member k's output on ``x[k]``, stacked (``x`` has a leading dimension K)."""
+        if x.shape[0] != self.size:
+            raise ValueError(f"the input's leading dimension must be the ensemble size {self.size}, got {x.shape[0]}")
+        base = self._base[0]
+        params = dict(zip(self.names, self.stacked, strict=True))
+        buffers = {name: getattr(self, f"buffer{i}") for i, name in enumerate(self.buffer_names)}
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], xk: Tensor) -> Tensor:
+            return functional_call(base, (p, b), (xk,))
+
+        return torch.vmap(one)(params, buffers, x)
+
+    @staticmethod
+    def sum_of_means(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, target: Tensor) -> Tensor:
+        """The sum over members of each member's mean loss (``loss_fn`` with mean reduction, per member)."""
+        return torch.vmap(loss_fn)(out, target).sum()
