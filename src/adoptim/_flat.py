@@ -34,19 +34,19 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from .kernels.common import PLAIN_TENSOR_TYPES
 from .kernels.contract import KernelPlan
 
 _grad = attrgetter("grad")
 _ptr = Tensor.data_ptr
 _numel = Tensor.numel
-_PLAIN = {Tensor, torch.nn.Parameter}
 
 
 def check_flat_params(params: Iterable[Any]) -> None:
     """Raise ``ValueError`` unless these parameters can be flattened (at construction, before anything changes)."""
     seen: set[int] = set()
     for i, p in enumerate(params):
-        if type(p) not in _PLAIN:
+        if type(p) not in PLAIN_TENSOR_TYPES:
             raise ValueError(f"Invalid flat: True for parameter {i}, a {type(p).__name__} (plain tensors only)")
         if not p.requires_grad:
             raise ValueError(
@@ -58,6 +58,18 @@ def check_flat_params(params: Iterable[Any]) -> None:
         if id(p) in seen:
             raise ValueError(f"Invalid flat: True for parameter {i}, listed twice")
         seen.add(id(p))
+
+
+def common_step(entries: Iterable[Any], what: str) -> float | None:
+    """The step the states of a flat group's parameters share (``None``: none has state yet).
+
+    Raises ``ValueError`` (``what``, then the steps) when they differ or only some parameters have state.
+    """
+    steps = {float(e["step"]) if e else None for e in entries}
+    if len(steps) > 1:
+        listed = sorted(steps, key=lambda x: -1.0 if x is None else x)
+        raise ValueError(f"{what}, but the steps of its parameters differ: {listed}")
+    return next(iter(steps), None)
 
 
 class Bucket:
@@ -113,16 +125,10 @@ class Bucket:
         """Make each parameter's state entry the buffers' views, taking over the values an entry holds
         (after ``load_state_dict``, or a state tensor set by hand). Raises when the entries' steps differ."""
         entries = [state.get(p) for p in self.params]
-        held = [e for e in entries if e]
-        steps = {float(e["step"]) for e in held}
-        if held and (len(held) != len(entries) or len(steps) != 1):
-            raise ValueError(
-                "a flat param group's parameters step together, but their states have steps "
-                f"{sorted(steps) + ([0.0] if len(held) != len(entries) else [])}"
-            )
+        step = common_step(entries, "a flat param group's parameters step together")
         with torch.no_grad():
-            if held:
-                self.step.copy_(torch.tensor(steps.pop()))
+            if step is not None:
+                self.step.copy_(torch.tensor(step))
             for p, e, m, v in zip(self.params, entries, self.m_views, self.v_views, strict=True):
                 if e:
                     if e["exp_avg"] is not m:

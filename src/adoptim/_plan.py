@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .kernels.common import PLAIN_TENSOR_TYPES
 from .kernels.contract import KernelPlan
 
 _grad = attrgetter("grad")
@@ -36,23 +37,15 @@ _ptr = Tensor.data_ptr
 _stride = Tensor.stride
 _numel = Tensor.numel
 _m, _v, _s = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
-_PLAIN = {Tensor, __import__("torch").nn.Parameter}
 
 
-class ParamState(dict):
-    """One parameter's state entry (a dict), counting its writes on the optimizer's :class:`StateDict`.
+class _CountsWrites:
+    """Dict methods that write, each counting the write (``_wrote``) before it is made."""
 
-    Pickles, and appears in ``state_dict()``, as a plain dict.
-    """
-
-    __slots__ = ("_owner",)
-
-    def __init__(self, owner: StateDict, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._owner = owner
+    __slots__ = ()
 
     def _wrote(self) -> None:
-        self._owner.writes += 1
+        raise NotImplementedError
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._wrote()
@@ -82,9 +75,25 @@ class ParamState(dict):
         self._wrote()
         return super().setdefault(key, default)
 
-    def __ior__(self, other: Any) -> ParamState:
+    def __ior__(self, other: Any) -> Any:
         self._wrote()
         return super().__ior__(other)
+
+
+class ParamState(_CountsWrites, dict):
+    """One parameter's state entry (a dict), counting its writes on the optimizer's :class:`StateDict`.
+
+    Pickles, and appears in ``state_dict()``, as a plain dict.
+    """
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: StateDict, *args: Any, **kwargs: Any) -> None:
+        dict.__init__(self, *args, **kwargs)
+        self._owner = owner
+
+    def _wrote(self) -> None:
+        self._owner.writes += 1
 
     def __reduce__(self) -> tuple:
         return dict, (dict(self),)
@@ -98,17 +107,20 @@ class ParamState(dict):
         return copy.deepcopy(dict(self), memo)
 
 
-class StateDict(defaultdict):
+class StateDict(_CountsWrites, defaultdict):
     """``opt.state``: torch.optim's ``defaultdict(dict)``, counting writes to itself and its entries.
 
     Pickles as a plain ``defaultdict(dict)`` of plain dicts (the optimizer wraps it again on load).
     """
 
     def __init__(self, items: Any = ()) -> None:
-        super().__init__(None)
+        defaultdict.__init__(self, None)
         self.writes = 0
         for key, value in dict(items).items():
-            super().__setitem__(key, self.wrap(value))
+            defaultdict.__setitem__(self, key, self.wrap(value))
+
+    def _wrote(self) -> None:
+        self.writes += 1
 
     def wrap(self, value: Any) -> Any:
         """``value`` as a :class:`ParamState` of this dict when it is a plain dict (else as it is)."""
@@ -118,38 +130,6 @@ class StateDict(defaultdict):
         value = ParamState(self)
         self[key] = value
         return value
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.writes += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: Any) -> None:
-        self.writes += 1
-        super().__delitem__(key)
-
-    def pop(self, *args: Any) -> Any:
-        self.writes += 1
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self.writes += 1
-        return super().popitem()
-
-    def clear(self) -> None:
-        self.writes += 1
-        super().clear()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self.writes += 1
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        self.writes += 1
-        return super().setdefault(key, default)
-
-    def __ior__(self, other: Any) -> StateDict:
-        self.writes += 1
-        return super().__ior__(other)
 
     def __reduce__(self) -> tuple:
         return _plain_state, (dict(self),)
@@ -227,7 +207,7 @@ class GroupPlan:
 
 def plannable(group: dict[str, Any], params: list[Tensor]) -> bool:
     """Whether a group's collection may be kept between steps (see the module docstring)."""
-    return not group["differentiable"] and set(map(type, params)) <= _PLAIN
+    return not group["differentiable"] and set(map(type, params)) <= PLAIN_TENSOR_TYPES
 
 
 class KeptPlans:

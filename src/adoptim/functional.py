@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .kernels import fused_cpu
-from .kernels.common import dtensor_type
+from .kernels.common import PLAIN_TENSOR_TYPES, dtensor_type
 from .kernels.contract import FUSED_DEVICES, Hyper, Kernel, KernelPlan, check_kernel_choice
 from .kernels.foreach import foreach_adopt
 from .kernels.single_tensor import single_tensor_adopt
@@ -28,7 +28,6 @@ __all__ = ["adopt", "default_foreach", "default_fused", "run_fused_kernel"]
 _FOREACH_DEVICES = ("cuda", "xpu", "mps")
 _IS_CPU = attrgetter("is_cpu")
 _IS_CUDA = attrgetter("is_cuda")
-_PLAIN_TYPES = {Tensor, torch.nn.Parameter}
 
 
 def default_foreach(params: list[Tensor], differentiable: bool) -> bool:
@@ -62,7 +61,7 @@ def default_fused(params: list[Tensor], differentiable: bool) -> bool:
 
 def _all_plain(params: list[Tensor]) -> bool:
     """Whether all are plain tensors or parameters (no tensor subclass such as DTensor)."""
-    if set(map(type, params)) <= _PLAIN_TYPES:  # one pass in C for the usual case
+    if set(map(type, params)) <= PLAIN_TENSOR_TYPES:  # one pass in C for the usual case
         return True
     return all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params)
 

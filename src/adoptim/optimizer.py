@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from . import _validate as V
 from . import migration
-from ._flat import FlatGroups, check_flat_params
+from ._flat import FlatGroups, check_flat_params, common_step
 from ._plan import KeptPlans, ParamState, StateDict
 from .functional import adopt
 from .kernels.common import state_holds
@@ -231,13 +231,8 @@ class ADOPT(Optimizer):
                     saved[key] = own[key]
             saved["flat"] = own["flat"]  # the layout is this run's, as the kernel choice of another port's group
             if own["flat"]:
-                steps = {float(st["step"]) if st else None
-                         for st in (state_dict["state"].get(k) for k in saved["params"])}
-                if len(steps) > 1:
-                    raise ValueError(
-                        f"param group {gi} is flat (its parameters step together), but the state_dict's steps "
-                        f"of its parameters differ: {sorted(steps, key=lambda x: -1 if x is None else x)}"
-                    )
+                common_step((state_dict["state"].get(k) for k in saved["params"]),
+                            f"param group {gi} is flat (its parameters step together)")
             try:
                 V.check_group(saved)
                 if saved["fused"]:

@@ -8,7 +8,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["decay_scale", "dtensor_type", "share_memory", "state_holds"]
+__all__ = ["PLAIN_TENSOR_TYPES", "decay_scale", "dtensor_type", "share_memory", "state_holds"]
+
+# Plain tensors and parameters: no tensor subclass (DTensor and the like), whose data pointers are not theirs.
+PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 
 def decay_scale(lr: float | Tensor, weight_decay: float, dtype: torch.dtype) -> float | Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from .common import dtensor_type, state_holds
+from .common import PLAIN_TENSOR_TYPES, dtensor_type, state_holds
 from .contract import FUSED_REAL_DTYPES, Hyper, KernelPlan
 
 __all__ = ["fused_cpu_adopt", "is_available", "library"]
@@ -213,7 +213,6 @@ _ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _contiguous = Tensor.is_contiguous
 _is_neg = Tensor.is_neg
-_PLAIN_TYPES = {Tensor, torch.nn.Parameter}
 
 
 class _KeptTable:
@@ -228,7 +227,7 @@ class _KeptTable:
 
     def takes(self, grads: list[Tensor]) -> bool:
         """Whether the table's checks hold for these gradients (the parameters and state are the plan's)."""
-        return (set(map(type, grads)) <= _PLAIN_TYPES and list(map(_dtype, grads)) == self.dtypes
+        return (set(map(type, grads)) <= PLAIN_TENSOR_TYPES and list(map(_dtype, grads)) == self.dtypes
                 and list(map(_numel, grads)) == self.numels and all(map(_contiguous, grads))
                 and not any(map(_is_neg, grads)))
 
