@@ -4,6 +4,7 @@ optimizer factory behind the names."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 import re
@@ -113,6 +114,23 @@ def test_the_documented_commands_parse_and_name_real_config_keys():
             resolve(exp.config, overrides + parse_set(args.sets), validate=False)
         except ConfigError as e:
             raise AssertionError(f"documented command 'adoptim {' '.join(argv)}': {e}") from None
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_experiment_docstring_states_its_claim_and_the_command_that_runs_it(name):
+    doc = importlib.import_module(f"adoptim_repro.{name}").__doc__ or ""
+    assert re.search(r"\bclaim\b", doc, re.I), f"{name}: the module docstring states no claim"
+    literals = [" ".join(c.split()) for c in re.findall(r"``(adoptim [^`]+)``", doc)]
+    commands = [c for c in literals if re.fullmatch(rf"adoptim {name}( .*)?", c)]
+    assert commands, f"{name}: the module docstring gives no ``adoptim {name}`` command: {literals}"
+    exp = registry.load(name)
+    for command in commands:  # each one parses and names real config keys
+        args = cli._parser().parse_args(shlex.split(command)[1:])
+        overrides = list(exp.quick.items()) if args.quick else []
+        try:
+            resolve(exp.config, overrides + parse_set(args.sets), validate=False)
+        except ConfigError as e:
+            raise AssertionError(f"{name}'s docstring command {command!r}: {e}") from None
 
 
 def test_config_file_toml_then_set_overrides(tmp_path):

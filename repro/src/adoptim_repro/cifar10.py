@@ -4,6 +4,9 @@ Claim tested: ADOPT trains a ResNet-18 on CIFAR-10 to a test accuracy at least a
 the same learning rate and schedule (the paper's CIFAR-10 experiment). The metric is the final test
 accuracy, as mean and 95% interval (and standard deviation) over seeds.
 
+Run: ``adoptim cifar10`` (the scaled-down default below, 2 optimizers x 3 seeds; ``adoptim cifar10
+--quick`` proves the code path, not the claim).
+
 Data: ``--set data_dir=PATH`` reads CIFAR-10 in torchvision's format (the ``cifar-10-batches-py``
 pickles). Without it the same code path runs on Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
 zero-padded to 32x32 and repeated to three channels (``--set dataset=mnist32`` for MNIST from the

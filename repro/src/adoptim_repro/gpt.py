@@ -1,5 +1,7 @@
-"""GPT-2 pretraining (paper, Sec. 5 / Fig. on GPT-2): at a small batch AdamW's training loss spikes
-while ADOPT's stays stable; at a large batch the two behave alike.
+"""GPT-2 pretraining (paper, Sec. 5 / Fig. on GPT-2).
+
+Claim: at a small batch AdamW's training loss spikes while ADOPT's stays stable; at a large batch the
+two behave alike.
 
 The paper trains GPT-2 124M with nanoGPT on OpenWebText (AdamW betas (0.9, 0.95), weight decay 0.1,
 gradient clipping 1.0, cosine schedule with warm-up). Here, by default: a compact GPT-2-style decoder
@@ -12,6 +14,9 @@ loss first exceeds ``spike_factor`` times the median of the ``spike_window`` los
 Full scale: ``--set data_file=PATH/train.bin`` (nanoGPT's uint16 GPT-2 token file, ``val.bin`` beside
 it) ``--set model=gpt2-124m`` plus the paper's batch sizes and schedule (see ``PAPER_COMMAND``), under
 ``torchrun`` on GPUs.
+
+Run: ``adoptim gpt`` (1000 steps at batch 2 and 16, adamw and adoptw; ``adoptim gpt --quick`` proves the
+code path, not the claim).
 """
 
 from __future__ import annotations

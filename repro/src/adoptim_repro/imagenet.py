@@ -6,6 +6,9 @@ decoupled and off for norms, biases and position tables, 20 warm-up epochs then 
 clipping at 5), ADOPT reaches a top-1 accuracy at least as high as AdamW's (the paper's ImageNet
 experiment). The metric is top-1 validation accuracy.
 
+Run: ``adoptim imagenet --set data_dir=PATH --device cuda`` (under ``torchrun`` for several GPUs);
+``adoptim imagenet --quick`` is the smoke run described below.
+
 Full scale only: ``--set data_dir=PATH`` to an ImageFolder tree with ``train/<class>/*`` and
 ``val/<class>/*``, run under ``torchrun`` on GPUs (``--device cuda``). ``--quick`` is a smoke run that
 proves the path at tiny size: a Swin from timm with one block per stage on 32x32 images, trained for
