@@ -46,7 +46,8 @@ def _compile_args() -> list[str]:
 
 kernel = Extension(
     "adoptim.kernels._adopt_cpu",
-    sources=[f"src/adoptim/kernels/csrc/{name}.c" for name in ("elementwise", "threads", "step", "bandwidth", "module")],
+    sources=[f"src/adoptim/kernels/csrc/{name}.c"
+             for name in ("elementwise", "threads", "step", "bandwidth", "facts", "module")],
     depends=["src/adoptim/kernels/csrc/adopt_cpu.h"],
     extra_compile_args=_compile_args(),
     # -ldl: dlopen, to find torch's OpenMP runtime (part of libc from glibc 2.34 on).

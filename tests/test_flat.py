@@ -16,11 +16,24 @@ import pytest
 import torch
 
 import adoptim
-from adoptim.kernels import fused_cpu
+from adoptim import _flat
+from adoptim.kernels import facts, fused_cpu
 from adoptim.reference import adopt_step
 
 KERNELS = [dict(fused=True), dict(foreach=True), dict(foreach=False)]
 needs_kernel = pytest.mark.skipif(not fused_cpu.is_available(), reason="fused CPU kernel not built")
+
+
+@pytest.fixture(autouse=True, params=["facts in C", "facts in Python"])
+def facts_checker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the buckets' facts checked in one C call (kernels/facts.py), and in Python."""
+    if request.param == "facts in C":
+        if not fused_cpu.is_available():
+            pytest.skip("the facts check in C is unavailable (no compiled library)")
+        assert facts._library() is not None, "the library is built, but the facts check in C failed its self-test"
+    else:
+        monkeypatch.setattr(_flat, "kept_facts", lambda *lists: None)
+    return request.param
 
 
 def _ids(flags: dict) -> str:
@@ -162,7 +175,7 @@ def test_loading_state_whose_steps_differ_into_a_flat_group_is_refused_before_an
 
 
 @pytest.mark.parametrize("flags", KERNELS, ids=_ids)
-@pytest.mark.parametrize("what", ["parameter", "exp_avg", "step"])
+@pytest.mark.parametrize("what", ["parameter", "gradient", "exp_avg", "exp_avg_sq", "step"])
 def test_data_replaced_ends_the_flat_layout_and_the_run_goes_on_exactly(flags: dict, what: str) -> None:
     runs = []
     for flat in (False, True):
@@ -174,6 +187,8 @@ def test_data_replaced_ends_the_flat_layout_and_the_run_goes_on_exactly(flags: d
             warnings.simplefilter("always")
             if what == "parameter":
                 p.data = p.data.clone()
+            elif what == "gradient":
+                p.grad.data = p.grad.data.clone()
             else:
                 t = opt.state[p][what]
                 t.data = t.data.clone()

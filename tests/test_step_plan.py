@@ -5,7 +5,8 @@ up until it steps from its kept lists, then changes one thing the lists rest on,
 against the float64 reference taken from the tensors as they are at that moment: what the parameter, its
 gradient and its state hold. A kept list that missed the change would step the old tensor (or none, or
 the wrong one), so each test fails if its check is taken out of ``GroupPlan.current`` (or, for
-gradients, out of the fused kernel's ``_KeptTable.takes``).
+gradients, out of the fused kernel's ``_KeptTable.takes``). The facts are checked in C where the library
+is built (``kernels/facts.py``) and in Python otherwise: every test runs with each.
 """
 
 from __future__ import annotations
@@ -17,14 +18,27 @@ import pytest
 import torch
 
 import adoptim
-from adoptim import functional
-from adoptim.kernels import fused_cpu
+from adoptim import _plan, functional
+from adoptim.kernels import facts, fused_cpu
 from adoptim.kernels.contract import Hyper, KernelPlan
 from adoptim.reference import adopt_step
 
 LR, BETAS, EPS, WD = 0.1, (0.9, 0.99), 1e-6, 0.1
 KERNELS = [dict(fused=True), dict(foreach=True), dict(foreach=False)]
 needs_kernel = pytest.mark.skipif(not fused_cpu.is_available(), reason="fused CPU kernel not built")
+
+
+@pytest.fixture(autouse=True, params=["facts in C", "facts in Python"])
+def facts_checker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: with the facts checked in one C call (kernels/facts.py), and in Python (where
+    the library is missing), so that each check of either side is needed by a test."""
+    if request.param == "facts in C":
+        if not fused_cpu.is_available():
+            pytest.skip("the facts check in C is unavailable (no compiled library)")
+        assert facts._library() is not None, "the library is built, but the facts check in C failed its self-test"
+    else:
+        monkeypatch.setattr(_plan, "kept_facts", lambda *lists: None)
+    return request.param
 
 
 def _ids(flags: dict) -> str:
@@ -289,6 +303,25 @@ def test_gradient_of_another_layout_or_dtype_or_negated_is_checked_by_the_fused_
     lists[1] = [torch.ones(2, 3, dtype=torch.float64)]  # fewer elements (the functional API takes any list)
     with pytest.raises(ValueError, match="must have the same shape"):
         fused_cpu.fused_cpu_adopt(*lists, hyper, plan)
+
+
+@needs_kernel
+def test_gradient_data_of_another_dtype_or_size_after_steady_steps() -> None:
+    """The .grad setter refuses a gradient of another dtype or size; replacing its .data does not."""
+    params, opt = _make(fused=True)
+    _warm(params, opt)
+    gen = torch.Generator().manual_seed(38)
+    _grads(params, 38)
+    params[0].grad.data = torch.randn(4, 3, generator=gen, dtype=torch.float32)
+    assert params[0].grad.dtype == torch.float32
+    _step_matches_reference(opt, params, rtol=1e-6)  # the for-loop kernel takes it (type promotion)
+    _warm(params, opt)
+    _grads(params, 39)
+    params[1].grad.data = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="must have the same shape"):
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
 
 
 @pytest.mark.parametrize("flags", KERNELS, ids=_ids)

@@ -17,7 +17,7 @@ What it changes, as with those libraries:
   per such tensor (``model.zero_grad()`` sets them to ``None``: prefer ``opt.zero_grad()``);
 * parameters become contiguous views of one buffer (a ``channels_last`` parameter becomes contiguous);
   tensors that share memory are refused by some savers (safetensors): clone them to save them there;
-* replacing a parameter's ``.data`` (``model.to(...)``) or a state tensor's ends the flat layout of that
+* replacing a parameter's ``.data`` (``model.to(...)``), its gradient's or a state tensor's ends the flat layout of that
   group, with a warning; the optimizer then goes on in the default layout.
 
 ``state_dict()`` has the default layout's format (one step tensor per parameter) and loads into either.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from itertools import chain
 from operator import attrgetter, is_
 from typing import Any
 
@@ -36,6 +37,7 @@ from torch import Tensor
 from . import _validate as V
 from .kernels.common import PLAIN_TENSOR_TYPES
 from .kernels.contract import KernelPlan
+from .kernels.facts import kept_facts
 
 _grad = attrgetter("grad")
 _ptr = Tensor.data_ptr
@@ -76,7 +78,7 @@ class Bucket:
     """The parameters of one param group on one (device, dtype), their gradients and state, as flat buffers."""
 
     __slots__ = ("params", "spans", "flat_p", "flat_g", "grad_views", "flat_m", "flat_v", "step", "m_views",
-                 "v_views", "ptrs", "numels", "m_ptrs", "v_ptrs", "step_ptr", "kernel")
+                 "v_views", "facts", "ptrs", "numels", "m_ptrs", "v_ptrs", "step_ptr", "kernel")
 
     def __init__(self, params: list[Tensor]) -> None:
         first = params[0]
@@ -98,7 +100,7 @@ class Bucket:
                 if p.grad is not None:
                     view.copy_(p.grad)
                 p.grad = view
-        self.ptrs = list(map(_ptr, params))
+        self.ptrs = list(map(_ptr, chain(params, self.grad_views)))
         self.numels = list(map(_numel, params))
         self.flat_m = self.flat_v = self.step = None
         self.m_views: list[Tensor] = []
@@ -107,6 +109,13 @@ class Bucket:
         self.v_ptrs: list[int] = []
         self.step_ptr = 0
         self.kernel = KernelPlan()
+        self._record()
+
+    def _record(self) -> None:
+        """Record the facts :meth:`current` checks: in one C call per step where the library allows
+        (``kernels/facts.py``), else the data pointers and sizes, read in Python."""
+        state = [*self.m_views, *self.v_views, self.step] if self.step is not None else []
+        self.facts = kept_facts([], self.params, self.grad_views, state)
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         return [flat[o: o + n].view(shape) for o, n, shape in self.spans]
@@ -119,6 +128,7 @@ class Bucket:
         self.m_views, self.v_views = self._views(self.flat_m), self._views(self.flat_v)
         self.m_ptrs, self.v_ptrs = list(map(_ptr, self.m_views)), list(map(_ptr, self.v_views))
         self.step_ptr = self.step.data_ptr()
+        self._record()
         self.adopt_state(state)
 
     def adopt_state(self, state: dict) -> None:
@@ -139,17 +149,25 @@ class Bucket:
 
     def current(self) -> list[list[Tensor]] | None:
         """This step's lists (one tensor each), or ``None`` when the layout no longer holds."""
-        params = self.params
-        if list(map(_ptr, params)) != self.ptrs or list(map(_numel, params)) != self.numels:
+        if not self.holds():
             return None
+        params = self.params
         grads = list(map(_grad, params))
         if not all(map(is_, grads, self.grad_views)):
             self._take_grads(grads)
-        if self.step is not None and (list(map(_ptr, self.m_views)) != self.m_ptrs
-                                      or list(map(_ptr, self.v_views)) != self.v_ptrs
-                                      or self.step.data_ptr() != self.step_ptr):
-            return None
         return [[self.flat_p], [self.flat_g], [self.flat_m], [self.flat_v], [self.step]]
+
+    def holds(self) -> bool:
+        """Whether every parameter, gradient view and state view still has its place in the buffers."""
+        if self.facts is not None:
+            # Their facts (address, size, dtype, layout) in one C call.
+            return self.facts.check([]) is not None
+        params = self.params
+        return not (list(map(_ptr, chain(params, self.grad_views))) != self.ptrs
+                    or list(map(_numel, params)) != self.numels
+                    or self.step is not None and (list(map(_ptr, self.m_views)) != self.m_ptrs
+                                                  or list(map(_ptr, self.v_views)) != self.v_ptrs
+                                                  or self.step.data_ptr() != self.step_ptr))
 
     def _take_grads(self, grads: list[Tensor | None]) -> None:
         """Copy gradients that are not the buffer's views into it (``None``: zero) and put the views back."""
@@ -166,6 +184,12 @@ class Bucket:
                 p.grad = view
 
     def zero_grad(self) -> None:
+        if not self.holds():
+            # The layout ends at the next step (FlatGroups.unflatten): start it from fresh gradients, as
+            # zero_grad(set_to_none=True) does in the default layout.
+            for p in self.params:
+                p.grad = None
+            return
         grads = list(map(_grad, self.params))
         if not all(map(is_, grads, self.grad_views)):
             for p, view in zip(self.params, self.grad_views, strict=True):

@@ -15,7 +15,12 @@ a check of the facts passes; the kernels keep their address tables in the same r
   dicts that count their writes; an entry someone set to a plain dict is compared key by key instead;
 * a state tensor's ``.data`` replaced (the data pointers of ``exp_avg``, ``exp_avg_sq`` and ``step``).
 
-Gradients of another dtype, layout or kind are the kernels' business: they check them at every call.
+The facts of the tensors (address, size, dtype, device, layout, sizes and strides) are read in one C call
+per group and step where the compiled library is installed (:mod:`adoptim.kernels.facts`), which also
+checks that the new gradients are plain contiguous tensors of their parameters' dtypes, devices and sizes;
+the kernels then skip their own checks (:attr:`~adoptim.kernels.contract.KernelPlan.grads`). Otherwise the
+same facts are read in Python, and gradients of another dtype, layout or kind are the kernels' business:
+they check them at every call.
 Groups that are differentiable or hold tensor subclasses (DTensor) are collected afresh at every step.
 """
 
@@ -30,6 +35,7 @@ from torch import Tensor
 
 from .kernels.common import PLAIN_TENSOR_TYPES
 from .kernels.contract import KernelPlan
+from .kernels.facts import kept_facts
 
 _grad = attrgetter("grad")
 _is_sparse = attrgetter("is_sparse")
@@ -155,7 +161,7 @@ class GroupPlan:
     """One param group's collection (the five lists) and the facts it rests on."""
 
     __slots__ = ("group", "params_list", "all_params", "mask", "lists", "entries", "untracked",
-                 "ptrs", "p_strides", "p_numels", "kernel")
+                 "facts", "ptrs", "p_strides", "p_numels", "kernel")
 
     def __init__(self, group: dict[str, Any], lists: list[list[Tensor]], state: StateDict) -> None:
         params, _, exp_avgs, exp_avg_sqs, state_steps = lists
@@ -169,10 +175,14 @@ class GroupPlan:
         self.entries = [state[p] for p in params]
         # Entries someone set to a plain dict do not count their writes: those are compared at every step.
         self.untracked = any(type(e) is not ParamState or e._owner is not state for e in self.entries)
-        # The data pointers of the parameters and of their state, in one list (one map and one comparison).
-        self.ptrs = list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps)))
-        self.p_strides = list(map(_stride, params))
-        self.p_numels = list(map(_numel, params))
+        # The facts of the parameters and their state, checked in one C call per step where the library
+        # allows (kernels/facts.py); else in Python: the data pointers of all (one map and one comparison),
+        # the parameters' strides and sizes.
+        self.facts = kept_facts(params, exp_avgs, exp_avg_sqs, state_steps)
+        if self.facts is None:
+            self.ptrs = list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps)))
+            self.p_strides = list(map(_stride, params))
+            self.p_numels = list(map(_numel, params))
         self.kernel = KernelPlan()
 
     def current(self) -> list[list[Tensor]] | None:
@@ -191,16 +201,26 @@ class GroupPlan:
                 return None
             grads = [g for g in grads if g is not None]
         params, _, exp_avgs, exp_avg_sqs, state_steps = self.lists
-        if any(map(_is_sparse, grads)):
-            return None
-        # Strides and sizes: a view of the same data (same address) with another layout or fewer elements.
-        if list(map(_stride, params)) != self.p_strides or list(map(_numel, params)) != self.p_numels:
-            return None
+        facts = self.facts
+        if facts is not None:
+            verified = facts.check(grads)
+            if verified is None:
+                return None
+            # The kernels skip their own checks of these gradients (found by the list's identity).
+            self.kernel.grads = (id(grads), facts.grad_ptrs) if verified else None
+            if not verified and any(map(_is_sparse, grads)):
+                return None
+        else:
+            if any(map(_is_sparse, grads)):
+                return None
+            # Strides and sizes: a view of the same data (same address) with another layout or fewer elements.
+            if list(map(_stride, params)) != self.p_strides or list(map(_numel, params)) != self.p_numels:
+                return None
+            if list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps))) != self.ptrs:
+                return None
         if self.untracked and not (all(map(is_, map(_m, self.entries), exp_avgs))
                                    and all(map(is_, map(_v, self.entries), exp_avg_sqs))
                                    and all(map(is_, map(_s, self.entries), state_steps))):
-            return None
-        if list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps))) != self.ptrs:
             return None
         return [params, grads, exp_avgs, exp_avg_sqs, state_steps]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -85,13 +85,19 @@ class KernelPlan:
     tensors (an address table, a launch plan) in ``data`` and reuses it. A caller that cannot keep the
     promise passes a new plan, or none. :class:`adoptim.ADOPT` keeps one per param group and checks the
     promise before every step (see ``adoptim/_plan.py``).
+
+    ``grads``, when the caller sets it, is ``(id(grads), addresses)``: the caller checked that the list
+    ``grads`` of this call (found by its identity) holds plain, dense, contiguous tensors of their
+    parameters' dtypes, devices and sizes, none lazily negated, at these data addresses (an ``array`` of
+    int64); a kernel may then skip its own checks of them.
     """
 
-    __slots__ = ("data", "route")
+    __slots__ = ("data", "route", "grads")
 
     def __init__(self) -> None:
         self.data: object = None  # the kernel's
         self.route: tuple | None = None  # the dispatcher's: the kernel choice for these tensors
+        self.grads: tuple[int, Any] | None = None  # the caller's: gradients it checked (see above)
 
 
 class Kernel(Protocol):

@@ -167,7 +167,11 @@ def fused_cpu_adopt(
     n = len(params)
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     kept = plan.data if plan is not None else None
-    if type(kept) is _KeptTable and kept.n == n and kept.takes(grads):
+    checked = plan.grads if plan is not None else None
+    if type(kept) is _KeptTable and kept.n == n and checked is not None and checked[0] == id(grads):
+        table = kept.table  # the caller checked these gradients as kept.takes does, and read their addresses
+        table[n: 2 * n] = checked[1]
+    elif type(kept) is _KeptTable and kept.n == n and kept.takes(grads):
         table = kept.table
         table[n: 2 * n] = array("q", map(_ptr, grads))
     else:

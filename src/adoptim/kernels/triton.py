@@ -427,7 +427,11 @@ def triton_adopt(
     kept = plan.data if plan is not None else None
     key = None
     if plan is not None:
-        key = (_grads_key(grads), hyper.capturable)
+        checked = plan.grads
+        # Gradients the caller checked (contiguous, the parameters' dtypes and sizes, none negated) are
+        # told apart by their addresses alone.
+        grads_key = tuple(checked[1]) if checked is not None and checked[0] == id(grads) else _grads_key(grads)
+        key = (grads_key, hyper.capturable)
         if type(kept) is _KeptLaunch and kept.key == key:
             groups, slow = kept.groups, kept.slow
         else:

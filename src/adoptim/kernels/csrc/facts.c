@@ -1,0 +1,136 @@
+/*
+ * Tensors' facts (address, size, dtype, device, layout, sizes, strides) read in C, a whole list per call.
+ *
+ * The optimizer keeps a param group's collection between steps behind a check that nothing it rests on
+ * changed (adoptim/_plan.py). Read from Python, each fact of each tensor costs a method call of about
+ * 100 ns; read here it costs a few. The reading goes through torch's stable C shim (the aoti_torch_*
+ * functions that ahead-of-time compiled models call), whose addresses Python looks up in libtorch and
+ * hands to adopt_facts_bind: this library stays free of any link to torch.
+ *
+ * A shim function takes an AtenTensorHandle, which is an at::Tensor*: a pointer to a cell holding the
+ * TensorImpl*. Python gives the TensorImpl* of each tensor (Tensor._cdata), so the handle of tensor i is
+ * the address of impls[i]. The caller keeps the tensors alive for the call. The impl of a Python tensor
+ * object never changes, even when its .data is replaced (which replaces the impl's storage, sizes and
+ * dtype in place): that is why the facts are read again at every step.
+ *
+ * Facts of one tensor: data address, numel, dtype, device type, device index, layout, dim, then its
+ * sizes and strides (FACT_HEAD + 2 * dim values).
+ */
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "adopt_cpu.h"
+
+#define FACT_HEAD 7
+#define MAX_DIM 64
+
+typedef int32_t (*ptr_fn)(void *, void **);
+typedef int32_t (*i64_fn)(void *, int64_t *);
+typedef int32_t (*i32_fn)(void *, int32_t *);
+typedef int32_t (*arr_fn)(void *, int64_t **);
+typedef int32_t (*bool_fn)(void *, bool *);
+
+static struct {
+    ptr_fn data_ptr;
+    i64_fn numel, dim;
+    i32_fn dtype, device_type, device_index, layout;
+    arr_fn sizes, strides;
+    bool_fn contiguous;
+    int32_t strided;
+    int bound;
+} T;
+
+/* fns: the addresses of aoti_torch_get_data_ptr, _get_numel, _get_dim, _get_dtype, _get_device_type,
+ * _get_device_index, _get_layout, _get_sizes, _get_strides, _is_contiguous, in this order; strided: the
+ * value of aoti_torch_layout_strided(). Returns 0, or 1 when a handle is not a pointer-sized cell. */
+EXPORT int adopt_facts_bind(const int64_t *fns, int32_t strided) {
+    if (sizeof(void *) != sizeof(int64_t)) return 1;
+    T.data_ptr = (ptr_fn)(intptr_t)fns[0];
+    T.numel = (i64_fn)(intptr_t)fns[1];
+    T.dim = (i64_fn)(intptr_t)fns[2];
+    T.dtype = (i32_fn)(intptr_t)fns[3];
+    T.device_type = (i32_fn)(intptr_t)fns[4];
+    T.device_index = (i32_fn)(intptr_t)fns[5];
+    T.layout = (i32_fn)(intptr_t)fns[6];
+    T.sizes = (arr_fn)(intptr_t)fns[7];
+    T.strides = (arr_fn)(intptr_t)fns[8];
+    T.contiguous = (bool_fn)(intptr_t)fns[9];
+    T.strided = strided;
+    T.bound = 1;
+    return 0;
+}
+
+/* The facts of the tensor whose handle is h, into out (room for FACT_HEAD + 2 * MAX_DIM values).
+ * Returns how many were written, or -1 when a shim call failed or the tensor has too many dimensions. */
+static int64_t facts_of(void *h, int64_t *out) {
+    void *data = 0;
+    int32_t dtype = 0, dev = 0, index = 0, layout = 0;
+    int64_t numel = 0, dim = 0, *sizes = 0, *strides = 0;
+    if (T.data_ptr(h, &data) || T.numel(h, &numel) || T.dim(h, &dim) || T.dtype(h, &dtype) ||
+        T.device_type(h, &dev) || T.device_index(h, &index) || T.layout(h, &layout))
+        return -1;
+    if (dim < 0 || dim > MAX_DIM || layout != T.strided) return -1;
+    if (T.sizes(h, &sizes) || T.strides(h, &strides)) return -1;
+    out[0] = (int64_t)(intptr_t)data;
+    out[1] = numel;
+    out[2] = dtype;
+    out[3] = dev;
+    out[4] = index;
+    out[5] = layout;
+    out[6] = dim;
+    for (int64_t d = 0; d < dim; d++) {
+        out[FACT_HEAD + d] = sizes[d];
+        out[FACT_HEAD + dim + d] = strides[d];
+    }
+    return FACT_HEAD + 2 * dim;
+}
+
+/* Writes the facts of n tensors (TensorImpl addresses in impls) one after the other into out, which has
+ * room for cap values. Returns the number written; -1 when the shim is not bound, a call failed or a
+ * tensor is not a dense tensor of at most MAX_DIM dimensions; -2 when cap is too small. */
+EXPORT int64_t adopt_facts_record(int64_t n, const int64_t *impls, int64_t *out, int64_t cap) {
+    if (!T.bound) return -1;
+    int64_t len = 0, one[FACT_HEAD + 2 * MAX_DIM];
+    for (int64_t i = 0; i < n; i++) {
+        int64_t k = facts_of((void *)&impls[i], one);
+        if (k < 0) return -1;
+        if (len + k > cap) return -2;
+        for (int64_t j = 0; j < k; j++) out[len + j] = one[j];
+        len += k;
+    }
+    return len;
+}
+
+/* One step's check of a kept collection: whether the n_all tensors in impls still have the facts
+ * recorded (len values), and whether the n gradients in g_impls are dense contiguous tensors on their
+ * parameter's device with its dtype and number of elements (the parameters are the first n of impls);
+ * then their data addresses are written to g_ptrs.
+ * Returns 0 when all holds; 1 + i when tensor i's facts changed (or a call failed); n_all + 1 + j when
+ * gradient j is not such a tensor (the facts all hold: the caller checks gradients its own way). */
+EXPORT int64_t adopt_facts_check(int64_t n_all, const int64_t *impls, const int64_t *facts, int64_t len,
+                          int64_t n, const int64_t *g_impls, int64_t *g_ptrs) {
+    if (!T.bound) return 1;
+    int64_t at = 0, one[FACT_HEAD + 2 * MAX_DIM];
+    for (int64_t i = 0; i < n_all; i++) {
+        int64_t k = facts_of((void *)&impls[i], one);
+        if (k < 0 || at + k > len) return 1 + i;
+        for (int64_t j = 0; j < k; j++)
+            if (one[j] != facts[at + j]) return 1 + i;
+        at += k;
+    }
+    if (at != len) return n_all > 0 ? n_all : 1;
+    for (int64_t j = 0; j < n; j++) {
+        void *gh = (void *)&g_impls[j], *ph = (void *)&impls[j], *data = 0;
+        int32_t gt = 0, pt = 0, gdev = 0, pdev = 0, gidx = 0, pidx = 0, layout = 0;
+        int64_t gn = 0, pn = 0;
+        bool contiguous = false;
+        if (T.layout(gh, &layout) || layout != T.strided || T.dtype(gh, &gt) || T.dtype(ph, &pt) || gt != pt ||
+            T.numel(gh, &gn) || T.numel(ph, &pn) || gn != pn || T.device_type(gh, &gdev) ||
+            T.device_type(ph, &pdev) || gdev != pdev || T.device_index(gh, &gidx) ||
+            T.device_index(ph, &pidx) || gidx != pidx || T.contiguous(gh, &contiguous) || !contiguous ||
+            T.data_ptr(gh, &data) || (gn && !data))
+            return n_all + 1 + j;
+        g_ptrs[j] = (int64_t)(intptr_t)data;
+    }
+    return 0;
+}
