@@ -22,9 +22,9 @@ def test_recorded_facts_are_what_python_reads() -> None:
     kept = _kept(tensors, 2)
     at, got = 0, []
     for _ in tensors:
-        dim = kept.facts[at + 6]
-        got.append([kept.facts[at], kept.facts[at + 1], dim, *kept.facts[at + 7: at + 7 + 2 * dim]])
-        at += 7 + 2 * dim
+        dim = kept.facts[at + 3]
+        got.append([kept.facts[at], kept.facts[at + 1], dim, *kept.facts[at + 4: at + 4 + 2 * dim]])
+        at += 4 + 2 * dim
     assert at == kept.length
     assert got == [facts._python_facts(t) for t in tensors]
 

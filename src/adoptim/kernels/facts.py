@@ -34,7 +34,7 @@ __all__ = ["KeptFacts", "kept_facts"]
 
 _impl = attrgetter("_cdata")  # the address of a tensor's TensorImpl, the same for the object's lifetime
 _is_neg = Tensor.is_neg
-_FACT_HEAD = 7  # csrc/facts.c: address, numel, dtype, device type, device index, layout, dim; then sizes, strides
+_FACT_HEAD = 4  # csrc/facts.c: address, numel, dtype, dim; then sizes and strides
 _SHIM = ("aoti_torch_get_data_ptr", "aoti_torch_get_numel", "aoti_torch_get_dim", "aoti_torch_get_dtype",
          "aoti_torch_get_device_type", "aoti_torch_get_device_index", "aoti_torch_get_layout",
          "aoti_torch_get_sizes", "aoti_torch_get_strides", "aoti_torch_is_contiguous")
@@ -88,8 +88,8 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     got, at = [], 0
     for _ in probes:
         head = facts.facts[at: at + _FACT_HEAD]
-        k = _FACT_HEAD + 2 * head[6]
-        got.append([head[0], head[1], head[6], *facts.facts[at + _FACT_HEAD: at + k]])
+        k = _FACT_HEAD + 2 * head[3]
+        got.append([head[0], head[1], head[3], *facts.facts[at + _FACT_HEAD: at + k]])
         at += k
     if got != [_python_facts(t) for t in probes]:
         return False

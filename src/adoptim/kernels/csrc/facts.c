@@ -13,15 +13,16 @@
  * object never changes, even when its .data is replaced (which replaces the impl's storage, sizes and
  * dtype in place): that is why the facts are read again at every step.
  *
- * Facts of one tensor: data address, numel, dtype, device type, device index, layout, dim, then its
- * sizes and strides (FACT_HEAD + 2 * dim values).
+ * Facts of one tensor: data address, numel, dtype, dim, then its sizes and strides (FACT_HEAD + 2 * dim
+ * values). The address also tells the device (one virtual address space holds host and device memory)
+ * and that the tensor is dense (a sparse one has none: the shim call fails).
  */
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "adopt_cpu.h"
 
-#define FACT_HEAD 7
+#define FACT_HEAD 4
 #define MAX_DIM 64
 
 typedef int32_t (*ptr_fn)(void *, void **);
@@ -64,20 +65,14 @@ EXPORT int adopt_facts_bind(const int64_t *fns, int32_t strided) {
  * Returns how many were written, or -1 when a shim call failed or the tensor has too many dimensions. */
 static int64_t facts_of(void *h, int64_t *out) {
     void *data = 0;
-    int32_t dtype = 0, dev = 0, index = 0, layout = 0;
+    int32_t dtype = 0;
     int64_t numel = 0, dim = 0, *sizes = 0, *strides = 0;
-    if (T.data_ptr(h, &data) || T.numel(h, &numel) || T.dim(h, &dim) || T.dtype(h, &dtype) ||
-        T.device_type(h, &dev) || T.device_index(h, &index) || T.layout(h, &layout))
-        return -1;
-    if (dim < 0 || dim > MAX_DIM || layout != T.strided) return -1;
-    if (T.sizes(h, &sizes) || T.strides(h, &strides)) return -1;
+    if (T.data_ptr(h, &data) || T.numel(h, &numel) || T.dim(h, &dim) || T.dtype(h, &dtype)) return -1;
+    if (dim < 0 || dim > MAX_DIM || T.sizes(h, &sizes) || T.strides(h, &strides)) return -1;
     out[0] = (int64_t)(intptr_t)data;
     out[1] = numel;
     out[2] = dtype;
-    out[3] = dev;
-    out[4] = index;
-    out[5] = layout;
-    out[6] = dim;
+    out[3] = dim;
     for (int64_t d = 0; d < dim; d++) {
         out[FACT_HEAD + d] = sizes[d];
         out[FACT_HEAD + dim + d] = strides[d];
@@ -87,7 +82,7 @@ static int64_t facts_of(void *h, int64_t *out) {
 
 /* Writes the facts of n tensors (TensorImpl addresses in impls) one after the other into out, which has
  * room for cap values. Returns the number written; -1 when the shim is not bound, a call failed or a
- * tensor is not a dense tensor of at most MAX_DIM dimensions; -2 when cap is too small. */
+ * tensor has no data address or more than MAX_DIM dimensions; -2 when cap is too small. */
 EXPORT int64_t adopt_facts_record(int64_t n, const int64_t *impls, int64_t *out, int64_t cap) {
     if (!T.bound) return -1;
     int64_t len = 0, one[FACT_HEAD + 2 * MAX_DIM];
