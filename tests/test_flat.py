@@ -273,3 +273,19 @@ def test_state_written_into_a_running_flat_optimizer_is_taken_into_its_buffers(f
     (a, oa), (b, ob) = runs
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert float(ob.state[next(b.parameters())]["step"]) == 6
+
+
+@pytest.mark.parametrize("flags", KERNELS, ids=_ids)
+def test_a_step_counts_as_an_in_place_change_of_every_parameter(flags: dict) -> None:
+    """As in the default layout: a backward through a graph that saved a parameter before the step is refused."""
+    model = _model()
+    opt = adoptim.ADOPT(model.parameters(), lr=0.01, flat=True, **flags)
+    _train(model, opt, steps=2)
+    weight = model[0].weight
+    saved = (weight ** 2).sum()  # pow saves its input
+    before = weight._version
+    _train(model, opt, steps=1)
+    assert weight._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+

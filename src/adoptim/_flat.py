@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from . import _validate as V
 from .kernels.common import PLAIN_TENSOR_TYPES
@@ -260,6 +261,10 @@ class FlatGroups:
         for group, bucket in buckets:
             if bucket.step is None:
                 bucket.create_state(state, group["capturable"] or group["fused"])
+            # The step updates the buffer in place; each parameter (a view by .data, so with a version
+            # counter of its own) must count it too, so that autograd refuses a backward through a graph
+            # that saved a parameter before the step, as it does in the default layout.
+            increment_version(bucket.params)
             out.append((group, [[bucket.flat_p], [bucket.flat_g], [bucket.flat_m], [bucket.flat_v], [bucket.step]],
                         bucket.kernel))
         self.seen = (state, state.writes)
