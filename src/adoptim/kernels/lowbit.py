@@ -1,0 +1,160 @@
+"""The for-loop kernel of low-precision state: ADOPT with ``m`` and ``v`` stored in 8 bits or bfloat16.
+
+Each step dequantizes a parameter's ``m`` and ``v`` to float32, runs the for-loop kernel's arithmetic
+(``single_tensor``'s, in float32), and stores them back (:mod:`.quant`). It has the kernel contract's
+signature, with :class:`Stored` records in place of the ``exp_avgs`` and ``exp_avg_sqs`` tensors: a record
+is a view of a parameter's state entry (its codes and scales), written in place.
+
+:class:`StateFormat` says how a moment is stored. The formats :data:`FORMATS` names are the ones the
+optimizer's ``state_precision`` option offers; others (nearest rounding of ``v``, ``v`` in the square-root
+domain) exist for the measurement that chose them (``benchmarks/low_precision.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .common import decay_scale
+from .contract import Hyper, KernelPlan
+from .quant import dequantize_8bit, quantize_8bit, round_bfloat16, stream_key, tables
+
+__all__ = ["FORMATS", "MomentFormat", "StateFormat", "Stored", "lowbit_adopt", "n_blocks"]
+
+
+@dataclass(frozen=True)
+class MomentFormat:
+    """How one moment is stored: ``kind`` ``"8bit"``, ``"bfloat16"`` or ``"float32"``; stochastic or
+    nearest rounding; ``sqrt``: the square root is stored (``v`` only) and squared when read."""
+
+    kind: str
+    stochastic: bool = False
+    sqrt: bool = False
+
+
+@dataclass(frozen=True)
+class StateFormat:
+    """The storage of ``m`` and ``v`` of one low-precision parameter."""
+
+    m: MomentFormat
+    v: MomentFormat
+
+    @property
+    def stochastic(self) -> bool:
+        return self.m.stochastic or self.v.stochastic
+
+
+# The ``state_precision`` values and their formats, chosen by measurement (docs/low_precision.md): with
+# beta2 = 0.9999, nearest rounding leaves v where it was; stochastic rounding of both moments trains as
+# 32-bit state does.
+FORMATS = {
+    "bfloat16": StateFormat(MomentFormat("bfloat16", stochastic=True), MomentFormat("bfloat16", stochastic=True)),
+    "8bit": StateFormat(MomentFormat("8bit", stochastic=True), MomentFormat("8bit", stochastic=True)),
+}
+
+
+def n_blocks(numel: int, block_size: int) -> int:
+    return -(-numel // block_size)
+
+
+class Stored:
+    """One moment of one parameter in its stored form: ``data`` (codes or bfloat16/float32 values, flat)
+    and, for 8-bit codes, ``absmax`` (one float32 scale per block)."""
+
+    __slots__ = ("data", "absmax", "fmt", "signed", "block_size", "seed", "stream")
+
+    def __init__(self, data: Tensor, absmax: Tensor | None, fmt: MomentFormat, *, signed: bool,
+                 block_size: int, seed: int, stream: int) -> None:
+        self.data, self.absmax, self.fmt, self.signed = data, absmax, fmt, signed
+        self.block_size, self.seed, self.stream = block_size, seed, stream
+
+    @staticmethod
+    def empty(numel: int, fmt: MomentFormat, *, signed: bool, block_size: int, seed: int, stream: int,
+              device: torch.device) -> Stored:
+        """Zeros in ``fmt`` (a zero block's codes are those of 0, its scale 0)."""
+        if fmt.kind == "8bit":
+            zero = int(torch.bucketize(torch.zeros(()), tables(signed)[1]))
+            data = torch.full((numel,), zero, dtype=torch.uint8, device=device)
+            absmax = torch.zeros(n_blocks(numel, block_size), dtype=torch.float32, device=device)
+        else:
+            data, absmax = torch.zeros(numel, dtype=_DTYPES[fmt.kind], device=device), None
+        return Stored(data, absmax, fmt, signed=signed, block_size=block_size, seed=seed, stream=stream)
+
+    def load(self) -> Tensor:
+        """The moment as a flat float32 tensor."""
+        if self.fmt.kind == "8bit":
+            x = dequantize_8bit(self.data, self.absmax, self.signed, self.block_size)
+        else:
+            x = self.data.float()
+        return x * x if self.fmt.sqrt else x
+
+    def store_(self, x: Tensor, step: int) -> None:
+        """Store the flat float32 ``x`` in place; ``step`` is the parameter's step count before this call's."""
+        if self.fmt.sqrt:
+            x = x.sqrt()
+        key = stream_key(self.seed, step, self.stream) if self.fmt.stochastic else None
+        if self.fmt.kind == "8bit":
+            codes, absmax = quantize_8bit(x, self.signed, self.block_size, key)
+            self.data.copy_(codes)
+            self.absmax.copy_(absmax)
+        elif self.fmt.kind == "bfloat16":
+            self.data.copy_(round_bfloat16(x, key))
+        else:
+            self.data.copy_(x)
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def lowbit_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Stored],
+    exp_avg_sqs: list[Stored],
+    state_steps: list[Tensor],
+    hyper: Hyper,
+    plan: KernelPlan | None = None,
+) -> tuple[()]:
+    """One ADOPT step of parameters whose moments are :class:`Stored` records (the kernel contract of
+    :mod:`.contract`); takes every tensor, computes in float32 (``plan`` is not used)."""
+    if hyper.grad_scale is not None or hyper.found_inf is not None:
+        raise ValueError("the low-precision kernel takes no grad_scale or found_inf (the dispatcher unscales)")
+    beta1, beta2, lr, eps = hyper.beta1, hyper.beta2, hyper.lr, hyper.eps
+    wd, decoupled, clip_exponent = hyper.weight_decay, hyper.decoupled_weight_decay, hyper.clip_exponent
+    for i, param in enumerate(params):
+        grad = -grads[i] if hyper.maximize else grads[i]
+        m_st, v_st, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        if torch.is_complex(param):
+            grad, param = torch.view_as_real(grad), torch.view_as_real(param)
+        if wd != 0 and not decoupled:
+            grad = grad.add(param, alpha=wd)
+        g = grad.reshape(-1).float()
+        t = int(step_t.item())
+        if t == 0:
+            v_st.store_(g * g, t)  # v_0 = g_0^2; no parameter update on the first call
+            step_t += 1
+            continue
+        if wd != 0 and decoupled:
+            scale = decay_scale(lr, wd, param.dtype)
+            if isinstance(scale, Tensor):
+                param.sub_(param * scale)
+            else:
+                param.add_(param, alpha=-scale)
+        m, v = m_st.load(), v_st.load()
+        normed = g.div(torch.clamp(v.sqrt(), min=eps))  # v is v_{t-1}: it excludes this gradient
+        if clip_exponent is not None:
+            bound = float(t) ** clip_exponent
+            normed.clamp_(-bound, bound)
+        m.lerp_(normed, 1 - beta1)
+        update = m.view(param.shape).to(param.dtype)
+        if isinstance(lr, Tensor):
+            param.sub_(update * lr)
+        else:
+            param.add_(update, alpha=-lr)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m_st.store_(m, t)
+        v_st.store_(v, t)
+        step_t += 1
+    return ()
