@@ -4,8 +4,10 @@ With tiny tensors a step is all host work (Python and C++ around the kernels), w
 a fused step from the memory-bandwidth bound on a fast GPU. Prints one table per tensor count:
 
 - ``ADOPT(fused=True).step()`` and ``torch.optim.AdamW(fused=True).step()`` on the CPU, whole steps;
+- the same step with the kept lists' facts checked in Python, as where the compiled library is missing
+  (``kernels/facts.py`` checks them in one C call);
 - the parts of ADOPT's step: ``_collect`` (the lists kept from the step before, and the check that they
-  still hold; then, for comparison, the collection pass that builds them), and the host code of the
+  still hold, in C and in Python; then, for comparison, the collection pass that builds them), and the host code of the
   fused CPU and Triton wrappers with the kernel plan the optimizer keeps (and, for comparison, without
   one). The Triton rows run ``kernels/triton.py``'s host code on CPU tensors with the two kernel launches
   replaced by no-ops (they need ``triton`` importable, not a GPU): the plan's lookup and the launch
@@ -33,6 +35,7 @@ import results_file
 import torch
 
 import adoptim
+from adoptim import _plan
 from adoptim.kernels import fused_cpu
 from adoptim.kernels.contract import Hyper, KernelPlan
 
@@ -107,12 +110,22 @@ def run(n: int, repeats: int) -> list[tuple[str, float | None]]:
     flat_params = _params(n)
     flat = adoptim.ADOPT(flat_params, fused=True, flat=True)
     flat.step()
+    # The same step with the kept lists' facts checked in Python (as where the library is missing): the
+    # plan made at the first step keeps the choice.
+    python_facts = adoptim.ADOPT(_params(n), fused=True)
+    real, _plan.kept_facts = _plan.kept_facts, lambda *lists: None
+    try:
+        python_facts.step()
+    finally:
+        _plan.kept_facts = real
     row = []
     row.append(("ADOPT(fused=True).step(), C kernel", median_us(adopt.step, repeats)))
+    row.append(("ADOPT(fused=True).step(), C kernel, facts checked in Python", median_us(python_facts.step, repeats)))
     row.append(("ADOPT(fused=True, flat=True).step(), C kernel", median_us(flat.step, repeats)))
     row.append(("torch AdamW(fused=True).step()", median_us(adamw.step, repeats)))
     row.append(("torch AdamW._init_group alone", median_us(adamw_init, repeats)))
     row.append(("  ADOPT._collect: kept lists, checked", median_us(adopt._collect, repeats)))
+    row.append(("  ADOPT._collect: kept lists, facts checked in Python", median_us(python_facts._collect, repeats)))
     row.append(("  ADOPT._collect: collection pass (lists rebuilt)", median_us(collection_pass, repeats)))
     adopt._collect()
     return row + [
