@@ -251,3 +251,9 @@ def test_run_times_have_one_source_a_dated_measurement_in_the_registry(capsys):
             assert not duration.search(text), (name, text)
         if not registry.missing(exp):
             assert f"[run time: {registry.run_time(name)}]" in out
+    # nor the experiments' pages and the README's lines about ``adoptim``: they point to ``adoptim list``
+    root = Path(__file__).resolve().parents[2]
+    for page in [root / "README.md", *sorted((root / "docs" / "reproduction").glob("*.md"))]:
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if page.name != "README.md" or "adoptim " in line:
+                assert not duration.search(line), (page.name, line)

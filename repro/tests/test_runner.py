@@ -106,6 +106,23 @@ def test_fresh_starts_over_in_a_used_folder_and_touches_nothing_else(tmp_path, c
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_fresh_in_a_folder_held_by_a_live_run_is_refused_and_removes_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _toy(out) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = _lock(out, holder.pid)
+        capsys.readouterr()
+        assert _toy(out, "--fresh") == 2  # the lock is taken before anything is removed
+        assert f"is in use by another run (pid {holder.pid}" in capsys.readouterr().err
+        after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p != lock}
+        assert after == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_rerun_says_what_it_skips_and_where_it_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
     real_draws = toy.draws
@@ -135,9 +152,13 @@ def test_a_rerun_says_what_it_skips_and_where_it_resumes(tmp_path, capsys, monke
     assert "all 2 units already finished" in capsys.readouterr().err
 
 
-def test_progress_bars_stay_at_their_final_state_and_no_empty_folder_is_left(tmp_path, capsys):
+def test_progress_bars_stay_at_their_final_state_and_no_empty_folder_is_left(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
-    assert _toy(out) == 0
+    saved = []
+    real_write = runner._io.write_torch
+    monkeypatch.setattr(runner._io, "write_torch", lambda path, obj: (saved.append(path), real_write(path, obj)))
+    assert _toy(out, "--checkpoint-every", "0") == 0
+    assert {p.parent for p in saved} == {out / "checkpoints"}  # checkpoints were written (and then removed)
     err = capsys.readouterr().err
     for key in ("adam-s0", "adopt-s0"):
         # What a log file shows last for the unit's bar: its finished state, not a bar stuck part-way.
