@@ -20,6 +20,7 @@ from optim_helpers import hard_grads, hard_params, run_reference
 
 import adoptim.kernels
 from adoptim import functional
+from adoptim.kernels import facts
 from adoptim.kernels.contract import Hyper, KernelPlan
 from adoptim.kernels.single_tensor import single_tensor_adopt
 
@@ -531,11 +532,14 @@ def test_lazily_negated_gradients_are_read_with_their_sign_even_at_a_cached_addr
         torch.testing.assert_close(ma, mb, rtol=1e-6, atol=1e-6)
 
 
-def test_a_kernel_plan_keeps_the_launch_plan_and_follows_the_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("checked", [False, True], ids=["gradients unchecked", "gradients checked by the caller"])
+def test_a_kernel_plan_keeps_the_launch_plan_and_follows_the_gradients(monkeypatch: pytest.MonkeyPatch,
+                                                                       checked: bool) -> None:
     # With a KernelPlan (the caller promises the parameters and state are unchanged), the launch plan is
     # looked up by the gradients alone: the same gradients reuse it without building a key of every tensor,
     # new gradients (other addresses, another layout) get a new one, and the trajectory stays the for-loop
-    # kernel's.
+    # kernel's. ADOPT's kept collection also checks the gradients (kernels/facts.py) and sets the plan's
+    # ``grads``; the lookup is then by their addresses.
     gen = torch.Generator().manual_seed(9)
     params = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64)]
     kw = dict(HYPER, weight_decay=0.1, decoupled_weight_decay=True, clip_exponent=0.25, maximize=False)
@@ -552,6 +556,13 @@ def test_a_kernel_plan_keeps_the_launch_plan_and_follows_the_gradients(monkeypat
             grads = [torch.randn(4, 3, generator=gen, dtype=torch.float64).t(), grads[1]]  # other strides
         lookups.clear()
         lists = [fused.p, grads, fused.m, fused.v, fused.s]
+        if checked:
+            if t == 0:
+                kept = facts.kept_facts(fused.p, fused.m, fused.v, fused.s)
+                assert kept is not None
+            verified = kept.check(grads)
+            assert verified is (t != 5)  # the transposed gradient is left to the kernel's own checks
+            plan.grads = (id(grads), kept.grad_ptrs) if verified else None
         functional.run_fused_kernel(K.triton_adopt, lists, Hyper(**_fused(**kw)), plan)
         loop_adopt(loop.p, grads, loop.m, loop.v, loop.s, **_plain(**kw))
         assert bool(lookups) == (t in (0, 2, 4, 5)), t
