@@ -69,9 +69,9 @@ def test_a_diverged_seed_is_recorded_with_its_step_and_shown(data: Path, tmp_pat
     # lr 1e30: Adam's first update moves every weight with a gradient by about 1e30, so the logits of the
     # second step overflow float32 and its loss is NaN or inf: step 2. ADOPT's first step only sets v, its
     # second update moves the weights: step 3. At lr 1e-3 nothing diverges.
-    out = tmp_path / "out"
-    assert run_cli("sweep", "mnist", "--out", out, *_tiny(data, "optimizers=adam,adopt", "beta2s=0.9",
-                                                          "lrs=1e-3,1e30")) == 0
+    out, page = tmp_path / "out", tmp_path / "docs" / "reproduction" / "sweeps.md"
+    assert run_cli("sweep", "mnist", "--out", out, "--doc", page,
+                   *_tiny(data, "optimizers=adam,adopt", "beta2s=0.9", "lrs=1e-3,1e30")) == 0
     runs = _records(out)
     assert [r["diverged_step"] for r in runs["adam-b0.9-lr1e+30"]] == [2, 2]
     assert [r["diverged_step"] for r in runs["adopt-b0.9-lr1e+30"]] == [3, 3]
@@ -83,6 +83,13 @@ def test_a_diverged_seed_is_recorded_with_its_step_and_shown(data: Path, tmp_pat
     assert row[("adam", 1e30)]["test_loss"] is None and row[("adam", 1e-3)]["diverged"] == 0
     assert summary["best_lr"] == {"adam": 1e-3, "adopt": 1e-3}
     assert (out / "heatmaps.png").stat().st_size > 0 and (out / "beta2.png").stat().st_size > 0
+    text = page.read_text()  # the docs page: the same numbers, and the figures beside it
+    assert "- adam beta2 0.9 lr 1e+30: 2 of 2 seeds, first at step 2" in text
+    assert "- adopt beta2 0.9 lr 1e+30: 2 of 2 seeds, first at step 3" in text
+    d = next(r for r in summary["paired"] if r["metric"] == "test loss at best lr")
+    assert f"| 0.9 | test loss at best lr | {d['mean']:.3g} | [{d['lo']:.3g}, {d['hi']:.3g}] |" in text
+    assert (page.parent.parent / "figures" / "sweep_mnist_heatmaps.png").read_bytes() == \
+        (out / "heatmaps.png").read_bytes()
 
 
 def test_the_ensemble_and_separate_runs_give_the_same_cell(data: Path, tmp_path: Path) -> None:
