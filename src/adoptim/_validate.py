@@ -77,6 +77,10 @@ def check_flag(name: str, value: Any, allow_none: bool = False) -> bool | None:
     return value
 
 
+# The values of the ``state_precision`` option (adoptim.low_precision).
+STATE_PRECISIONS = ("full", "bfloat16", "8bit")
+
+
 def check_group(group: dict[str, Any]) -> None:
     """Validate the hyper-parameters of one param group in place (used for add_param_group too)."""
     group["lr"] = check_lr(group["lr"])
@@ -92,6 +96,29 @@ def check_group(group: dict[str, Any]) -> None:
     check_flag("flat", group.get("flat", False))
     if group.get("flat") and group["differentiable"]:
         raise ValueError("Invalid flat: True together with differentiable=True (the flat buffers are updated in place)")
+    check_state_precision(group)
+
+
+def check_state_precision(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for a state-precision option no kernel serves (a group's, at construction)."""
+    precision = group.get("state_precision", "full")
+    if precision not in STATE_PRECISIONS:
+        choices = ", ".join(map(repr, STATE_PRECISIONS))
+        raise ValueError(f"Invalid state_precision: {precision!r} (must be one of {choices})")
+    block = group.get("state_block_size", 256)
+    if not is_real(block) or int(block) != block or block < 1 or int(block) & (int(block) - 1):
+        raise ValueError(f"Invalid state_block_size: {block!r} (must be a power of two)")
+    size = group.get("state_min_size", 4096)
+    if not is_real(size) or int(size) != size or size < 0:
+        raise ValueError(f"Invalid state_min_size: {size!r} (must be an integer >= 0)")
+    if precision == "full":
+        return
+    for flag in ("fused", "foreach", "capturable", "differentiable", "flat"):
+        if group.get(flag):
+            raise ValueError(
+                f"Invalid state_precision: {precision!r} together with {flag}=True (low-precision state has "
+                "a for-loop kernel only, so far)"
+            )
 
 
 def check_fused_params(params: Any) -> None:

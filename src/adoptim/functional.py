@@ -21,6 +21,7 @@ from .kernels import fused_cpu
 from .kernels.common import PLAIN_TENSOR_TYPES, dtensor_type
 from .kernels.contract import FUSED_DEVICES, Hyper, Kernel, KernelPlan, check_kernel_choice
 from .kernels.foreach import foreach_adopt
+from .kernels.lowbit import lowbit_adopt
 from .kernels.single_tensor import single_tensor_adopt
 
 __all__ = ["adopt", "default_foreach", "default_fused", "run_fused_kernel"]
@@ -110,6 +111,7 @@ def adopt(
     eps: float,
     maximize: bool,
     plan: KernelPlan | None = None,
+    state_precision: str = "full",
 ) -> None:
     r"""Run one ADOPT step in place on ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``.
 
@@ -129,6 +131,10 @@ def adopt(
     same parameters and state (only the gradients new); the fused kernels keep their address tables in
     it, which saves most of their host work per tensor. Pass a new one whenever a parameter or state
     tensor changes.
+
+    ``state_precision``: ``"full"`` (the moments are tensors of their parameters' dtypes and shapes), or
+    ``"8bit"``/``"bfloat16"``: the moments are :class:`~adoptim.kernels.lowbit.Stored` records and the
+    low-precision for-loop kernel runs (:class:`~adoptim.ADOPT`'s ``state_precision`` makes them).
 
     Example::
 
@@ -165,6 +171,9 @@ def adopt(
         grad_scale=grad_scale, found_inf=found_inf,
     )
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if state_precision != "full":  # its records say how each moment is stored
+        _run_eager(lowbit_adopt, lists, hyper)
+        return
     # The kernel choice depends on the flags and on the parameters' devices and types, which a plan's
     # promise covers: it is kept there.
     flags = (fused, foreach, differentiable)

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _validate as V
-from . import migration
+from . import low_precision, migration
 from ._flat import FlatGroups, check_flat_params, common_step
 from ._plan import KeptPlans, ParamState, StateDict
 from .functional import adopt
@@ -103,6 +103,15 @@ class ADOPT(Optimizer):
             whatever the number of tensors. Every parameter of such a group must require grad and steps
             at every step (a gradient backward did not reach is zero); ``zero_grad`` zeroes the buffer
             in place. See the docs' Kernels page for what else it changes.
+        state_precision: how ``exp_avg`` and ``exp_avg_sq`` are stored: ``"full"`` (default) in the
+            parameter's dtype; ``"bfloat16"``; ``"8bit"``, blockwise 8-bit codes with one float32 scale per
+            block (bitsandbytes' and torchao's 8-bit optimizers' scheme). Both low-precision formats round
+            stochastically, reproducibly (see the docs' Low-precision state page); they run on a for-loop
+            kernel and cannot be combined with ``fused``, ``foreach``, ``capturable``, ``differentiable``
+            or ``flat``. A param group may set its own.
+        state_block_size: elements per scale of ``"8bit"`` state, a power of two (default 256).
+        state_min_size: parameters with fewer elements keep full-precision state whatever
+            ``state_precision`` says (default 4096, as bitsandbytes: biases and norms).
 
     Example::
 
@@ -128,12 +137,16 @@ class ADOPT(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         flat: bool = False,
+        state_precision: str = "full",
+        state_block_size: int = 256,
+        state_min_size: int = 4096,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
-            fused=fused, flat=flat,
+            fused=fused, flat=flat, state_precision=state_precision, state_block_size=state_block_size,
+            state_min_size=state_min_size,
         )
         V.check_group(defaults)
         super().__init__(params, defaults)
@@ -224,12 +237,17 @@ class ADOPT(Optimizer):
                 "state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())"
             )
         groups = [migration.translate_group(g, i) for i, g in enumerate(state_dict["param_groups"])]
-        migration.check_state_matches(state_dict["state"], groups, self.param_groups)
+        # Low-precision entries (codes and scales) are checked and set aside: torch.optim's load would cast
+        # them to their parameter's dtype.
+        saved_state, low = low_precision.load_entries(state_dict["state"], groups, self.param_groups)
+        migration.check_state_matches(saved_state, groups, self.param_groups)
         for gi, (saved, own) in enumerate(zip(groups, self.param_groups, strict=True)):
             for key in self.defaults:
                 if key not in saved:
                     saved[key] = own[key]
             saved["flat"] = own["flat"]  # the layout is this run's, as the kernel choice of another port's group
+            for key in low_precision.run_keys(own):  # and so is the storage of its state (converted below)
+                saved[key] = own[key]
             if own["flat"]:
                 common_step((state_dict["state"].get(k) for k in saved["params"]),
                             f"param group {gi} is flat (its parameters step together)")
@@ -239,7 +257,7 @@ class ADOPT(Optimizer):
                     V.check_fused_params(own["params"])
             except ValueError as exc:
                 raise ValueError(f"param group {gi} of the state_dict: {exc}") from None
-        state = migration.cast_complex_state(state_dict["state"], groups, self.param_groups)
+        state = migration.cast_complex_state(saved_state, groups, self.param_groups)
         # torch.optim's load_state_dict would run the pre-hooks a second time: hand it none.
         hooks = self._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -247,6 +265,8 @@ class ADOPT(Optimizer):
             super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks
+        if low or any(g["state_precision"] != "full" for g in self.param_groups):
+            low_precision.place_loaded(self, low)
 
     # ------------------------------------------------------------------ step
     def _init_group(
@@ -363,12 +383,24 @@ class ADOPT(Optimizer):
         """
         groups = self.param_groups
         if torch.compiler.is_compiling():
+            if any(g["state_precision"] != "full" for g in groups):
+                raise RuntimeError("state_precision other than 'full' has no compiled step yet: step it eagerly")
             out = []
             for group in groups:
                 lists: list[list[Tensor]] = [[], [], [], [], []]
                 self._init_group(group, *lists)
                 out.append((group, lists, None))
             return out
+        for group in groups:  # one look per group (a plain loop: the cheapest), no cost per tensor
+            if group["state_precision"] != "full":
+                checked = low_precision.check(self, [g for g in groups if g["state_precision"] != "full"])
+                out = self._collect_layouts([g for g in groups if g["state_precision"] == "full"])
+                return out + low_precision.build(self, checked)
+        return self._collect_layouts(groups)
+
+    def _collect_layouts(self, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[list[Tensor]],
+                                                                           KernelPlan | None]]:
+        """The lists of full-precision ``groups``, in the default and the flat layout (see :meth:`_collect`)."""
         flat = [g for g in groups if g.get("flat")]
         if not flat:
             return self._collect_default(groups)
@@ -411,6 +443,7 @@ class ADOPT(Optimizer):
                 differentiable=group["differentiable"], beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                 clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"], plan=plan,
+                state_precision=group["state_precision"],
             )
         return loss
 
@@ -433,9 +466,13 @@ class ADOPTW(ADOPT):
         differentiable: bool = False,
         fused: bool | None = None,
         flat: bool = False,
+        state_precision: str = "full",
+        state_block_size: int = 256,
+        state_min_size: int = 4096,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
             clip_exponent=clip_exponent, maximize=maximize, foreach=foreach, capturable=capturable,
-            differentiable=differentiable, fused=fused, flat=flat,
+            differentiable=differentiable, fused=fused, flat=flat, state_precision=state_precision,
+            state_block_size=state_block_size, state_min_size=state_min_size,
         )

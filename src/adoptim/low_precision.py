@@ -1,0 +1,302 @@
+"""The optimizer's side of low-precision state (``state_precision``): options, state entries, loading.
+
+A param group with ``state_precision`` ``"8bit"`` or ``"bfloat16"`` keeps the moments of each parameter of
+at least ``state_min_size`` real elements in that format (:mod:`adoptim.kernels.lowbit`); smaller ones
+(biases, norms) keep the default state and step with the group's usual kernel. A low-precision state entry
+is plain tensors, flat over the parameter's real elements::
+
+    "8bit":     step, exp_avg (uint8 codes), exp_avg_absmax (float32, one per block), exp_avg_sq,
+                exp_avg_sq_absmax, rounding_seed (int64, 0-dim)
+    "bfloat16": step, exp_avg (bfloat16), exp_avg_sq (bfloat16), rounding_seed
+
+``rounding_seed`` keys the stochastic rounding (:mod:`adoptim.kernels.quant`): the parameter's position in
+the optimizer, kept in the state so a resumed run draws the same numbers. A state of another format (a
+32-bit checkpoint loaded into an 8-bit optimizer, or the reverse, or a group whose option was changed)
+is converted once, with nearest rounding, when it is loaded or first stepped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._plan import ParamState, StateDict
+from .kernels.lowbit import FORMATS, Stored, n_blocks
+from .kernels.quant import dequantize_8bit, quantize_8bit
+
+__all__ = ["STORAGE_KEYS", "build", "check", "load_entries", "place_loaded", "run_keys"]
+
+# The group options that say how state is stored: the run's own, like its layout, when a state_dict is loaded.
+STORAGE_KEYS = ("state_precision", "state_block_size", "state_min_size")
+_KERNEL_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def run_keys(group: dict[str, Any]) -> tuple[str, ...]:
+    """The keys of the loading optimizer's ``group`` that a loaded group takes from it: the storage options,
+    and with low-precision state the kernel choice too (a checkpoint of a fused full-precision run loads
+    into an 8-bit one, whose kernel is another)."""
+    return STORAGE_KEYS + _KERNEL_KEYS if group["state_precision"] != "full" else STORAGE_KEYS
+check_options = V.check_state_precision
+_CPU = torch.device("cpu")
+
+
+def _kind(group: dict[str, Any], p: Tensor) -> str:
+    """The format of ``p``'s state in ``group``: the group's precision, or "full" for a small tensor."""
+    precision = group.get("state_precision", "full")
+    if precision == "full" or _numel(p) < group.get("state_min_size", 4096):
+        return "full"
+    return precision
+
+
+def _numel(p: Tensor) -> int:
+    return p.numel() * 2 if p.is_complex() else p.numel()
+
+
+def _where(gi: int, pi: int) -> str:
+    return f"param group {gi} parameter {pi}"
+
+
+def check_entry(entry: dict[str, Any], p: Tensor, kind: str, block: int, where: str) -> None:
+    """Raise ``ValueError`` unless ``entry`` holds ``kind`` state of ``p`` (in blocks of ``block``)."""
+    n = _numel(p)
+    for name in ("exp_avg", "exp_avg_sq"):
+        t = entry.get(name)
+        if kind == "8bit":
+            want = [(name, torch.uint8, n), (name + "_absmax", torch.float32, n_blocks(n, block))]
+        else:
+            want = [(name, torch.bfloat16, n)]
+        for key, dtype, count in want:
+            t = entry.get(key)
+            if not torch.is_tensor(t) or t.dtype != dtype or t.shape != (count,):
+                got = f"{t.dtype} of shape {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
+                raise ValueError(
+                    f"state of {where} does not match it: its {kind} state ({n} elements, blocks of {block}) "
+                    f"needs {key} of {dtype} of shape ({count},), got {got}"
+                )
+    seed = entry.get("rounding_seed")
+    if not torch.is_tensor(seed) or seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"state of {where} does not match it: its {kind} state needs a one-element int64 "
+                         f"rounding_seed, got {seed!r}")
+
+
+def _detect(entry: dict[str, Any], p: Tensor) -> str:
+    """The format a state entry holds (for an entry made under another option than the group's now)."""
+    if "exp_avg_absmax" in entry:
+        return "8bit"
+    m = entry["exp_avg"]
+    if m.shape == p.shape and not (m.dtype == torch.bfloat16 and p.dtype != torch.bfloat16 and p.dim() == 1):
+        return "full"
+    return "bfloat16"
+
+
+def _moments32(entry: dict[str, Any], p: Tensor, kind: str, block: int) -> tuple[Tensor, Tensor]:
+    """The entry's moments as flat float32 tensors over ``p``'s real elements."""
+    out = []
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        t = entry[name]
+        if kind == "8bit":
+            out.append(dequantize_8bit(t, entry[name + "_absmax"], signed, block))
+        elif kind == "full":
+            out.append((torch.view_as_real(t) if t.is_complex() else t).reshape(-1).float())
+        else:
+            out.append(t.float())
+    return out[0], out[1]
+
+
+def convert(entry: dict[str, Any], p: Tensor, source: str, target: str, source_block: int, block: int,
+            seed: int) -> dict[str, Any]:
+    """``entry`` (``source`` state of ``p``) as ``target`` state, on ``p``'s device: the same entry when
+    nothing changes, else moments converted once with nearest rounding."""
+    if source == target and source_block == block:
+        return entry
+    m, v = (x.to(p.device) for x in _moments32(entry, p, source, source_block))
+    out = {k: val for k, val in entry.items() if k not in _MOMENT_KEYS}
+    if target == "full":
+        real = torch.view_as_real(p) if p.is_complex() else p
+        for name, x in (("exp_avg", m), ("exp_avg_sq", v)):
+            x = x.view(real.shape).to(real.dtype)
+            out[name] = (torch.view_as_complex(x) if p.is_complex() else x).contiguous()
+        out.pop("rounding_seed", None)
+        return out
+    for name, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+        if target == "8bit":
+            out[name], out[name + "_absmax"] = quantize_8bit(x, signed, block, None)
+        else:
+            out[name] = x.to(torch.bfloat16)
+    if "rounding_seed" not in out:
+        out["rounding_seed"] = torch.tensor(seed, dtype=torch.int64)
+    return out
+
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+
+
+def _new_entry(p: Tensor, kind: str, block: int, seed: int) -> dict[str, Any]:
+    n = _numel(p)
+    fmt = FORMATS[kind]
+    entry: dict[str, Any] = {"step": torch.zeros((), dtype=V.scalar_dtype())}
+    for name, mf, signed in (("exp_avg", fmt.m, True), ("exp_avg_sq", fmt.v, False)):
+        st = Stored.empty(n, mf, signed=signed, block_size=block, seed=seed, stream=0, device=p.device)
+        entry[name] = st.data
+        if st.absmax is not None:
+            entry[name + "_absmax"] = st.absmax
+    entry["rounding_seed"] = torch.tensor(seed, dtype=torch.int64)
+    return entry
+
+
+def _stored(entry: dict[str, Any], kind: str, block: int) -> tuple[Stored, Stored]:
+    fmt, seed = FORMATS[kind], int(entry["rounding_seed"])
+    return (Stored(entry["exp_avg"], entry.get("exp_avg_absmax"), fmt.m, signed=True, block_size=block,
+                   seed=seed, stream=0),
+            Stored(entry["exp_avg_sq"], entry.get("exp_avg_sq_absmax"), fmt.v, signed=False, block_size=block,
+                   seed=seed, stream=1))
+
+
+def _seeds(groups: list[dict[str, Any]]) -> dict[int, int]:
+    """Each parameter's position in the optimizer (its state_dict key), by ``id``."""
+    out: dict[int, int] = {}
+    for group in groups:
+        for p in group["params"]:
+            out.setdefault(id(p), len(out))
+    return out
+
+
+def check(opt: Any, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int, list[tuple]]]:
+    """Check the parameters with gradients of the low-precision ``groups`` and their state; raise before
+    anything changes (``RuntimeError`` for state that does not fit, as ``ADOPT._init_group``)."""
+    state = opt.state
+    out = []
+    for gi, g in enumerate(opt.param_groups):
+        if not any(g is x for x in groups):
+            continue
+        try:
+            check_options(g)
+        except ValueError as exc:
+            raise ValueError(f"param group {gi}: {exc}") from None
+        block = int(g["state_block_size"])
+        items = []
+        for pi, p in enumerate(g["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(f"ADOPT does not support sparse gradients ({_where(gi, pi)}); "
+                                   "use dense gradients, e.g. nn.Embedding(sparse=False)")
+            st = state.get(p)
+            source = _detect(st, p) if st else None
+            if source == "full":
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                if m.shape != p.shape or v.shape != p.shape:
+                    raise RuntimeError(
+                        f"state of {_where(gi, pi)} does not match it: parameter shape {tuple(p.shape)}, "
+                        f"exp_avg {tuple(m.shape)}, exp_avg_sq {tuple(v.shape)}")
+            elif source is not None:
+                try:
+                    check_entry(st, p, source, block, _where(gi, pi))
+                except ValueError as exc:
+                    raise RuntimeError(str(exc)) from None
+            items.append((p, grad, _kind(g, p), source))
+        out.append((g, block, items))
+    return out
+
+
+def build(opt: Any, checked: list[tuple[dict[str, Any], int, list[tuple]]]) -> list[tuple[dict, list, None]]:
+    """The step lists of what :func:`check` passed, making or converting state: per group, one entry for
+    its small parameters (the usual state; a copy of the group saying ``state_precision="full"``) and one
+    for its low-precision ones, with :class:`~adoptim.kernels.lowbit.Stored` records for the moments."""
+    state = opt.state
+    seeds = None
+    out: list[tuple[dict, list, None]] = []
+    for g, block, items in checked:
+        full: list[list[Any]] = [[], [], [], [], []]
+        low: list[list[Any]] = [[], [], [], [], []]
+        for p, grad, kind, source in items:
+            st = state.get(p)
+            if source != kind:
+                seeds = seeds or _seeds(opt.param_groups)
+                if source is None:
+                    new = _new_entry(p, kind, block, seeds[id(p)]) if kind != "full" else _full_entry(p)
+                else:
+                    new = convert(dict(st), p, source, kind, block, block, seeds[id(p)])
+                st = _put(state, p, new)
+            if kind == "full":
+                moments = st["exp_avg"], st["exp_avg_sq"]
+                lists = full
+            else:
+                moments = _stored(st, kind, block)
+                lists = low
+            for lst, x in zip(lists, (p, grad, *moments, st["step"]), strict=True):
+                lst.append(x)
+        if full[0]:
+            out.append(({**g, "state_precision": "full"}, full, None))
+        if low[0]:
+            out.append((g, low, None))
+    return out
+
+
+def _full_entry(p: Tensor) -> dict[str, Any]:
+    return {"step": torch.zeros((), dtype=V.scalar_dtype()), "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _put(state: Any, p: Tensor, entry: dict[str, Any]) -> dict[str, Any]:
+    """Set ``p``'s entry in ``opt.state`` (as the optimizer's own entries are: counting their writes)."""
+    entry = ParamState(state, entry) if isinstance(state, StateDict) else entry
+    state[p] = entry
+    return entry
+
+
+def load_entries(saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]],
+                 param_groups: list[dict[str, Any]]) -> tuple[dict[Any, Any], dict[int, tuple[dict, str, int]]]:
+    """Split a saved state into the entries torch.optim may load as they are and the low-precision ones
+    (which its load would cast to the parameter's dtype), checking the latter against the parameters.
+
+    Returns the state without them and, by the parameter's ``id``, ``(entry, format, block size)``.
+    """
+    rest = dict(saved_state)
+    low: dict[int, tuple[dict, str, int]] = {}
+    if len(saved_groups) != len(param_groups):  # migration.check_state_matches says so, next
+        return rest, low
+    for gi, (saved, group) in enumerate(zip(saved_groups, param_groups, strict=True)):
+        if len(saved["params"]) != len(group["params"]):
+            continue
+        try:
+            check_options(saved)
+        except ValueError as exc:
+            raise ValueError(f"param group {gi} of the state_dict: {exc}") from None
+        block = int(saved.get("state_block_size", 256))
+        for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+            entry = saved_state.get(key)
+            if not isinstance(entry, dict) or not entry:
+                continue
+            kind = _kind(saved, p)
+            if kind == "full":
+                continue
+            check_entry(entry, p, kind, block, _where(gi, pi))
+            low[id(p)] = (rest.pop(key), kind, block)
+    return rest, low
+
+
+def place_loaded(opt: Any, low: dict[int, tuple[dict, str, int]]) -> None:
+    """After torch.optim's load: every parameter's state in its group's format (converted once), the
+    low-precision entries of the saved state included."""
+    seeds = _seeds(opt.param_groups)
+    for group in opt.param_groups:
+        block = int(group.get("state_block_size", 256))
+        for p in group["params"]:
+            kind = _kind(group, p)
+            if id(p) in low:
+                entry, source, source_block = low[id(p)]
+                entry = {k: (v.to(p.device) if torch.is_tensor(v) and k not in ("step", "rounding_seed") else v)
+                         for k, v in entry.items()}
+                if torch.is_tensor(entry.get("step")):  # where the group's kernel keeps steps (as ADOPT._create_state)
+                    device = p.device if group["capturable"] or group["fused"] else _CPU
+                    entry["step"] = entry["step"].to(dtype=V.scalar_dtype(), device=device)
+                _put(opt.state, p, convert(entry, p, source, kind, source_block, block, seeds[id(p)]))
+                continue
+            st = opt.state.get(p)
+            if st and kind != "full":
+                _put(opt.state, p, convert(dict(st), p, "full", kind, block, block, seeds[id(p)]))
