@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from adoptim_repro import sweep
 from adoptim_repro.sweep import Cell, MnistSweepConfig, cells, summarize
@@ -191,3 +192,29 @@ def test_the_report_numbers_match_a_hand_computation() -> None:
     assert paired["lr sensitivity"]["mean"] == pytest.approx(mean)
     assert paired["lr sensitivity"]["ci95"] == pytest.approx(half)
     assert paired["lr sensitivity"]["excludes_zero"] is (abs(mean) > half)
+
+
+def test_the_sweep_draws_the_mnist_experiments_batches() -> None:
+    # The sweep keeps each seed's permutation of the epoch; the experiment draws it again every step.
+    from adoptim_repro.mnist_data import batch_indices
+
+    perms = sweep._Permutations(1000, 64)  # 15 batches an epoch, the last 40 images dropped
+    for seed in (0, 3):
+        for step in (0, 1, 14, 15, 16, 31, 45):
+            assert torch.equal(perms(seed, step), batch_indices(1000, 64, seed, step)), (seed, step)
+
+
+def test_a_seed_of_a_cell_is_the_mnist_experiments_run(data: Path, tmp_path: Path) -> None:
+    # The same seed, beta2, lr, weight decay and alpha/sqrt(t) schedule through `adoptim mnist`: its
+    # training loss over the 20 steps (one log window) and its test accuracy are the sweep's.
+    out = tmp_path / "mnist"
+    assert run_cli("mnist", "--out", out, "--set", f"data_dir={data}", "hidden=16", "batch_size=32", "steps=20",
+                   "seeds=1", "optimizers=adopt", "adopt.lr=1e-2", "adopt.betas=0.9,0.5", "eval_every=20",
+                   "log_every=20") == 0
+    alone = json.loads((out / "runs" / "adopt-s0.json").read_text())["records"][0]
+    cfg = MnistSweepConfig(data_dir=str(data), hidden=16, batch_size=32, steps=20, seeds=2)
+    for batched in (True, False):
+        cfg.ensemble = batched
+        (mine, _), _ = sweep.train_mnist_cell(cfg, Cell("adopt", 0.5, 1e-2))
+        assert mine["test_accuracy"] == alone["test_accuracy"]
+        assert mine["train_loss"] == pytest.approx(alone["train_loss_final"], rel=1e-5)

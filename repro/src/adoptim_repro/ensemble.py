@@ -54,18 +54,21 @@ class Ensemble(nn.Module):
         out.update({name: getattr(self, f"buffer{i}")[k] for i, name in enumerate(self.buffer_names)})
         return out
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Member k's output on ``x[k]``, stacked (``x`` has a leading dimension K)."""
-        if x.shape[0] != self.size:
-            raise ValueError(f"the input's leading dimension must be the ensemble size {self.size}, got {x.shape[0]}")
+    def forward(self, *xs: Tensor) -> Tensor:
+        """Member k's output on ``x[k]`` (on ``x[k], y[k], ...`` for a model of several inputs), stacked:
+        every input has a leading dimension K."""
+        for x in xs:
+            if x.shape[0] != self.size:
+                raise ValueError(f"the input's leading dimension must be the ensemble size {self.size}, "
+                                 f"got {x.shape[0]}")
         base = self._base[0]
         params = dict(zip(self.names, self.stacked, strict=True))
         buffers = {name: getattr(self, f"buffer{i}") for i, name in enumerate(self.buffer_names)}
 
-        def one(p: dict[str, Tensor], b: dict[str, Tensor], xk: Tensor) -> Tensor:
-            return functional_call(base, (p, b), (xk,))
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], *xk: Tensor) -> Tensor:
+            return functional_call(base, (p, b), xk)
 
-        return torch.vmap(one)(params, buffers, x)
+        return torch.vmap(one)(params, buffers, *xs)
 
     @staticmethod
     def sum_of_means(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, target: Tensor) -> Tensor:

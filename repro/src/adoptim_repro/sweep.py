@@ -91,6 +91,10 @@ class MnistSweepConfig:
 
     OPTIMIZERS = SWEPT
 
+    @staticmethod
+    def schedule_factor(step: int) -> float:
+        return _inverse_sqrt(step)
+
     def validate(self) -> None:
         _check_grid("beta2s", self.beta2s, lambda b: 0.0 <= b < 1.0, "in [0, 1)")
         _check_grid("lrs", self.lrs, lambda lr: math.isfinite(lr) and lr > 0, "a finite number > 0")
@@ -134,67 +138,67 @@ def spec(cfg: Any, cell: Cell) -> OptimSpec:
     return OptimSpec(lr=cell.lr, betas=(base.betas[0], cell.beta2), eps=base.eps, weight_decay=cfg.weight_decay)
 
 
-# --------------------------------------------------------------------------- training one cell (mnist)
+# --------------------------------------------------------------------------- training one cell
 def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-@torch.no_grad()
-def _evaluate(forward: Callable[[torch.Tensor], torch.Tensor], k: int, x: torch.Tensor,
-              y: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Each member's mean cross-entropy and accuracy on ``(x, y)`` (every member sees all of it)."""
-    loss = torch.zeros(k, dtype=torch.float64)
-    correct = torch.zeros(k, dtype=torch.float64)
-    for i in range(0, len(x), 2000):
-        xb, yb = x[i:i + 2000], y[i:i + 2000]
-        logits = forward(xb.expand(k, *xb.shape))
-        loss += torch.vmap(lambda lg, t: nn.functional.cross_entropy(lg, t, reduction="sum"))(
-            logits, yb.expand(k, *yb.shape)).double()
-        correct += (logits.argmax(-1) == yb).sum(-1).double()
-    return (loss / len(x)).tolist(), (correct / len(x)).tolist()
+@dataclass(frozen=True)
+class SweepTask:
+    """A task the sweep trains: its config, its data and models, and how a cell's seeds are fed.
+
+    ``losses(forward, batch)`` is each member's mean training loss, shape ``(K,)``, where ``forward``
+    maps inputs with a leading dimension K to the members' outputs; ``evaluate(forward, K, data)``
+    is each member's test loss (and accuracy, or None) with every member seeing all of the test set.
+    """
+
+    name: str
+    config: type
+    default_steps: int  # the experiment's training length, to say how much shorter a cell trains
+    setting: Callable[[Record], str]  # the docs page's sentence on the model, from the config
+    quick: dict[str, Any]
+    load: Callable[[Any, str], Any]
+    build: Callable[[Any], nn.Module]  # one member, after torch.manual_seed(seed)
+    batch: Callable[[Any, Any, list[int], int, str], tuple[torch.Tensor, ...]]
+    losses: Callable[[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor]
+    evaluate: Callable[[Callable[..., torch.Tensor], int, Any], tuple[list[float], list[float | None]]]
 
 
-def train_mnist_cell(cfg: MnistSweepConfig, cell: Cell, device: str = "cpu",
-                     say: Callable[[str], None] | None = None) -> tuple[list[Record], float]:
+def train_cell(task: SweepTask, cfg: Any, cell: Cell, device: str = "cpu") -> tuple[list[Record], float]:
     """Train the cell's seeds; one record per seed and the seconds the training loop took.
 
-    Seed ``s`` is exactly the mnist experiment's run of seed ``s`` (its initialisation, its batches, the
-    schedule alpha/sqrt(t)), at the cell's beta2 and lr, for ``cfg.steps`` steps.
+    Seed ``s`` is the experiment's run of seed ``s`` (its initialisation, its batches, its schedule) at
+    the cell's beta2 and lr, for ``cfg.steps`` steps.
     """
     from .ensemble import Ensemble
-    from .mnist import mlp
-    from .mnist_data import batch_indices, load_mnist
 
-    data = load_mnist(cfg.data_dir)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    data = task.load(cfg, device)
     seeds = list(range(cfg.seeds))
     members = []
     for s in seeds:
         torch.manual_seed(s)
-        members.append(mlp(cfg.hidden).to(device))
+        members.append(task.build(cfg).to(device))
     settings = spec(cfg, cell)
     if cfg.ensemble:
         ens = Ensemble(members).to(device)
         opts = [make_optimizer(cell.optimizer, ens.parameters(), settings)]
-        forward: Callable[[torch.Tensor], torch.Tensor] = ens
+        forward: Callable[..., torch.Tensor] = ens
     else:
         opts = [make_optimizer(cell.optimizer, m.parameters(), settings) for m in members]
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return torch.stack([m(x[k]) for k, m in enumerate(members)])
+        def forward(*xs: torch.Tensor) -> torch.Tensor:
+            return torch.stack([m(*(x[k] for x in xs)) for k, m in enumerate(members)])
 
-    init_loss, init_acc = _evaluate(forward, len(seeds), test_x, test_y)
+    init_loss, init_acc = task.evaluate(forward, len(seeds), data)
     diverged: list[int | None] = [None] * len(seeds)
     tail = max(1, min(50, cfg.steps))  # the training loss reported: the mean over the last 50 steps
     recent: list[torch.Tensor] = []
-    per_member = torch.vmap(nn.functional.cross_entropy)
     start = time.perf_counter()
     for step in range(cfg.steps):
-        idx = torch.stack([batch_indices(len(train_x), cfg.batch_size, s, step) for s in seeds]).to(device)
+        batch = task.batch(cfg, data, seeds, step, device)
         for opt in opts:
-            set_lr(opt, cell.lr / math.sqrt(step + 1))
-        losses = per_member(forward(train_x[idx]), train_y[idx])
+            set_lr(opt, cell.lr * getattr(cfg, "schedule_factor", _constant)(step))
+        losses = task.losses(forward, batch)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         losses.sum().backward()  # member k's gradient is its own loss's: the members share nothing
@@ -208,7 +212,7 @@ def train_mnist_cell(cfg: MnistSweepConfig, cell: Cell, device: str = "cpu",
             break  # nothing left to learn: every member is NaN or inf from here on
         recent = (recent + [losses.detach()])[-tail:]
     train_s = time.perf_counter() - start
-    loss, acc = _evaluate(forward, len(seeds), test_x, test_y)
+    loss, acc = task.evaluate(forward, len(seeds), data)
     train_loss = torch.stack(recent).mean(0).tolist() if recent else [math.nan] * len(seeds)
     records = []
     for k, s in enumerate(seeds):
@@ -221,14 +225,88 @@ def train_mnist_cell(cfg: MnistSweepConfig, cell: Cell, device: str = "cpu",
     return records, train_s
 
 
-TASKS: dict[str, tuple[type, Callable[..., tuple[list[Record], float]], int]] = {
-    "mnist": (MnistSweepConfig, train_mnist_cell, MNIST_DEFAULT_STEPS),
-}
-QUICK: dict[str, dict[str, Any]] = {
-    "mnist": {"beta2s": (0.5, 0.999), "lrs": (1e-3, 1e-2), "seeds": 3, "steps": 100},
-}
+def _constant(step: int) -> float:
+    return 1.0
 
 
+def _inverse_sqrt(step: int) -> float:
+    return 1.0 / math.sqrt(step + 1)  # alpha / sqrt(t), t = step + 1: the mnist experiment's schedule
+
+
+class _Permutations:
+    """The mnist experiment's ``batch_indices``, with each seed's permutation of the epoch drawn once
+    (``randperm`` of 60,000 for every seed and step would cost as much as a small model's step)."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size, self.per_epoch = n, batch_size, n // batch_size
+        self._perms: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def __call__(self, seed: int, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        held = self._perms.get(seed)
+        if held is None or held[0] != epoch:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # as batch_indices draws it
+            held = self._perms[seed] = (epoch, torch.randperm(self.n, generator=gen))
+        return held[1][i * self.batch_size:(i + 1) * self.batch_size]
+
+
+# mnist: the mnist experiment's MLP ----------------------------------------------------------------
+def _mnist_load(cfg: Any, device: str) -> Any:
+    from .mnist_data import load_mnist
+
+    d = load_mnist(cfg.data_dir)
+    return {"train": (d.train_x.to(device), d.train_y.to(device)), "test": (d.test_x.to(device), d.test_y.to(device)),
+            "perm": _Permutations(len(d.train_x), cfg.batch_size)}
+
+
+def _mnist_build(cfg: Any) -> nn.Module:
+    from .mnist import mlp
+
+    return mlp(cfg.hidden)
+
+
+def _mnist_batch(cfg: Any, data: Any, seeds: list[int], step: int, device: str) -> tuple[torch.Tensor, ...]:
+    x, y = data["train"]
+    idx = torch.stack([data["perm"](s, step) for s in seeds]).to(device)
+    return x[idx], y[idx]
+
+
+def _mnist_losses(forward: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x, y = batch
+    return torch.vmap(nn.functional.cross_entropy)(forward(x), y)
+
+
+@torch.no_grad()
+def _mnist_evaluate(forward: Callable[..., torch.Tensor], k: int, data: Any) -> tuple[list[float], list[float | None]]:
+    x, y = data["test"]
+    loss = torch.zeros(k, dtype=torch.float64)
+    correct = torch.zeros(k, dtype=torch.float64)
+    for i in range(0, len(x), 2000):
+        xb, yb = x[i:i + 2000], y[i:i + 2000]
+        logits = forward(xb.expand(k, *xb.shape))
+        loss += torch.vmap(lambda lg, t: nn.functional.cross_entropy(lg, t, reduction="sum"))(
+            logits, yb.expand(k, *yb.shape)).double().cpu()
+        correct += (logits.argmax(-1) == yb).sum(-1).double().cpu()
+    return (loss / len(x)).tolist(), (correct / len(x)).tolist()
+
+
+def _mnist_setting(cfg: Record) -> str:
+    return (f"the mnist experiment's one-hidden-layer MLP with {cfg['hidden']} hidden units (the experiment has "
+            f"784), weight decay {cfg['weight_decay']:g}, step size alpha/sqrt(t), batch {cfg['batch_size']}; "
+            "the metric is the cross-entropy on the 10,000 test images after the last step")
+
+
+MNIST = SweepTask("mnist", MnistSweepConfig, MNIST_DEFAULT_STEPS, _mnist_setting,
+                  {"beta2s": (0.5, 0.999), "lrs": (1e-3, 1e-2), "seeds": 3, "steps": 100},
+                  _mnist_load, _mnist_build, _mnist_batch, _mnist_losses, _mnist_evaluate)
+
+
+def train_mnist_cell(cfg: MnistSweepConfig, cell: Cell, device: str = "cpu") -> tuple[list[Record], float]:
+    """:func:`train_cell` of the mnist task."""
+    return train_cell(MNIST, cfg, cell, device)
+
+
+TASKS: dict[str, SweepTask] = {"mnist": MNIST}
 # --------------------------------------------------------------------------- the reports
 def capped(r: Record) -> float:
     """A seed's loss for the comparisons: ``min(test loss, loss at init)``; a diverged seed's is the init loss."""
@@ -416,7 +494,6 @@ def run_sweep(task: str, cfg: Any, out: Path, device: str = "cpu", quick: bool =
               shard: tuple[int, int] = (0, 1), say: Callable[[str], None] | None = None) -> Record | None:
     """Train every unfinished cell of this shard into ``out``; the summary when every cell is done, else None."""
     say = say or (lambda s: print(s, file=sys.stderr, flush=True))
-    _, train, _ = TASKS[task]
     index, count = shard
     if fresh and count > 1:
         raise ConfigError("--fresh with --shard would remove the other shards' results; start over once, "
@@ -445,7 +522,7 @@ def run_sweep(task: str, cfg: Any, out: Path, device: str = "cpu", quick: bool =
                 continue
             say(f"[{name} {i}/{len(mine)}] {cell.key} ({cfg.seeds} seeds)")
             start = time.perf_counter()
-            records, train_s = train(cfg, cell, device)
+            records, train_s = train_cell(TASKS[task], cfg, cell, device)
             records = [{"optimizer": cell.optimizer, "beta2": cell.beta2, "lr": cell.lr, **r} for r in records]
             _io.write_json(path, {"cell": dataclasses.asdict(cell), "records": records,
                                   "wall_s": round(time.perf_counter() - start, 3), "train_s": round(train_s, 3),
@@ -476,7 +553,7 @@ def _write_reports(task: str, cfg: Any, out: Path, meta: Record, grid: list[Cell
     results = [read_result(out / "runs" / f"{c.key}.json", "delete it to run this cell again",
                            lambda v: isinstance(v, dict) and isinstance(v.get("records"), list)) for c in grid]
     records = [r for res in results for r in res["records"]]
-    _, _, default_steps = TASKS[task]
+    default_steps = TASKS[task].default_steps
     train_s = sum(res.get("train_s", 0.0) for res in results)
     cost = {"cells": len(grid), "seed_runs": len(records), "train_s": round(train_s, 1),
             "wall_s": round(sum(res.get("wall_s", 0.0) for res in results), 1),
@@ -506,13 +583,12 @@ def write_doc(task: str, out: Path, summary: Record, page: Path) -> None:
 
 def measure_cost(task: str, cfg: Any, device: str = "cpu") -> Record:
     """Seconds per seed and step of one cell (adopt, its default beta2, lr 1e-3), ensemble against separate."""
-    _, train, _ = TASKS[task]
     cell = Cell("adopt", 0.9999, 1e-3)
     times = {}
     for batched in (True, False):
         c = dataclasses.replace(cfg, ensemble=batched)
-        train(c, dataclasses.replace(cell), device)  # warm-up: the data load and first allocations
-        _, seconds = train(c, cell, device)
+        train_cell(TASKS[task], c, cell, device)  # warm-up: the data load and first allocations
+        _, seconds = train_cell(TASKS[task], c, cell, device)
         times["ensemble" if batched else "separate"] = 1e3 * seconds / (cfg.seeds * cfg.steps)
     return {"task": task, "seeds": cfg.seeds, "steps": cfg.steps, "hidden": getattr(cfg, "hidden", None),
             "batch_size": getattr(cfg, "batch_size", None), "threads": torch.get_num_threads(), "device": device,
@@ -567,15 +643,13 @@ def doc_page(task: str, summary: Record, cost: Record | None, figures: str) -> s
         "**Claim (the paper's title).** ADOPT converges with any beta2, where Adam needs a problem-dependent one. "
         "On a real task: over a grid of beta2 and learning rates, ADOPT's final loss depends less on beta2 and on "
         "the learning rate than Adam's and AMSGrad's.", "",
-        f"**Setting.** {task}: the mnist experiment's one-hidden-layer MLP with {cfg['hidden']} hidden units "
-        f"(the experiment has 784), weight decay {cfg['weight_decay']:g}, step size alpha/sqrt(t), batch "
-        f"{cfg['batch_size']}, {cfg['steps']} steps per cell: {c['shorter_by']:g}x shorter than the experiment's "
+        f"**Setting.** {task}: {TASKS[task].setting(cfg)}. {cfg['steps']} steps per cell: "
+        f"{c['shorter_by']:g}x shorter than the experiment's "
         f"{c['default_steps']:,}. Grid: {grid}. Each optimizer keeps its own beta1 and eps (ADOPT eps 1e-6, "
         "clipped). Seed s has the same initialisation and batches in every cell, so cells compare paired by seed. "
-        "The metric is the cross-entropy on the 10,000 test images after the last step; a seed whose training "
-        "loss became NaN or inf is counted as diverged, and in the comparisons its loss is the loss at "
-        f"initialisation (Wortsman et al.'s min(loss, loss at init)). Run with {summary['threads']} torch "
-        "thread(s).", "",
+        "A seed whose training loss became NaN or inf is counted as diverged, and in the comparisons its loss "
+        "is the loss at initialisation (Wortsman et al.'s min(loss, loss at init)). Run with "
+        f"{summary['threads']} torch thread(s).", "",
         *([f"**This page is from `--quick`**: {QUICK_NOTE}", ""] if summary["preset"] == "quick" else []),
         "## Command", "", "```bash",
         f"adoptim sweep {task} --threads 1           # the grid above",
@@ -663,13 +737,13 @@ def main(argv: Sequence[str]) -> int:
     """``adoptim sweep ...``; returns the exit status."""
     argv = list(argv)
     first = next((a for a in argv if not a.startswith("-")), None)
-    task_cls = TASKS[first][0] if first in TASKS and ("-h" in argv or "--help" in argv) else None
+    task_cls = TASKS[first].config if first in TASKS and ("-h" in argv or "--help" in argv) else None
     args = _parser(task_cls).parse_args(argv)
     try:
         if args.task not in TASKS:
             raise ConfigError(f"unknown sweep task {args.task!r}; known: {', '.join(TASKS)}")
-        cls = TASKS[args.task][0]
-        overrides = list(QUICK[args.task].items()) if args.quick else []
+        cls = TASKS[args.task].config
+        overrides = list(TASKS[args.task].quick.items()) if args.quick else []
         if args.config is not None:
             overrides += read_config_file(args.config)
         if args.seeds is not None:
