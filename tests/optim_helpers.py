@@ -65,3 +65,23 @@ def run_reference(params: list[torch.Tensor], grads, **hyper: object) -> Referen
     for row in grads:
         ref.step(row)
     return ref
+
+
+FACTS_CHECKERS = ["facts in C", "facts in Python"]
+
+
+def use_facts_checker(which: str, module: object, monkeypatch: object) -> None:
+    """Make ``module`` (``adoptim._plan`` or ``adoptim._flat``) check kept tensors' facts in one C call
+    (``kernels/facts.py``; skipped where the library is not built, an error where it is but fails its
+    self-test) or, with ``"facts in Python"``, in Python, as where the library is missing."""
+    import pytest
+
+    from adoptim.kernels import facts, fused_cpu
+
+    if which == "facts in C":
+        if not fused_cpu.is_available():
+            pytest.skip("the facts check in C is unavailable (no compiled library)")
+        assert facts._library() is not None, "the library is built, but the facts check in C failed its self-test"
+    else:
+        monkeypatch.setattr(module, "kept_facts", lambda *lists: None)
+

@@ -14,25 +14,21 @@ import warnings
 
 import pytest
 import torch
+from optim_helpers import FACTS_CHECKERS, use_facts_checker
 
 import adoptim
 from adoptim import _flat
-from adoptim.kernels import facts, fused_cpu
+from adoptim.kernels import fused_cpu
 from adoptim.reference import adopt_step
 
 KERNELS = [dict(fused=True), dict(foreach=True), dict(foreach=False)]
 needs_kernel = pytest.mark.skipif(not fused_cpu.is_available(), reason="fused CPU kernel not built")
 
 
-@pytest.fixture(autouse=True, params=["facts in C", "facts in Python"])
+@pytest.fixture(autouse=True, params=FACTS_CHECKERS)
 def facts_checker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test twice: the buckets' facts checked in one C call (kernels/facts.py), and in Python."""
-    if request.param == "facts in C":
-        if not fused_cpu.is_available():
-            pytest.skip("the facts check in C is unavailable (no compiled library)")
-        assert facts._library() is not None, "the library is built, but the facts check in C failed its self-test"
-    else:
-        monkeypatch.setattr(_flat, "kept_facts", lambda *lists: None)
+    """Every test twice: the buckets' facts checked in one C call, and in Python."""
+    use_facts_checker(request.param, _flat, monkeypatch)
     return request.param
 
 

@@ -16,10 +16,11 @@ import weakref
 
 import pytest
 import torch
+from optim_helpers import FACTS_CHECKERS, use_facts_checker
 
 import adoptim
 from adoptim import _plan, functional
-from adoptim.kernels import facts, fused_cpu
+from adoptim.kernels import fused_cpu
 from adoptim.kernels.contract import Hyper, KernelPlan
 from adoptim.reference import adopt_step
 
@@ -28,16 +29,10 @@ KERNELS = [dict(fused=True), dict(foreach=True), dict(foreach=False)]
 needs_kernel = pytest.mark.skipif(not fused_cpu.is_available(), reason="fused CPU kernel not built")
 
 
-@pytest.fixture(autouse=True, params=["facts in C", "facts in Python"])
+@pytest.fixture(autouse=True, params=FACTS_CHECKERS)
 def facts_checker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test twice: with the facts checked in one C call (kernels/facts.py), and in Python (where
-    the library is missing), so that each check of either side is needed by a test."""
-    if request.param == "facts in C":
-        if not fused_cpu.is_available():
-            pytest.skip("the facts check in C is unavailable (no compiled library)")
-        assert facts._library() is not None, "the library is built, but the facts check in C failed its self-test"
-    else:
-        monkeypatch.setattr(_plan, "kept_facts", lambda *lists: None)
+    """Every test twice: the facts checked in one C call, and in Python (where the library is missing)."""
+    use_facts_checker(request.param, _plan, monkeypatch)
     return request.param
 
 
