@@ -218,3 +218,31 @@ def test_a_seed_of_a_cell_is_the_mnist_experiments_run(data: Path, tmp_path: Pat
         (mine, _), _ = sweep.train_mnist_cell(cfg, Cell("adopt", 0.5, 1e-2))
         assert mine["test_accuracy"] == alone["test_accuracy"]
         assert mine["train_loss"] == pytest.approx(alone["train_loss_final"], rel=1e-5)
+
+
+def test_a_seed_of_a_vae_cell_is_the_vae_experiments_run(data: Path, tmp_path: Path) -> None:
+    # The vae experiment's batches, reparameterisation noise, test noise and constant lr: its test
+    # negative ELBO is the sweep's, batched (conv under vmap sums in another order: rel 1e-4) or not.
+    out = tmp_path / "vae"
+    assert run_cli("vae", "--out", out, "--set", f"data_dir={data}", "channels=4", "latent=4", "batch_size=32",
+                   "steps=10", "seeds=1", "optimizers=adopt", "adopt.lr=1e-2", "adopt.betas=0.9,0.9",
+                   "eval_every=10", "log_every=10") == 0
+    alone = json.loads((out / "runs" / "adopt-s0.json").read_text())["records"][0]
+    cfg = sweep.VaeSweepConfig(data_dir=str(data), channels=4, latent=4, batch_size=32, steps=10, seeds=2)
+    got = []
+    for batched in (True, False):
+        cfg.ensemble = batched
+        (mine, other), _ = sweep.train_cell(sweep.VAE, cfg, Cell("adopt", 0.9, 1e-2))
+        assert mine["test_loss"] == pytest.approx(alone["test_nelbo"], rel=1e-4)
+        assert mine["test_accuracy"] is None and other["test_loss"] != pytest.approx(mine["test_loss"], rel=1e-3)
+        got.append(mine["test_loss"])
+    assert got[0] == pytest.approx(got[1], rel=1e-4)
+
+
+def test_a_vae_sweep_runs_through_the_command(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli("sweep", "vae", "--out", out, "--set", f"data_dir={data}", "channels=4", "latent=4",
+                   "batch_size=32", "steps=3", "seeds=2", "beta2s=0.5,0.99", "lrs=1e-3", "test_images=64") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == "sweep-vae" and len(summary["final"]) == 6
+    assert all(r["test_loss"] > 0 and r["test_accuracy_%"] is None for r in summary["final"])

