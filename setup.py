@@ -47,7 +47,7 @@ def _compile_args() -> list[str]:
 kernel = Extension(
     "adoptim.kernels._adopt_cpu",
     sources=[f"src/adoptim/kernels/csrc/{name}.c"
-             for name in ("elementwise", "threads", "step", "bandwidth", "facts", "module")],
+             for name in ("elementwise", "threads", "step", "bandwidth", "facts", "module", "lowbit")],
     depends=["src/adoptim/kernels/csrc/adopt_cpu.h"],
     extra_compile_args=_compile_args(),
     # -ldl: dlopen, to find torch's OpenMP runtime (part of libc from glibc 2.34 on).

@@ -171,6 +171,31 @@ def test_one_step_against_reference(kind: str, step: int) -> None:
         assert bool(((got >= lo * scales - tol) & (got <= hi * scales + tol)).all())
 
 
+def test_functional_adopt_takes_stored_moments_and_amp_arguments() -> None:
+    """``adopt(..., state_precision=...)`` runs the low-precision kernel; AMP's scale is divided out first and
+    a nonzero found_inf skips the call, as for the other eager kernels."""
+    from adoptim import adopt
+
+    gen = torch.Generator().manual_seed(8)
+    p, g = torch.randn(600, generator=gen), torch.randn(600, generator=gen)
+    kw = dict(block_size=256, seed=0, device=torch.device("cpu"))
+
+    def moments() -> tuple[Stored, Stored]:
+        return (Stored.empty(600, FORMATS["8bit"].m, signed=True, stream=0, **kw),
+                Stored.empty(600, FORMATS["8bit"].v, signed=False, stream=1, **kw))
+
+    runs = []
+    for scale, found in ((None, None), (torch.tensor(4.0), torch.tensor(0.0)), (torch.tensor(4.0), torch.tensor(1.0))):
+        q, (m, v), s = p.clone(), moments(), torch.tensor(0.0)
+        for _ in range(2):
+            grad = g if scale is None else g * scale
+            adopt([q], [grad], [m], [v], [s], grad_scale=scale, found_inf=found, state_precision="8bit", **HYPER)
+        runs.append((q, v.data.clone(), s.item()))
+    assert runs[0][2] == 2 and not torch.equal(runs[0][0], p)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])  # 4*g/4 is g exactly
+    assert torch.equal(runs[2][0], p) and runs[2][2] == 0  # skipped, steps included
+
+
 # ----------------------------------------------------------------------------- the optimizer option
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -386,3 +411,99 @@ def test_full_groups_never_reach_the_low_precision_path(monkeypatch: pytest.Monk
     _train(model, opt, range(2))
     opt.load_state_dict(opt.state_dict())
     _train(model, opt, range(2, 3))
+
+
+# ----------------------------------------------------------------------------- the fused 8-bit CPU kernel
+@pytest.fixture(scope="module")
+def lowbit_lib(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a ctypes library
+    """The installed library's fused 8-bit step, or the C file compiled here when the installed library
+    was built before it existed."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from adoptim.kernels import lowbit_cpu
+
+    lib = lowbit_cpu.load()
+    if lib is not None:
+        return lib
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler, and the installed library predates the fused 8-bit step")
+    csrc = Path(lowbit_cpu.__file__).parent / "csrc"
+    out = tmp_path_factory.mktemp("lowbit") / "liblowbit.so"
+    subprocess.run([cc, "-O3", "-fno-math-errno", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden",
+                    f"-I{csrc}", str(csrc / "lowbit.c"), "-o", str(out)], check=True)
+    return lowbit_cpu.load(str(out))
+
+
+def _pair(n: int, fmt, block: int, p0: torch.Tensor) -> list[tuple]:
+    kw = dict(block_size=block, seed=11, device=torch.device("cpu"))
+    return [(p0.clone(), Stored.empty(n, fmt.m, signed=True, stream=0, **kw),
+             Stored.empty(n, fmt.v, signed=False, stream=1, **kw), torch.tensor(0.0)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize(("wd", "decoupled", "clip", "maximize"), [
+    (0.0, False, 0.25, False), (1e-2, True, 0.25, True), (1e-2, False, None, False)])
+@pytest.mark.parametrize("lr", [1e-3, "tensor"])
+def test_fused_8bit_kernel_writes_the_torch_paths_bits(lowbit_lib, rounding: str, wd: float, decoupled: bool,
+                                                       clip: float | None, maximize: bool, lr: object) -> None:
+    from adoptim.kernels import lowbit_cpu
+    from adoptim.kernels.lowbit import MomentFormat, StateFormat
+
+    stochastic = rounding == "stochastic"
+    fmt = StateFormat(MomentFormat("8bit", stochastic), MomentFormat("8bit", stochastic))
+    gen = torch.Generator().manual_seed(20)
+    n, block = 5000, 64 if stochastic else 256  # a last partial block either way
+    lr = torch.tensor(3e-3) if lr == "tensor" else lr
+    hyper = Hyper(lr=lr, beta1=0.9, beta2=0.9999, eps=1e-6, weight_decay=wd, decoupled_weight_decay=decoupled,
+                  clip_exponent=clip, maximize=maximize)
+    (pa, ma, va, sa), (pb, mb, vb, sb) = _pair(n, fmt, block, torch.randn(n, generator=gen))
+    for _ in range(4):
+        g = torch.randn(n, generator=gen) * torch.logspace(-5, 1, n)
+        g[:300] = 0.0  # a block of zeros (scale 0) and zero second moments
+        lowbit_adopt([pa], [g], [ma], [va], [sa], hyper)
+        assert lowbit_cpu.lowbit_cpu_adopt([pb], [g], [mb], [vb], [sb], hyper, lib=lowbit_lib) == []
+        assert torch.equal(pa, pb) and sa.item() == sb.item()
+        for x, y in ((ma, mb), (va, vb)):
+            assert torch.equal(x.data, y.data) and torch.equal(x.absmax, y.absmax)
+    assert not torch.equal(ma.data, torch.full_like(ma.data, 127))  # it did move m
+
+
+def test_fused_8bit_kernel_leaves_what_it_cannot_take(lowbit_lib) -> None:
+    from adoptim.kernels import lowbit_cpu
+
+    n = 600
+    gen = torch.Generator().manual_seed(21)
+    kw = dict(block_size=256, seed=0, device=torch.device("cpu"))
+    params = [torch.randn(n, generator=gen), torch.randn(n, generator=gen, dtype=torch.float64),
+              torch.randn(n, generator=gen), torch.randn(2 * n, generator=gen)[::2]]
+    grads = [torch.randn(n, generator=gen) for _ in params]
+    grads[1] = grads[1].double()
+    ms = [Stored.empty(n, FORMATS["8bit" if i != 2 else "bfloat16"].m, signed=True, stream=0, **kw) for i in range(4)]
+    vs = [Stored.empty(n, FORMATS["8bit" if i != 2 else "bfloat16"].v, signed=False, stream=1, **kw) for i in range(4)]
+    steps = [torch.tensor(0.0) for _ in params]
+    hyper = Hyper(**HYPER)
+    assert lowbit_cpu.lowbit_cpu_adopt(params, grads, ms, vs, steps, hyper, lib=lowbit_lib) == [1, 2, 3]
+    assert [s.item() for s in steps] == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_optimizer_default_8bit_step_is_the_torch_paths(lowbit_lib, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the fused kernel (the default where it is installed) and with fused=False: the same bits."""
+    from adoptim.kernels import lowbit_cpu
+
+    monkeypatch.setattr(lowbit_cpu, "_installed", lambda: lowbit_lib)
+    runs = []
+    for fused in (None, False):
+        model = _model()
+        # state_min_size=0: every tensor 8-bit (full-precision ones would take another kernel with fused=False)
+        opt = ADOPT(model.parameters(), state_precision="8bit", state_min_size=0, fused=fused, weight_decay=1e-3)
+        _train(model, opt, range(4))
+        runs.append((model, opt))
+    (a, opt_a), (b, opt_b) = runs
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key, value in opt_a.state[p].items():
+            assert torch.equal(value, opt_b.state[q][key]), key

@@ -17,7 +17,7 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from .kernels import fused_cpu
+from .kernels import fused_cpu, lowbit_cpu
 from .kernels.common import PLAIN_TENSOR_TYPES, dtensor_type
 from .kernels.contract import FUSED_DEVICES, Hyper, Kernel, KernelPlan, check_kernel_choice
 from .kernels.foreach import foreach_adopt
@@ -134,7 +134,9 @@ def adopt(
 
     ``state_precision``: ``"full"`` (the moments are tensors of their parameters' dtypes and shapes), or
     ``"8bit"``/``"bfloat16"``: the moments are :class:`~adoptim.kernels.lowbit.Stored` records and the
-    low-precision for-loop kernel runs (:class:`~adoptim.ADOPT`'s ``state_precision`` makes them).
+    low-precision kernels run (:class:`~adoptim.ADOPT`'s ``state_precision`` makes them): the fused 8-bit
+    CPU kernel where it takes the tensors (float32 on the CPU) unless ``fused=False``, which writes the
+    same bits as the torch path that runs everywhere else.
 
     Example::
 
@@ -172,7 +174,7 @@ def adopt(
     )
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if state_precision != "full":  # its records say how each moment is stored
-        _run_eager(lowbit_adopt, lists, hyper)
+        _run_eager(lowbit_adopt if fused is False else _lowbit_fused, lists, hyper)
         return
     # The kernel choice depends on the flags and on the parameters' devices and types, which a plan's
     # promise covers: it is kept there.
@@ -225,6 +227,18 @@ def _route(params: list[Tensor], fused: bool | None, foreach: bool | None, diffe
             f"fused=True supports parameters on cpu and cuda, got one on {other[0]}; use foreach=True there"
         )
     return by_device
+
+
+def _lowbit_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list, exp_avg_sqs: list,
+                  state_steps: list[Tensor], hyper: Hyper, plan: KernelPlan | None = None) -> tuple[()]:
+    """The fused 8-bit CPU kernel on the tensors it takes, the torch path on the rest (the same bits)."""
+    rest = lowbit_cpu.lowbit_cpu_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper) \
+        if lowbit_cpu.available() else None
+    if rest is None:
+        lowbit_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper)
+    elif rest:
+        lowbit_adopt(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps)), hyper)
+    return ()
 
 
 def run_fused_kernel(kernel: Kernel, lists: Sequence[list[Tensor]], hyper: Hyper,

@@ -123,13 +123,15 @@ def lowbit_adopt(
         raise ValueError("the low-precision kernel takes no grad_scale or found_inf (the dispatcher unscales)")
     beta1, beta2, lr, eps = hyper.beta1, hyper.beta2, hyper.lr, hyper.eps
     wd, decoupled, clip_exponent = hyper.weight_decay, hyper.decoupled_weight_decay, hyper.clip_exponent
+    # Every operation below is one float32 rounding (no lerp or addcmul: torch computes those with fused
+    # multiply-adds where the CPU has them), so the fused kernel (csrc/lowbit.c) repeats it bit for bit.
     for i, param in enumerate(params):
         grad = -grads[i] if hyper.maximize else grads[i]
         m_st, v_st, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         if torch.is_complex(param):
             grad, param = torch.view_as_real(grad), torch.view_as_real(param)
         if wd != 0 and not decoupled:
-            grad = grad.add(param, alpha=wd)
+            grad = grad + param * wd
         g = grad.reshape(-1).float()
         t = int(step_t.item())
         if t == 0:
@@ -137,23 +139,17 @@ def lowbit_adopt(
             step_t += 1
             continue
         if wd != 0 and decoupled:
-            scale = decay_scale(lr, wd, param.dtype)
-            if isinstance(scale, Tensor):
-                param.sub_(param * scale)
-            else:
-                param.add_(param, alpha=-scale)
+            param.sub_(param * decay_scale(lr, wd, param.dtype))
         m, v = m_st.load(), v_st.load()
-        normed = g.div(torch.clamp(v.sqrt(), min=eps))  # v is v_{t-1}: it excludes this gradient
+        # v is v_{t-1}: it excludes this gradient. The square root in float64, rounded once to float32: the
+        # correctly rounded float32 root, which torch's own float32 sqrt is not on every CPU.
+        normed = g / torch.clamp(v.double().sqrt().float(), min=eps)
         if clip_exponent is not None:
             bound = float(t) ** clip_exponent
             normed.clamp_(-bound, bound)
-        m.lerp_(normed, 1 - beta1)
-        update = m.view(param.shape).to(param.dtype)
-        if isinstance(lr, Tensor):
-            param.sub_(update * lr)
-        else:
-            param.add_(update, alpha=-lr)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m = m * beta1 + normed * (1 - beta1)
+        param.sub_(m.view(param.shape).to(param.dtype) * lr)
+        v = v * beta2 + (g * g) * (1 - beta2)
         m_st.store_(m, t)
         v_st.store_(v, t)
         step_t += 1

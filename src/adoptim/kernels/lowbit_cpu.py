@@ -1,0 +1,136 @@
+"""The fused CPU step of 8-bit state (``csrc/lowbit.c``), called through ctypes on raw data pointers.
+
+It takes float32 parameters on the CPU whose moments are 8-bit :class:`~.lowbit.Stored` records, and
+writes the same parameter bits, codes and scales as the torch path (:func:`~.lowbit.lowbit_adopt`),
+whose tables it reads; it returns the indices of the tensors it left (other dtypes, complex or
+non-contiguous tensors, bfloat16 state) for the dispatcher to run on the torch path. The compiled
+function lives in the fused CPU kernel's library; an installation built before it existed lacks it, and
+then nothing runs here (:func:`available` is False).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from .common import decay_scale
+from .contract import Hyper, KernelPlan
+from .lowbit import Stored
+from .quant import _bucket_counts, stream_key, tables
+
+__all__ = ["available", "load", "lowbit_cpu_adopt"]
+
+
+class _Hyper(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_float) for name in (
+        "lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "wd", "decay", "bound")] + [
+        (name, ctypes.c_int) for name in ("coupled", "decoupled", "has_clip", "maximize")]
+
+
+class _Map(ctypes.Structure):
+    _fields_ = [("map", ctypes.c_void_p), ("len", ctypes.c_int64), ("mid_counts", ctypes.c_void_p),
+                ("mid_next", ctypes.c_void_p), ("tab_counts", ctypes.c_void_p), ("tab_next", ctypes.c_void_p)]
+
+
+@functools.cache
+def _maps() -> tuple[_Map, _Map]:
+    """The C view of the signed and unsigned tables (cached tensors: their memory stays)."""
+    out = []
+    for signed in (True, False):
+        table = tables(signed)[0]
+        mc, mn = _bucket_counts(signed, "mids")
+        tc, tn = _bucket_counts(signed, "table")
+        out.append(_Map(table.data_ptr(), table.numel(), mc.data_ptr(), mn.data_ptr(), tc.data_ptr(),
+                        tn.data_ptr()))
+    return out[0], out[1]
+
+
+def load(path: str | None = None) -> ctypes.CDLL | None:
+    """The library holding ``adopt_lowbit8_step`` (the installed fused CPU library unless ``path``), or None."""
+    if path is None:
+        spec = importlib.util.find_spec("adoptim.kernels._adopt_cpu")
+        if spec is None or not spec.origin:
+            return None
+        path = spec.origin
+    try:
+        lib = ctypes.CDLL(path)
+        fn = lib.adopt_lowbit8_step
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_int64] + [
+        ctypes.POINTER(_Hyper), ctypes.POINTER(_Map), ctypes.POINTER(_Map),
+        ctypes.c_int, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32]
+    return lib
+
+
+@functools.cache
+def _installed() -> ctypes.CDLL | None:
+    return load()
+
+
+def available() -> bool:
+    """Whether the installed library has the fused 8-bit step."""
+    return _installed() is not None
+
+
+def _takes(p: Tensor, g: Tensor, m: Stored, v: Stored) -> bool:
+    return (type(p) in (Tensor, torch.nn.Parameter) and p.dtype == torch.float32 and p.is_cpu
+            and p.is_contiguous() and type(g) is Tensor and g.dtype == torch.float32 and g.layout == torch.strided
+            and g.is_cpu and g.is_contiguous() and g.shape == p.shape
+            and m.fmt.kind == "8bit" and v.fmt.kind == "8bit" and not m.fmt.sqrt and not v.fmt.sqrt
+            and m.block_size == v.block_size and m.data.is_contiguous() and v.data.is_contiguous()
+            and m.absmax.is_contiguous() and v.absmax.is_contiguous())
+
+
+def lowbit_cpu_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Stored],
+    exp_avg_sqs: list[Stored],
+    state_steps: list[Tensor],
+    hyper: Hyper,
+    plan: KernelPlan | None = None,
+    lib: ctypes.CDLL | None = None,
+) -> list[int]:
+    """One step of the tensors this kernel takes (see the module docstring); returns the indices of the rest.
+
+    ``lib``: the library to call (default the installed one); the dispatcher never passes it.
+    """
+    if hyper.grad_scale is not None or hyper.found_inf is not None:
+        raise ValueError("the fused 8-bit kernel takes no grad_scale or found_inf (the dispatcher unscales)")
+    lib = lib or _installed()
+    if lib is None:
+        return list(range(len(params)))
+    signed_map, unsigned_map = _maps()
+    lr = hyper.lr
+    wd, decoupled = hyper.weight_decay, hyper.decoupled_weight_decay
+    decay = 0.0
+    if wd != 0 and decoupled:
+        decay = float(decay_scale(lr, wd, torch.float32))  # the float32 value the torch path multiplies by
+    h = _Hyper(float(lr), hyper.beta1, 1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2, hyper.eps, wd, decay, 0.0,
+               int(wd != 0 and not decoupled), int(wd != 0 and decoupled), int(hyper.clip_exponent is not None),
+               int(hyper.maximize))
+    left = []
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True)):
+        if not _takes(p, g, m, v):
+            left.append(i)
+            continue
+        t = int(s.item())
+        if hyper.clip_exponent is not None:
+            h.bound = float(t) ** hyper.clip_exponent
+        m_key = stream_key(m.seed, t, m.stream) if m.fmt.stochastic else 0
+        v_key = stream_key(v.seed, t, v.stream) if v.fmt.stochastic else 0
+        rc = lib.adopt_lowbit8_step(
+            p.numel(), p.data_ptr(), g.data_ptr(), m.data.data_ptr(), m.absmax.data_ptr(), v.data.data_ptr(),
+            v.absmax.data_ptr(), m.block_size, t, ctypes.byref(h), ctypes.byref(signed_map),
+            ctypes.byref(unsigned_map), int(m.fmt.stochastic), m_key, int(v.fmt.stochastic), v_key)
+        if rc != 0:
+            left.append(i)  # out of memory for its scratch block: nothing of it changed
+            continue
+        s += 1
+    return left
