@@ -20,7 +20,8 @@ _LOADED = "2026-12-03, load 3-5"
 RUN_TIMES: dict[str, str] = {
     "toy": f"default 3.6 min idle (measured 2026-11-28), 7.4 min at load 3-4 (measured {_LOADED}); --quick "
            f"7.7 min at load 4-5 (measured {_LOADED}; it runs uncompiled, the default compiles)",
-    "mnist": f"default 9.5 min idle (measured 2026-11-29); --quick 41 s (measured {_LOADED})",
+    "mnist": f"default 9.5 min idle (measured 2026-11-29), 21 min with --threads 1 at load 6-8 (measured "
+             f"2026-12-03); --quick 41 s (measured {_LOADED})",
     "vae": f"default 2.5 min idle (measured 2026-11-29); --quick 2.6 min (measured {_LOADED})",
     "gpt": f"default 53 min at load (measured 2026-11-28); --quick 7 s (measured {_LOADED})",
     "llama": f"default 20 min per seed at load (measured 2026-11-28); --quick 11 s (measured {_LOADED})",
