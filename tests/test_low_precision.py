@@ -340,6 +340,29 @@ def test_fused_full_checkpoint_into_bfloat16() -> None:
     _train(model, opt, range(2, 3))
 
 
+def test_switching_a_groups_precision_converts_once() -> None:
+    p = torch.randn(5000, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(9)).requires_grad_()
+    opt = ADOPT([p])
+    grads = [torch.randn(5000, generator=torch.Generator().manual_seed(t)).bfloat16() for t in range(5)]
+    for t in range(2):
+        p.grad = grads[t]
+        opt.step()
+    full = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0]["state_precision"] = "bfloat16"  # a 1-D bfloat16 parameter: its full state is bf16 too
+    p.grad = grads[2]
+    opt.step()
+    entry = opt.state[p]
+    assert "rounding_seed" in entry and entry["exp_avg"].shape == (5000,)
+    assert torch.equal(entry["step"], full["step"] + 1)
+    p.grad = grads[3]
+    opt.step()
+    assert opt.state[p] is entry  # converted once, then stepped in place
+    opt.param_groups[0]["state_precision"] = "8bit"
+    p.grad = grads[4]
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.uint8 and opt.state[p]["step"].item() == 5
+
+
 def test_complex_parameter_as_pairs_of_reals() -> None:
     z = torch.randn(3000, dtype=torch.complex64, generator=torch.Generator().manual_seed(4)).requires_grad_()
     r = torch.view_as_real(z.detach().clone()).requires_grad_()

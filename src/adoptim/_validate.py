@@ -116,8 +116,8 @@ def check_state_precision(group: dict[str, Any]) -> None:
     for flag in ("fused", "foreach", "capturable", "differentiable", "flat"):
         if group.get(flag):
             raise ValueError(
-                f"Invalid state_precision: {precision!r} together with {flag}=True (low-precision state has "
-                "a for-loop kernel only, so far)"
+                f"Invalid state_precision: {precision!r} together with {flag}=True (low-precision state picks "
+                "its own kernels, which do not take that option)"
             )
 
 

@@ -83,13 +83,11 @@ def check_entry(entry: dict[str, Any], p: Tensor, kind: str, block: int, where: 
 
 
 def _detect(entry: dict[str, Any], p: Tensor) -> str:
-    """The format a state entry holds (for an entry made under another option than the group's now)."""
+    """The format a state entry holds (for an entry made under another option than the group's now): a
+    low-precision entry has a ``rounding_seed``, an 8-bit one its scales too."""
     if "exp_avg_absmax" in entry:
         return "8bit"
-    m = entry["exp_avg"]
-    if m.shape == p.shape and not (m.dtype == torch.bfloat16 and p.dtype != torch.bfloat16 and p.dim() == 1):
-        return "full"
-    return "bfloat16"
+    return "bfloat16" if "rounding_seed" in entry else "full"
 
 
 def _moments32(entry: dict[str, Any], p: Tensor, kind: str, block: int) -> tuple[Tensor, Tensor]:

@@ -106,9 +106,10 @@ class ADOPT(Optimizer):
         state_precision: how ``exp_avg`` and ``exp_avg_sq`` are stored: ``"full"`` (default) in the
             parameter's dtype; ``"bfloat16"``; ``"8bit"``, blockwise 8-bit codes with one float32 scale per
             block (bitsandbytes' and torchao's 8-bit optimizers' scheme). Both low-precision formats round
-            stochastically, reproducibly (see the docs' Low-precision state page); they run on a for-loop
-            kernel and cannot be combined with ``fused``, ``foreach``, ``capturable``, ``differentiable``
-            or ``flat``. A param group may set its own.
+            stochastically, reproducibly (see the docs' Low-precision state page). 8-bit state of float32
+            CPU parameters steps with a fused C kernel, everything else with a torch for-loop kernel that
+            writes the same bits (``fused=False`` forces it); ``fused=True``, ``foreach``, ``capturable``,
+            ``differentiable`` and ``flat`` are refused with it. A param group may set its own.
         state_block_size: elements per scale of ``"8bit"`` state, a power of two (default 256).
         state_min_size: parameters with fewer elements keep full-precision state whatever
             ``state_precision`` says (default 4096, as bitsandbytes: biases and norms).
