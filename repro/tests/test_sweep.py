@@ -246,3 +246,19 @@ def test_a_vae_sweep_runs_through_the_command(data: Path, tmp_path: Path) -> Non
     summary = json.loads((out / "summary.json").read_text())
     assert summary["experiment"] == "sweep-vae" and len(summary["final"]) == 6
     assert all(r["test_loss"] > 0 and r["test_accuracy_%"] is None for r in summary["final"])
+
+
+def test_a_grown_grid_keeps_its_finished_cells_and_another_setting_is_refused(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    base = _tiny(data, "optimizers=adopt", "beta2s=0.9")
+    assert run_cli("sweep", "mnist", "--out", out, *base, "lrs=1e-3") == 0
+    first = (out / "runs" / "adopt-b0.9-lr0.001.json").read_text()
+    assert run_cli("sweep", "mnist", "--out", out, *base, "lrs=1e-3,1e-2") == 0
+    assert (out / "runs" / "adopt-b0.9-lr0.001.json").read_text() == first  # not trained again
+    assert [r["lr"] for r in json.loads((out / "summary.json").read_text())["final"]] == [1e-3, 1e-2]
+    capsys.readouterr()
+    assert run_cli("sweep", "mnist", "--out", out, *base, "lrs=1e-3", "steps=7") == 2
+    assert "was made with steps=6, not 7" in capsys.readouterr().err
+    assert run_cli("sweep", "mnist", "--out", out, *base, "seeds=3", "lrs=1e-3") == 2
+    assert "was made with seeds=2, not 3" in capsys.readouterr().err

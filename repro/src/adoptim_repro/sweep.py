@@ -90,8 +90,9 @@ class MnistSweepConfig:
 
     beta2s: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999, 0.9999)
     """the beta2 values of the grid (each in [0, 1))"""
-    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-    """the learning rates (alpha of alpha/sqrt(t)): a half-decade log grid from 1e-3 (every optimizer's default) up"""
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+    """the learning rates (alpha of alpha/sqrt(t)): a half-decade log grid from 1e-3 (every optimizer's default) up
+    (alpha/sqrt(t) is alpha/20 at step 400: the best alpha of a short run is well above the default)"""
     optimizers: tuple[str, ...] = ("adam", "amsgrad", "adopt")
     """the optimizers swept (adam, amsgrad, adopt, adamw, adoptw); beta1 and eps are each one's default"""
     seeds: int = 5
@@ -443,7 +444,8 @@ def summarize(cfg: Any, records: list[Record]) -> Record:
                 acc = report.stats(accs) if accs else None
                 final.append({"optimizer": o, "beta2": b, "lr": lr,
                               "test_loss": loss.mean if loss else None, "ci95": loss.ci95 if loss else None,
-                              "test_accuracy_%": acc.mean if acc else None, "diverged": len(div),
+                              "test_accuracy_%": acc.mean if acc else None,
+                              "capped_loss": sum(capped(r) for r in rs) / len(rs), "diverged": len(div),
                               "diverged_step": min(div) if div else None, "seeds": len(rs)})
     best_lr = {}
     for o in opts:
@@ -600,7 +602,7 @@ def run_sweep(task: str, cfg: Any, out: Path, device: str = "cpu", quick: bool =
     try:
         if fresh:
             start_fresh(out)
-        check_out(out, meta, say)
+        check_out(out, _as_before(out, meta), say)
         _check_seeds(out, cfg)
         if count == 1:  # with shards, another process may be writing a temporary right now
             remove_stale_temporaries(out)
@@ -628,6 +630,21 @@ def run_sweep(task: str, cfg: Any, out: Path, device: str = "cpu", quick: bool =
         return _write_reports(task, cfg, out, meta, grid)
     finally:
         release_lock(lock)
+
+
+GRID_KEYS = ("beta2s", "lrs", "optimizers")
+
+
+def _as_before(out: Path, meta: Record) -> Record:
+    # The grid may grow or shrink between runs (a cell's result is keyed by its grid point, so finished
+    # cells stay valid, like seeds of the experiments): compare everything else with the folder's config.
+    path = out / "config.json"
+    if not path.exists():
+        return meta
+    old = read_result(path, "remove it (and the results beside it), use --fresh, or use another --out",
+                      lambda v: isinstance(v, dict) and isinstance(v.get("config"), dict))
+    grid = {k: old["config"][k] for k in GRID_KEYS if k in old["config"]}
+    return {**meta, "config": {**meta["config"], **grid}}
 
 
 def _check_seeds(out: Path, cfg: Any) -> None:
@@ -663,14 +680,19 @@ def _write_reports(task: str, cfg: Any, out: Path, meta: Record, grid: list[Cell
     return summary
 
 
-def write_doc(task: str, out: Path, summary: Record, page: Path) -> None:
-    """Write the documentation page of the sweep in ``out`` to ``page``, its figures to ``page/../../figures``."""
+def write_doc(task: str, out: Path, summary: Record, page: Path, long: Path | None = None) -> None:
+    """Write the documentation page of the sweep in ``out`` to ``page``, its figures to ``page/../../figures``
+    (with ``long``, the folder of a longer sweep over some of its cells, the ranking compared)."""
     figures = page.parent.parent / "figures"
     for name in ("heatmaps", "beta2"):
         data = (out / f"{name}.png").read_bytes()
         _io._atomic(figures / f"sweep_{task}_{name}.png", lambda f, d=data: f.write(d), "wb")
     cost = _io.read_json(out / "cost.json") if (out / "cost.json").exists() else None
-    _io.write_text(page, doc_page(task, summary, cost, "../figures"))
+    longer = None
+    if long is not None:
+        longer = read_result(long / "summary.json", "rerun that sweep to write it",
+                             lambda v: isinstance(v, dict) and v.get("experiment") == summary["experiment"])
+    _io.write_text(page, doc_page(task, summary, cost, "../figures", longer))
 
 
 def measure_cost(task: str, cfg: Any, device: str = "cpu") -> Record:
@@ -722,8 +744,34 @@ def _verdicts(summary: Record) -> list[str]:
     return out
 
 
-def doc_page(task: str, summary: Record, cost: Record | None, figures: str) -> str:
-    """The documentation page of a finished sweep, every number from ``summary`` (and ``cost``)."""
+def _length_check(summary: Record, long: Record) -> list[str]:
+    """Lines comparing the optimizers' ranking in the sweep with a longer sweep over some of its cells."""
+    short = {(r["optimizer"], r["beta2"], r["lr"]): r for r in summary["final"]}
+    rows = [r for r in long["final"] if (r["optimizer"], r["beta2"], r["lr"]) in short]
+    steps = (summary["config"]["steps"], long["config"]["steps"])
+    lines = ["", f"### The ranking at {steps[1]:,} steps ({steps[1] / steps[0]:g}x the cells' length)", "",
+             f"`adoptim sweep {long['experiment'].removeprefix('sweep-')} "
+             + " ".join(f"--set {k}={','.join(f'{x:g}' if isinstance(x, float) else str(x) for x in v)}"
+                        for k, v in long["config"].items() if k in ("beta2s", "lrs", "optimizers"))
+             + f" --set steps={steps[1]}`: the same seeds. Loss: min(test loss, loss at init), mean over seeds.", "",
+             f"| beta2 | lr | order at {steps[0]} steps | order at {steps[1]} steps | same |", "|---|---|---|---|---|"]
+    same_all = []
+    for (b, lr), rs in report.group(rows, "beta2", "lr").items():
+        if len(rs) < 2:
+            continue
+        a = sorted(((r["optimizer"], short[(r["optimizer"], b, lr)]["capped_loss"]) for r in rs), key=lambda t: t[1])
+        z = sorted(((r["optimizer"], r["capped_loss"]) for r in rs), key=lambda t: t[1])
+        same = [o for o, _ in a] == [o for o, _ in z]
+        same_all.append(same)
+        lines.append(f"| {b:g} | {lr:g} | {' < '.join(f'{o} {v:.3g}' for o, v in a)} | "
+                     f"{' < '.join(f'{o} {v:.3g}' for o, v in z)} | {'yes' if same else 'no'} |")
+    lines += ["", f"The ranking is the same in {sum(same_all)} of {len(same_all)} (beta2, lr) points."]
+    return lines
+
+
+def doc_page(task: str, summary: Record, cost: Record | None, figures: str, long: Record | None = None) -> str:
+    """The documentation page of a finished sweep, every number from ``summary`` (and ``cost``, and a
+    longer sweep ``long`` over some of its cells)."""
     cfg, c = summary["config"], summary["cost"]
     grid = (f"beta2 in {{{', '.join(f'{b:g}' for b in cfg['beta2s'])}}} x lr in "
             f"{{{', '.join(f'{lr:g}' for lr in cfg['lrs'])}}} x {', '.join(cfg['optimizers'])}, "
@@ -781,6 +829,8 @@ def doc_page(task: str, summary: Record, cost: Record | None, figures: str) -> s
     lines += ["", "### Diverged cells", ""]
     lines += ([f"- {r['optimizer']} beta2 {r['beta2']:g} lr {r['lr']:g}: {r['diverged']} of {r['seeds']} seeds, "
                f"first at step {r['diverged_step']}" for r in div] or ["None: every seed of every cell stayed finite."])
+    if long is not None:
+        lines += _length_check(summary, long)
     lines += ["", "## Cost", "",
               f"{c['cells']} cells, {c['seed_runs']} seed runs of {c['steps']} steps: {c['train_s'] / 60:.1f} min of "
               f"training ({c['wall_s'] / 60:.1f} min with the evaluations), {c['ms_per_seed_step']:g} ms per seed and "
@@ -821,6 +871,9 @@ def _parser(task_cls: type | None = None) -> argparse.ArgumentParser:
                    help="time one cell's seeds as one ensemble against one after another, write cost.json, exit")
     p.add_argument("--doc", type=Path, default=None, metavar="FILE",
                    help="after the sweep, write its documentation page to FILE and its figures to FILE/../../figures")
+    p.add_argument("--doc-long", type=Path, default=None, metavar="DIR",
+                   help="with --doc: the folder of a longer sweep over some of the cells, whose ranking the page "
+                        "compares")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     return p
 
@@ -868,7 +921,7 @@ def main(argv: Sequence[str]) -> int:
         if args.doc is not None:
             if summary is None:
                 raise ConfigError(f"--doc needs the whole grid; cells are left to other shards in {out}")
-            write_doc(args.task, out, summary, args.doc)
+            write_doc(args.task, out, summary, args.doc, args.doc_long)
         return 0
     except ConfigError as e:
         print(f"adoptim: error: {e}", file=sys.stderr)
