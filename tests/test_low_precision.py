@@ -456,8 +456,8 @@ def lowbit_lib(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a ct
         pytest.skip("no C compiler, and the installed library predates the fused 8-bit step")
     csrc = Path(lowbit_cpu.__file__).parent / "csrc"
     out = tmp_path_factory.mktemp("lowbit") / "liblowbit.so"
-    subprocess.run([cc, "-O3", "-fno-math-errno", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden",
-                    f"-I{csrc}", str(csrc / "lowbit.c"), "-o", str(out)], check=True)
+    subprocess.run([cc, "-O3", "-fno-math-errno", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread",
+                    f"-I{csrc}", str(csrc / "lowbit.c"), str(csrc / "threads.c"), "-o", str(out), "-ldl"], check=True)
     return lowbit_cpu.load(str(out))
 
 
@@ -493,6 +493,28 @@ def test_fused_8bit_kernel_writes_the_torch_paths_bits(lowbit_lib, rounding: str
         for x, y in ((ma, mb), (va, vb)):
             assert torch.equal(x.data, y.data) and torch.equal(x.absmax, y.absmax)
     assert not torch.equal(ma.data, torch.full_like(ma.data, 127))  # it did move m
+
+
+def test_fused_8bit_kernel_threads_change_no_bit(lowbit_lib) -> None:
+    from adoptim.kernels import lowbit_cpu
+
+    n = 3 * 65536 + 1000
+    gen = torch.Generator().manual_seed(22)
+    pairs = _pair(n, FORMATS["8bit"], 256, torch.randn(n, generator=gen))
+    hyper = Hyper(**HYPER)
+    prev = torch.get_num_threads()
+    try:
+        for _ in range(3):
+            g = torch.randn(n, generator=gen)
+            for threads, (p, m, v, s) in zip((1, 3), pairs, strict=True):
+                torch.set_num_threads(threads)
+                assert lowbit_cpu.lowbit_cpu_adopt([p], [g], [m], [v], [s], hyper, lib=lowbit_lib) == []
+    finally:
+        torch.set_num_threads(prev)
+    (pa, ma, va, _), (pb, mb, vb, _) = pairs
+    assert torch.equal(pa, pb)
+    for x, y in ((ma, mb), (va, vb)):
+        assert torch.equal(x.data, y.data) and torch.equal(x.absmax, y.absmax)
 
 
 def test_fused_8bit_kernel_leaves_what_it_cannot_take(lowbit_lib) -> None:

@@ -24,6 +24,8 @@ from .quant import _bucket_counts, stream_key, tables
 
 __all__ = ["available", "load", "lowbit_cpu_adopt"]
 
+_PER_THREAD = 1 << 16  # elements a thread is worth starting for (the split changes no bit)
+
 
 class _Hyper(ctypes.Structure):
     _fields_ = [(name, ctypes.c_float) for name in (
@@ -64,7 +66,7 @@ def load(path: str | None = None) -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_int64] + [
         ctypes.POINTER(_Hyper), ctypes.POINTER(_Map), ctypes.POINTER(_Map),
-        ctypes.c_int, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32]
+        ctypes.c_int, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
     return lib
 
 
@@ -99,7 +101,8 @@ def lowbit_cpu_adopt(
 ) -> list[int]:
     """One step of the tensors this kernel takes (see the module docstring); returns the indices of the rest.
 
-    ``lib``: the library to call (default the installed one); the dispatcher never passes it.
+    ``lib``: the library to call (default the installed one); the dispatcher never passes it. A large tensor
+    is split over torch's threads (``torch.get_num_threads()``) at block boundaries.
     """
     if hyper.grad_scale is not None or hyper.found_inf is not None:
         raise ValueError("the fused 8-bit kernel takes no grad_scale or found_inf (the dispatcher unscales)")
@@ -115,6 +118,7 @@ def lowbit_cpu_adopt(
     h = _Hyper(float(lr), hyper.beta1, 1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2, hyper.eps, wd, decay, 0.0,
                int(wd != 0 and not decoupled), int(wd != 0 and decoupled), int(hyper.clip_exponent is not None),
                int(hyper.maximize))
+    threads = torch.get_num_threads()
     left = []
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True)):
         if not _takes(p, g, m, v):
@@ -128,7 +132,8 @@ def lowbit_cpu_adopt(
         rc = lib.adopt_lowbit8_step(
             p.numel(), p.data_ptr(), g.data_ptr(), m.data.data_ptr(), m.absmax.data_ptr(), v.data.data_ptr(),
             v.absmax.data_ptr(), m.block_size, t, ctypes.byref(h), ctypes.byref(signed_map),
-            ctypes.byref(unsigned_map), int(m.fmt.stochastic), m_key, int(v.fmt.stochastic), v_key)
+            ctypes.byref(unsigned_map), int(m.fmt.stochastic), m_key, int(v.fmt.stochastic), v_key,
+            min(threads, max(1, p.numel() // _PER_THREAD)))
         if rc != 0:
             left.append(i)  # out of memory for its scratch block: nothing of it changed
             continue

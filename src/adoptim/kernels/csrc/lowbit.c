@@ -87,20 +87,30 @@ static void quantize_block(const float *x, int64_t len, int64_t first, const low
     }
 }
 
-/* One step of one float32 tensor of n elements in blocks of `block`; `step` is its count before the call.
- * Returns 0, or -1 when the scratch memory could not be allocated (nothing was changed then). */
-EXPORT int adopt_lowbit8_step(int64_t n, float *p, const float *g, uint8_t *m_codes, float *m_absmax,
-                              uint8_t *v_codes, float *v_absmax, int64_t block, int64_t step,
-                              const lowbit_hyper_t *h, const lowbit_map_t *signed_map,
-                              const lowbit_map_t *unsigned_map, int m_stochastic, uint32_t m_key,
-                              int v_stochastic, uint32_t v_key) {
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * block));
-    if (buf == NULL) return -1;
-    float *mb = buf, *vb = buf + block;
-    for (int64_t first = 0; first < n; first += block) {
+typedef struct {
+    int64_t n, block, step, b0, b1; /* blocks [b0, b1) of the tensor */
+    float *p, *m_absmax, *v_absmax, *scratch;
+    const float *g;
+    uint8_t *m_codes, *v_codes;
+    const lowbit_hyper_t *h;
+    const lowbit_map_t *signed_map, *unsigned_map;
+    int m_stochastic, v_stochastic;
+    uint32_t m_key, v_key;
+} lowbit_job_t;
+
+/* The blocks of one job (one thread): every element's result depends on its own index alone, so the
+ * split over threads changes no bit. */
+static void run_blocks(void *arg) {
+    const lowbit_job_t *a = (const lowbit_job_t *)arg;
+    const lowbit_hyper_t *h = a->h;
+    const int64_t n = a->n, block = a->block, step = a->step;
+    float *mb = a->scratch, *vb = a->scratch + block;
+    float *p = a->p;
+    const float *g = a->g;
+    for (int64_t bi = a->b0; bi < a->b1; bi++) {
+        const int64_t first = bi * block;
         const int64_t len = n - first < block ? n - first : block;
-        const int64_t bi = first / block;
-        const float ma = m_absmax[bi], va = v_absmax[bi];
+        const float ma = a->m_absmax[bi], va = a->v_absmax[bi];
         for (int64_t j = 0; j < len; j++) {
             const int64_t i = first + j;
             float gi = h->maximize ? -g[i] : g[i];
@@ -111,8 +121,8 @@ EXPORT int adopt_lowbit8_step(int64_t n, float *p, const float *g, uint8_t *m_co
             }
             float pi = p[i];
             if (h->decoupled) pi = pi - pi * h->decay;
-            const float m = signed_map->map[m_codes[i]] * ma;
-            const float v = unsigned_map->map[v_codes[i]] * va;
+            const float m = a->signed_map->map[a->m_codes[i]] * ma;
+            const float v = a->unsigned_map->map[a->v_codes[i]] * va;
             float denom = sqrtf(v);
             if (denom < h->eps) denom = h->eps; /* clamp(min=eps); NaN stays NaN */
             float nrm = gi / denom;
@@ -126,9 +136,42 @@ EXPORT int adopt_lowbit8_step(int64_t n, float *p, const float *g, uint8_t *m_co
             vb[j] = v * h->beta2 + gg * h->one_minus_beta2;
             mb[j] = mn;
         }
-        if (step != 0) quantize_block(mb, len, first, signed_map, m_stochastic, m_key, m_codes + first, m_absmax + bi);
-        quantize_block(vb, len, first, unsigned_map, v_stochastic, v_key, v_codes + first, v_absmax + bi);
+        if (step != 0)
+            quantize_block(mb, len, first, a->signed_map, a->m_stochastic, a->m_key, a->m_codes + first,
+                           a->m_absmax + bi);
+        quantize_block(vb, len, first, a->unsigned_map, a->v_stochastic, a->v_key, a->v_codes + first,
+                       a->v_absmax + bi);
     }
-    free(buf);
+}
+
+/* One step of one float32 tensor of n elements in blocks of `block` on up to `nthreads` threads; `step`
+ * is its count before the call. Returns 0, or -1 when the scratch memory could not be allocated
+ * (nothing was changed then). */
+EXPORT int adopt_lowbit8_step(int64_t n, float *p, const float *g, uint8_t *m_codes, float *m_absmax,
+                              uint8_t *v_codes, float *v_absmax, int64_t block, int64_t step,
+                              const lowbit_hyper_t *h, const lowbit_map_t *signed_map,
+                              const lowbit_map_t *unsigned_map, int m_stochastic, uint32_t m_key,
+                              int v_stochastic, uint32_t v_key, int nthreads) {
+    const int64_t nblocks = (n + block - 1) / block;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > nblocks) nthreads = (int)nblocks;
+    if (nthreads < 1) nthreads = 1;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * block) * (size_t)nthreads);
+    if (scratch == NULL) return -1;
+    lowbit_job_t jobs[MAX_THREADS];
+    for (int k = 0; k < nthreads; k++) {
+        lowbit_job_t *j = &jobs[k];
+        j->n = n, j->block = block, j->step = step;
+        j->b0 = nblocks * k / nthreads, j->b1 = nblocks * (k + 1) / nthreads;
+        j->p = p, j->g = g, j->m_codes = m_codes, j->m_absmax = m_absmax, j->v_codes = v_codes;
+        j->v_absmax = v_absmax, j->scratch = scratch + (size_t)(2 * block) * (size_t)k, j->h = h;
+        j->signed_map = signed_map, j->unsigned_map = unsigned_map;
+        j->m_stochastic = m_stochastic, j->v_stochastic = v_stochastic, j->m_key = m_key, j->v_key = v_key;
+    }
+    if (nthreads == 1)
+        run_blocks(&jobs[0]);
+    else
+        adopt_parallel_for(run_blocks, jobs, sizeof(lowbit_job_t), nthreads);
+    free(scratch);
     return 0;
 }
