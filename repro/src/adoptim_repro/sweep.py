@@ -728,6 +728,16 @@ def _verdicts(summary: Record) -> list[str]:
         out.append(f"**{o}** at its best lr {lr:g}: the test loss ranges over {_num(ranges[o])} across the beta2 "
                    f"grid ({_num(min(means))} to {_num(max(means))}); {diverged} of its {runs} seed runs diverged "
                    "over the whole grid.")
+    for o in summary["best_lr"]:
+        rows = sorted((r for r in at_best if r["optimizer"] == o), key=lambda r: r["mean"])
+        out.append(f"{o}'s best beta2 at that lr is {rows[0]['beta2']:g} ({_num(rows[0]['mean'])}), its worst "
+                   f"{rows[-1]['beta2']:g} ({_num(rows[-1]['mean'])}).")
+    adam_div = sum(r["diverged"] for r in summary["final"] if r["optimizer"] == "adam")
+    if "adam" in summary["best_lr"] and adam_div == 0:
+        low = min(r["beta2"] for r in summary["final"])
+        out.append(f"Adam diverged in no cell, at any beta2 down to {low:g} and any lr of the grid: on this task at "
+                   "this length Adam does not need a problem-dependent beta2 to converge, so the title's contrast "
+                   "can only show as a difference in how well each trains.")
     if "adam" in ranges and "adopt" in ranges:
         less = ranges["adopt"] < ranges["adam"]
         out.append(f"Sensitivity to beta2 at the best lr: ADOPT's range is {'smaller' if less else 'not smaller'} than "
