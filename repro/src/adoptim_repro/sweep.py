@@ -814,7 +814,13 @@ def doc_page(task: str, summary: Record, cost: Record | None, figures: str, long
         f"diverged seed]({figures}/sweep_{task}_heatmaps.png)", "",
         f"![{task}: test loss at each optimizer's best lr, and the lr sensitivity, against beta2, 95% intervals]"
         f"({figures}/sweep_{task}_beta2.png)", "",
+        f"The figures are `sweep_{task}_heatmaps.png` from the output folder of `adoptim sweep {task}` (written "
+        f"there as `heatmaps.png`) and `sweep_{task}_beta2.png` from the output folder of `adoptim sweep {task}` "
+        "(`beta2.png`), copied to `docs/figures/` by `--doc`.", "",
         "### Where the claim holds here, and where it does not", "",
+        "Each optimizer's *best lr* is the one whose loss, min(test loss, loss at init), averaged over the beta2 grid "
+        "and the seeds is lowest; one lr per optimizer, so the loss against beta2 at that lr shows what changing "
+        "beta2 alone does.", "",
         *[f"- {v}" for v in _verdicts(summary)], "",
         "### ADOPT minus Adam, paired by seed (negative: ADOPT better)", "",
         "| beta2 | metric | mean | 95% interval | excludes 0 |", "|---|---|---|---|---|",
