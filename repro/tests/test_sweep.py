@@ -262,3 +262,22 @@ def test_a_grown_grid_keeps_its_finished_cells_and_another_setting_is_refused(
     assert "was made with steps=6, not 7" in capsys.readouterr().err
     assert run_cli("sweep", "mnist", "--out", out, *base, "seeds=3", "lrs=1e-3") == 2
     assert "was made with seeds=2, not 3" in capsys.readouterr().err
+
+
+def test_the_length_check_compares_the_rankings() -> None:
+    def summary(steps: int, losses: dict) -> dict:
+        final = [{"optimizer": o, "beta2": b, "lr": 0.03, "capped_loss": v} for (o, b), v in losses.items()]
+        return {"experiment": "sweep-mnist", "final": final, "paired": [],
+                "config": {"steps": steps, "beta2s": [0.5, 0.99], "lrs": [0.03], "optimizers": ["adam", "adopt"]}}
+
+    short = summary(400, {("adam", 0.5): 0.2, ("adopt", 0.5): 0.1, ("adam", 0.99): 0.3, ("adopt", 0.99): 0.4})
+    long = summary(2000, {("adam", 0.5): 0.09, ("adopt", 0.5): 0.05, ("adam", 0.99): 0.06, ("adopt", 0.99): 0.07,
+                          ("amsgrad", 0.99): 0.01})  # not in the short sweep: left out
+    text = "\n".join(sweep._length_check(short, long))
+    assert "| 0.5 | 0.03 | adopt 0.1 < adam 0.2 | adopt 0.05 < adam 0.09 | yes |" in text
+    assert "| 0.99 | 0.03 | adam 0.3 < adopt 0.4 | adam 0.06 < adopt 0.07 | yes |" in text
+    long["final"][0]["capped_loss"] = 0.01  # adam now first at beta2 0.5
+    text = "\n".join(sweep._length_check(short, long))
+    assert "| 0.5 | 0.03 | adopt 0.1 < adam 0.2 | adam 0.01 < adopt 0.05 | no |" in text
+    assert "the same in 1 of 2 (beta2, lr) points; ADOPT against Adam alone, in 1 of 2." in text
+    assert "5x the cells' length" in text

@@ -764,19 +764,30 @@ def _length_check(summary: Record, long: Record) -> list[str]:
              f"`adoptim sweep {long['experiment'].removeprefix('sweep-')} "
              + " ".join(f"--set {k}={','.join(f'{x:g}' if isinstance(x, float) else str(x) for x in v)}"
                         for k, v in long["config"].items() if k in ("beta2s", "lrs", "optimizers"))
-             + f" --set steps={steps[1]}`: the same seeds. Loss: min(test loss, loss at init), mean over seeds.", "",
+             + f" --set steps={steps[1]} --out results/{long['experiment']}-long` (and `--doc-long` that folder): "
+             "the same seeds. Loss: min(test loss, loss at init), mean over seeds.", "",
              f"| beta2 | lr | order at {steps[0]} steps | order at {steps[1]} steps | same |", "|---|---|---|---|---|"]
-    same_all = []
+    same_all: list[bool] = []
+    pairs: list[tuple[list[str], list[str]]] = []
     for (b, lr), rs in report.group(rows, "beta2", "lr").items():
         if len(rs) < 2:
             continue
         a = sorted(((r["optimizer"], short[(r["optimizer"], b, lr)]["capped_loss"]) for r in rs), key=lambda t: t[1])
         z = sorted(((r["optimizer"], r["capped_loss"]) for r in rs), key=lambda t: t[1])
+        pairs.append(([o for o, _ in a], [o for o, _ in z]))
         same = [o for o, _ in a] == [o for o, _ in z]
         same_all.append(same)
         lines.append(f"| {b:g} | {lr:g} | {' < '.join(f'{o} {v:.3g}' for o, v in a)} | "
                      f"{' < '.join(f'{o} {v:.3g}' for o, v in z)} | {'yes' if same else 'no'} |")
-    lines += ["", f"The ranking is the same in {sum(same_all)} of {len(same_all)} (beta2, lr) points."]
+    pair = [(a.index("adopt") < a.index("adam")) == (z.index("adopt") < z.index("adam"))
+            for a, z in pairs if "adopt" in a and "adam" in a]
+    lines += ["", f"The ranking is the same in {sum(same_all)} of {len(same_all)} (beta2, lr) points"
+              + (f"; ADOPT against Adam alone, in {sum(pair)} of {len(pair)}." if pair else ".")]
+    diffs = [r for r in long["paired"] if r["metric"] == "test loss at best lr"]
+    if diffs:
+        lines += ["", f"ADOPT minus Adam at {steps[1]:,} steps, paired by seed: "
+                  + "; ".join(f"beta2 {r['beta2']:g}: {_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}]"
+                              + (" (excludes 0)" if r["excludes_zero"] else "") for r in diffs) + "."]
     return lines
 
 
