@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adoptim_repro import sweep
+from adoptim_repro import sweep, sweep_report
 from adoptim_repro.sweep import Cell, MnistSweepConfig, cells, summarize
 from repro_helpers import run_cli, tiny_mnist
 
@@ -273,11 +273,11 @@ def test_the_length_check_compares_the_rankings() -> None:
     short = summary(400, {("adam", 0.5): 0.2, ("adopt", 0.5): 0.1, ("adam", 0.99): 0.3, ("adopt", 0.99): 0.4})
     long = summary(2000, {("adam", 0.5): 0.09, ("adopt", 0.5): 0.05, ("adam", 0.99): 0.06, ("adopt", 0.99): 0.07,
                           ("amsgrad", 0.99): 0.01})  # not in the short sweep: left out
-    text = "\n".join(sweep._length_check(short, long))
+    text = "\n".join(sweep_report._length_check(short, long))
     assert "| 0.5 | 0.03 | adopt 0.1 < adam 0.2 | adopt 0.05 < adam 0.09 | yes |" in text
     assert "| 0.99 | 0.03 | adam 0.3 < adopt 0.4 | adam 0.06 < adopt 0.07 | yes |" in text
     long["final"][0]["capped_loss"] = 0.01  # adam now first at beta2 0.5
-    text = "\n".join(sweep._length_check(short, long))
+    text = "\n".join(sweep_report._length_check(short, long))
     assert "| 0.5 | 0.03 | adopt 0.1 < adam 0.2 | adam 0.01 < adopt 0.05 | no |" in text
     assert "the same in 1 of 2 (beta2, lr) points; ADOPT against Adam alone, in 1 of 2." in text
     assert "5x the cells' length" in text
