@@ -529,7 +529,7 @@ def write_doc(task: str, out: Path, summary: Record, page: Path, long: Path | No
         longer = read_result(long / "summary.json", "rerun that sweep to write it",
                              lambda v: isinstance(v, dict) and v.get("experiment") == summary["experiment"])
     setting = TASKS[task].setting(summary["config"])
-    _io.write_text(page, doc_page(task, setting, summary, cost, "../figures", longer))
+    _io.write_text(page, doc_page(task, setting, summary, cost, "../figures", longer, page.as_posix()))
 
 
 def measure_cost(task: str, cfg: Any, device: str = "cpu") -> Record:
