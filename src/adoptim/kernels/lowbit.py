@@ -1,7 +1,8 @@
 """The for-loop kernel of low-precision state: ADOPT with ``m`` and ``v`` stored in 8 bits or bfloat16.
 
-Each step dequantizes a parameter's ``m`` and ``v`` to float32, runs the for-loop kernel's arithmetic
-(``single_tensor``'s, in float32), and stores them back (:mod:`.quant`). It has the kernel contract's
+Each step dequantizes a parameter's ``m`` and ``v`` to float32, runs ADOPT's arithmetic in float32, one
+rounding per operation (so the fused kernel, ``csrc/lowbit.c``, repeats it bit for bit), and stores them
+back (:mod:`.quant`). It is the ground truth of the low-precision kernels. It has the kernel contract's
 signature, with :class:`Stored` records in place of the ``exp_avgs`` and ``exp_avg_sqs`` tensors: a record
 is a view of a parameter's state entry (its codes and scales), written in place.
 
