@@ -86,6 +86,7 @@ def test_a_diverged_seed_is_recorded_with_its_step_and_shown(data: Path, tmp_pat
     assert (out / "heatmaps.png").stat().st_size > 0 and (out / "beta2.png").stat().st_size > 0
     text = page.read_text()  # the docs page: the same numbers, and the figures beside it
     assert "- adam beta2 0.9 lr 1e+30: 2 of 2 seeds, first at step 2" in text
+    assert "--set beta2s=0.9 --set lrs=0.001,1e+30 --set optimizers=adam,adopt --set seeds=2 --set steps=6" in text
     assert "- adopt beta2 0.9 lr 1e+30: 2 of 2 seeds, first at step 3" in text
     d = next(r for r in summary["paired"] if r["metric"] == "test loss at best lr")
     assert f"| 0.9 | test loss at best lr | {d['mean']:.3g} | [{d['lo']:.3g}, {d['hi']:.3g}] |" in text

@@ -529,7 +529,13 @@ def write_doc(task: str, out: Path, summary: Record, page: Path, long: Path | No
         longer = read_result(long / "summary.json", "rerun that sweep to write it",
                              lambda v: isinstance(v, dict) and v.get("experiment") == summary["experiment"])
     setting = TASKS[task].setting(summary["config"])
-    _io.write_text(page, doc_page(task, setting, summary, cost, "../figures", longer, page.as_posix()))
+    defaults = json.loads(json.dumps(to_dict(TASKS[task].config())))
+    made = json.loads(json.dumps(summary["config"]))
+    changed = {k: v for k, v in made.items() if defaults.get(k) != v and k != "data_dir"}
+    sets = "".join(f" --set {k}=" + (",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+                                     if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else str(v)))
+                   for k, v in changed.items())
+    _io.write_text(page, doc_page(task, setting, summary, cost, "../figures", longer, page.as_posix(), sets))
 
 
 def measure_cost(task: str, cfg: Any, device: str = "cpu") -> Record:

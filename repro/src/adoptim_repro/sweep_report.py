@@ -270,9 +270,10 @@ def _length_check(summary: Record, long: Record) -> list[str]:
 
 
 def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figures: str,
-             long: Record | None = None, page: str = "docs/reproduction/sweeps.md") -> str:
+             long: Record | None = None, page: str = "docs/reproduction/sweeps.md", sets: str = "") -> str:
     """The documentation page of a finished sweep, every number from ``summary`` (and ``cost``, and a
-    longer sweep ``long`` over some of its cells); ``setting`` describes the task's model and metric."""
+    longer sweep ``long`` over some of its cells); ``setting`` describes the task's model and metric,
+    ``sets`` the ``--set`` arguments that made the sweep (none: the defaults)."""
     cfg, c = summary["config"], summary["cost"]
     grid = (f"beta2 in {{{', '.join(f'{b:g}' for b in cfg['beta2s'])}}} x lr in "
             f"{{{', '.join(f'{lr:g}' for lr in cfg['lrs'])}}} x {', '.join(cfg['optimizers'])}, "
@@ -293,7 +294,7 @@ def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figu
         f"{summary['threads']} torch thread(s).", "",
         *([f"**This page is from `--quick`**: {QUICK_NOTE}", ""] if summary["preset"] == "quick" else []),
         "## Command", "", "```bash",
-        f"adoptim sweep {task} --threads 1           # the grid above",
+        f"adoptim sweep {task} --threads 1{sets}           # the grid above",
         f"adoptim sweep {task} --quick --threads 1   # a small grid: proves the code path, not the claim",
         f"adoptim sweep {task} --cost --threads 1    # one cell's seeds as one ensemble against one after another",
         "# n machines or SLURM array tasks sharing one folder: each runs every n-th cell",
