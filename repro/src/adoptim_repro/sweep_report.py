@@ -298,8 +298,8 @@ def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figu
         f"adoptim sweep {task} --quick --threads 1   # a small grid: proves the code path, not the claim",
         f"adoptim sweep {task} --cost --threads 1    # one cell's seeds as one ensemble against one after another",
         "# n machines or SLURM array tasks sharing one folder: each runs every n-th cell",
-        f"adoptim sweep {task} --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --out results/sweep-{task}",
-        f"adoptim sweep {task} --doc {page}   # this page, from the finished sweep", "```", "",
+        f"adoptim sweep {task}{sets} --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --out results/sweep-{task}",
+        f"adoptim sweep {task}{sets} --doc {page}   # this page, from the finished sweep", "```", "",
         "## Result", "",
         f"![{task}: test loss over (beta2, lr), one panel per optimizer on one colour scale; hatched cells had a "
         f"diverged seed]({figures}/sweep_{task}_heatmaps.png)", "",
