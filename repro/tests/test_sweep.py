@@ -282,3 +282,18 @@ def test_the_length_check_compares_the_rankings() -> None:
     assert "| 0.5 | 0.03 | adopt 0.1 < adam 0.2 | adam 0.01 < adopt 0.05 | no |" in text
     assert "the same in 1 of 2 (beta2, lr) points; ADOPT against Adam alone, in 1 of 2." in text
     assert "5x the cells' length" in text
+
+
+def test_the_cost_line_names_the_machines_that_the_cells_recorded(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    doc = tmp_path / "docs" / "reproduction" / "sweep.md"
+    assert run_cli("sweep", "mnist", "--out", out, *_tiny(data, "beta2s=0.9", "lrs=1e-3", "optimizers=adopt"),
+                   "--doc", doc) == 0
+    cell = json.loads(next((out / "runs").glob("*.json")).read_text())
+    assert cell["cpus"] == os.cpu_count()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cost"]["cpus"] == [os.cpu_count()]
+    cost = doc.read_text().partition("\n## Cost\n")[2]
+    assert f"torch thread(s) of a {os.cpu_count()}-CPU machine." in cost
+    assert sweep_report._machines([2, 16]) == " of 2- and 16-CPU machines"
+    assert sweep_report._machines(None) == ""  # cells written before the count was recorded: nothing claimed

@@ -457,7 +457,7 @@ def run_sweep(task: str, cfg: Any, out: Path, device: str = "cpu", quick: bool =
             _io.write_json(path, {"cell": dataclasses.asdict(cell), "records": records,
                                   "wall_s": round(time.perf_counter() - start, 3), "train_s": round(train_s, 3),
                                   "threads": meta["threads"], "ensemble": bool(getattr(cfg, "ensemble", False)),
-                                  "shard": f"{index}/{count}", "pid": os.getpid()})
+                                  "shard": f"{index}/{count}", "pid": os.getpid(), "cpus": os.cpu_count()})
         missing = [c.key for c in grid if not (out / "runs" / f"{c.key}.json").exists()]
         if missing:
             say(f"[{name}] shard {index}/{count} done; {len(missing)} of {len(grid)} cells are left to other "
@@ -503,7 +503,10 @@ def _write_reports(task: str, cfg: Any, out: Path, meta: Record, grid: list[Cell
     cost = {"cells": len(grid), "seed_runs": len(records), "train_s": round(train_s, 1),
             "wall_s": round(sum(res.get("wall_s", 0.0) for res in results), 1),
             "ms_per_seed_step": round(1e3 * train_s / max(1, len(records) * cfg.steps), 3),
-            "steps": cfg.steps, "default_steps": default_steps, "shorter_by": round(default_steps / cfg.steps, 2)}
+            "steps": cfg.steps, "default_steps": default_steps, "shorter_by": round(default_steps / cfg.steps, 2),
+            # the machines' CPU counts, where every cell recorded one (shards may run on several machines)
+            "cpus": (sorted({res["cpus"] for res in results})
+                     if all(isinstance(res.get("cpus"), int) for res in results) else None)}
     summary = {**meta, "cost": cost, **summarize(cfg, records)}
     text = markdown(task, summary)
     text += (f"\nCost: {cost['cells']} cells, {cost['seed_runs']} seed runs of {cfg.steps} steps "

@@ -190,6 +190,15 @@ def _save_plain(fig: Any, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the documentation page
+def _machines(cpus: list[int] | None) -> str:
+    # " of a 2-CPU machine", " of 2- and 16-CPU machines"; nothing where a cell did not record it
+    if not cpus:
+        return ""
+    if len(cpus) == 1:
+        return f" of a {cpus[0]}-CPU machine"
+    return " of " + ", ".join(f"{n}-" for n in cpus[:-1]) + f" and {cpus[-1]}-CPU machines"
+
+
 def _num(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}g}"
 
@@ -342,12 +351,14 @@ def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figu
     lines += ["", "## Cost", "",
               f"{c['cells']} cells, {c['seed_runs']} seed runs of {c['steps']} steps: {c['train_s'] / 60:.1f} min of "
               f"training ({c['wall_s'] / 60:.1f} min with the evaluations), {c['ms_per_seed_step']:g} ms per seed and "
-              f"step on {summary['threads']} thread(s) of the project's shared 2-core machine."]
+              f"step on {summary['threads']} torch thread(s)" + _machines(c.get("cpus")) + "."]
     if cost is not None:
         ms = cost["ms_per_seed_step"]
         faster = "slower" if cost["ensemble_over_separate"] > 1 else "faster"
         lines += ["", f"`adoptim sweep {task} --cost --threads {cost['threads']} --set steps={cost['steps']}`: one "
-                  f"cell's {cost['seeds']} seeds (hidden {cost['hidden']}, batch {cost['batch_size']}, "
+                  f"cell's {cost['seeds']} seeds ("
+                  + (f"hidden {cost['hidden']}, " if cost.get("hidden") is not None else "")
+                  + f"batch {cost['batch_size']}, "
                   f"{cost['device']}) "
                   f"take {ms['ensemble']:g} ms per seed and step as one ensemble, {ms['separate']:g} ms one after "
                   f"another: the ensemble takes {cost['ensemble_over_separate']:g}x the time ({faster}). On one CPU "
