@@ -48,3 +48,31 @@ def test_check_reads_gradient_addresses_and_notices_changes() -> None:
     # A fact of a kept tensor changed: the answer is None (the collection is stale).
     state[2].data = torch.tensor(3.0)  # a step counter's data replaced
     assert kept.check(grads) is None
+
+
+def test_tensors_are_given_by_object_address_where_the_layout_was_verified() -> None:
+    # torch's THPVariable holds the at::Tensor right after the object header: the check takes id(t) + that
+    # offset as the handle (the fast mode); another offset is refused by the probe, not taken.
+    assert facts._library() is not None
+    assert facts._object_offset() == object.__basicsize__ and facts._handles is id
+    assert facts._object_offset(object.__basicsize__ + 8) == -1
+
+
+@pytest.mark.parametrize("mode", ["objects", "cells"])
+def test_both_ways_of_giving_tensors_check_the_same(mode: str) -> None:
+    lib = facts._library()
+    assert lib is not None
+    try:
+        assert facts._bind(lib, facts._object_offset() if mode == "objects" else -1)
+        assert facts._handles is (id if mode == "objects" else facts._impl)
+        assert facts._self_test(lib)
+        test_recorded_facts_are_what_python_reads()
+        test_check_reads_gradient_addresses_and_notices_changes()
+    finally:
+        assert facts._bind(lib, facts._object_offset())
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_probe_works_where_a_first_step_may_run(context: type) -> None:
+    with context():
+        assert facts._object_offset() == object.__basicsize__
