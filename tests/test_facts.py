@@ -43,6 +43,7 @@ def test_check_reads_gradient_addresses_and_notices_changes() -> None:
     assert kept.check([grads[0], torch.ones(6, dtype=torch.float64)[:5].clone()[:4]]) is False  # another size
     assert kept.check([grads[0], torch._neg_view(grads[1])]) is False  # lazily negated
     assert kept.check([grads[0], grads[1].to_sparse()]) is False  # not dense
+    assert kept.check([grads[0], torch.ones(5, dtype=torch.float64, device="meta")]) is False  # no memory here
     assert kept.check(grads[:1]) is False  # not one per parameter
     assert kept.check(grads) is True
     # A fact of a kept tensor changed: the answer is None (the collection is stale).
