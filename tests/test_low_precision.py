@@ -517,22 +517,28 @@ def test_fused_8bit_kernel_threads_change_no_bit(lowbit_lib) -> None:
         assert torch.equal(x.data, y.data) and torch.equal(x.absmax, y.absmax)
 
 
-def test_fused_8bit_kernel_leaves_what_it_cannot_take(lowbit_lib) -> None:
+def test_fused_kernel_leaves_what_it_cannot_take(lowbit_lib) -> None:
     from adoptim.kernels import lowbit_cpu
+    from adoptim.kernels.lowbit import MomentFormat, StateFormat
 
     n = 600
     gen = torch.Generator().manual_seed(21)
-    kw = dict(block_size=256, seed=0, device=torch.device("cpu"))
-    params = [torch.randn(n, generator=gen), torch.randn(n, generator=gen, dtype=torch.float64),
-              torch.randn(n, generator=gen), torch.randn(2 * n, generator=gen)[::2]]
+    kw = dict(seed=0, device=torch.device("cpu"))
+    mixed = StateFormat(MomentFormat("8bit", True), MomentFormat("bfloat16", True))
+    # float32 8-bit; float64; bfloat16 state (taken); strided; 8-bit m with bfloat16 v; blocks over 4096
+    fmts = [(FORMATS["8bit"], 256), (FORMATS["8bit"], 256), (FORMATS["bfloat16"], 256), (FORMATS["8bit"], 256),
+            (mixed, 256), (FORMATS["8bit"], 8192)]
+    params = [torch.randn(n, generator=gen) for _ in fmts]
+    params[1] = params[1].double()
+    params[3] = torch.randn(2 * n, generator=gen)[::2]
     grads = [torch.randn(n, generator=gen) for _ in params]
     grads[1] = grads[1].double()
-    ms = [Stored.empty(n, FORMATS["8bit" if i != 2 else "bfloat16"].m, signed=True, stream=0, **kw) for i in range(4)]
-    vs = [Stored.empty(n, FORMATS["8bit" if i != 2 else "bfloat16"].v, signed=False, stream=1, **kw) for i in range(4)]
+    ms = [Stored.empty(n, f.m, signed=True, stream=0, block_size=b, **kw) for f, b in fmts]
+    vs = [Stored.empty(n, f.v, signed=False, stream=1, block_size=b, **kw) for f, b in fmts]
     steps = [torch.tensor(0.0) for _ in params]
     hyper = Hyper(**HYPER)
-    assert lowbit_cpu.lowbit_cpu_adopt(params, grads, ms, vs, steps, hyper, lib=lowbit_lib) == [1, 2, 3]
-    assert [s.item() for s in steps] == [1.0, 0.0, 0.0, 0.0]
+    assert lowbit_cpu.lowbit_cpu_adopt(params, grads, ms, vs, steps, hyper, lib=lowbit_lib) == [1, 3, 4, 5]
+    assert [s.item() for s in steps] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_optimizer_default_8bit_step_is_the_torch_paths(lowbit_lib, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -552,3 +558,89 @@ def test_optimizer_default_8bit_step_is_the_torch_paths(lowbit_lib, monkeypatch:
         assert torch.equal(p, q)
         for key, value in opt_a.state[p].items():
             assert torch.equal(value, opt_b.state[q][key]), key
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of ``x`` (NaNs compare by payload, as every other value)."""
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def _same_state(a: tuple, b: tuple) -> None:
+    """The same parameters, codes, scales and bfloat16 values, bit for bit. A NaN parameter need only be
+    NaN in both: which NaN an operation on NaNs returns (its sign, its payload) is the instruction's, and
+    torch's own kernels do not define it either."""
+    (pa, ma, va, sa), (pb, mb, vb, sb) = a, b
+    nan = pa.isnan()
+    assert torch.equal(nan, pb.isnan()) and sa.item() == sb.item()
+    assert torch.equal(_bits(pa)[~nan], _bits(pb)[~nan])
+    for x, y in ((ma, mb), (va, vb)):
+        assert torch.equal(_bits(x.data), _bits(y.data))
+        if x.absmax is not None:
+            assert torch.equal(_bits(x.absmax), _bits(y.absmax))
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize(("wd", "decoupled", "clip", "maximize"), [
+    (0.0, False, 0.25, False), (1e-2, True, 0.25, True), (1e-2, False, None, False)])
+def test_fused_bfloat16_kernel_writes_the_torch_paths_bits(lowbit_lib, rounding: str, wd: float, decoupled: bool,
+                                                           clip: float | None, maximize: bool) -> None:
+    from adoptim.kernels import lowbit_cpu
+    from adoptim.kernels.lowbit import MomentFormat, StateFormat
+
+    stochastic = rounding == "stochastic"
+    fmt = StateFormat(MomentFormat("bfloat16", stochastic), MomentFormat("bfloat16", stochastic))
+    gen = torch.Generator().manual_seed(23)
+    n = 5000  # not a multiple of the kernel's chunks
+    hyper = Hyper(lr=torch.tensor(3e-3), beta1=0.9, beta2=0.9999, eps=1e-6, weight_decay=wd,
+                  decoupled_weight_decay=decoupled, clip_exponent=clip, maximize=maximize)
+    a, b = _pair(n, fmt, 256, torch.randn(n, generator=gen))
+    for _ in range(4):
+        g = torch.randn(n, generator=gen) * torch.logspace(-5, 1, n)
+        g[:300] = 0.0
+        lowbit_adopt([a[0]], [g], [a[1]], [a[2]], [a[3]], hyper)
+        assert lowbit_cpu.lowbit_cpu_adopt([b[0]], [g], [b[1]], [b[2]], [b[3]], hyper, lib=lowbit_lib) == []
+        _same_state(a, b)
+    assert bool((a[1].data != 0).any())  # it did move m
+
+
+@pytest.mark.parametrize("kind", ["8bit", "bfloat16"])
+@pytest.mark.parametrize(("n", "block"), [(1, 256), (255, 256), (4097, 4096), (3 * 1024 + 17, 1024), (700, 64)])
+def test_fused_kernels_edge_cases_write_the_torch_paths_bits(lowbit_lib, kind: str, n: int, block: int) -> None:
+    """Tails of blocks, one element, the largest block the kernel takes, NaN and infinite gradients, an
+    all-zero block, and denormal and huge values: the torch path's bits, NaN payloads included."""
+    from adoptim.kernels import lowbit_cpu
+
+    gen = torch.Generator().manual_seed(n + block)
+    hyper = Hyper(**{**HYPER, "weight_decay": 1e-2, "decoupled_weight_decay": True})
+    a, b = _pair(n, FORMATS[kind], block, torch.randn(n, generator=gen))
+    for t in range(4):
+        g = torch.randn(n, generator=gen) * torch.logspace(-40, 30, n)
+        if n > 100:
+            g[: min(block, n // 2)] = 0.0  # a zero block (or half of one)
+            g[n // 2 + 3] = float("nan") if t == 2 else 3e38
+            g[n - 2] = float("-inf") if t == 1 else 1e-44
+        lowbit_adopt([a[0]], [g], [a[1]], [a[2]], [a[3]], hyper)
+        assert lowbit_cpu.lowbit_cpu_adopt([b[0]], [g], [b[1]], [b[2]], [b[3]], hyper, lib=lowbit_lib) == []
+        _same_state(a, b)
+    if n > 100:
+        assert bool(a[0].isnan().any())  # the NaN reached the parameters: the edge was exercised
+
+
+@pytest.mark.parametrize("kind", ["8bit", "bfloat16"])
+def test_fused_kernels_one_and_two_threads_same_bits(lowbit_lib, kind: str) -> None:
+    from adoptim.kernels import lowbit_cpu
+
+    n = 2 * 65536 + 300
+    gen = torch.Generator().manual_seed(24)
+    pairs = _pair(n, FORMATS[kind], 256, torch.randn(n, generator=gen))
+    hyper = Hyper(**HYPER)
+    prev = torch.get_num_threads()
+    try:
+        for _ in range(3):
+            g = torch.randn(n, generator=gen)
+            for threads, (p, m, v, s) in zip((1, 2), pairs, strict=True):
+                torch.set_num_threads(threads)
+                assert lowbit_cpu.lowbit_cpu_adopt([p], [g], [m], [v], [s], hyper, lib=lowbit_lib) == []
+    finally:
+        torch.set_num_threads(prev)
+    _same_state(*pairs)

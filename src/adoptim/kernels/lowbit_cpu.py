@@ -1,11 +1,12 @@
-"""The fused CPU step of 8-bit state (``csrc/lowbit.c``), called through ctypes on raw data pointers.
+"""The fused CPU step of low-precision state (``csrc/lowbit.c``), called through ctypes on raw data pointers.
 
-It takes float32 parameters on the CPU whose moments are 8-bit :class:`~.lowbit.Stored` records, and
-writes the same parameter bits, codes and scales as the torch path (:func:`~.lowbit.lowbit_adopt`),
-whose tables it reads; it returns the indices of the tensors it left (other dtypes, complex or
-non-contiguous tensors, bfloat16 state) for the dispatcher to run on the torch path. The compiled
-function lives in the fused CPU kernel's library; an installation built before it existed lacks it, and
-then nothing runs here (:func:`available` is False).
+It takes float32 parameters on the CPU whose moments are both 8-bit or both bfloat16
+:class:`~.lowbit.Stored` records, and writes the same parameter bits, codes, scales and bfloat16 values
+as the torch path (:func:`~.lowbit.lowbit_adopt`), whose tables it reads; it returns the indices of the
+tensors it left (other dtypes, complex or non-contiguous tensors, other formats, 8-bit blocks over 4096)
+for the dispatcher to run on the torch path. The compiled functions live in the fused CPU kernel's
+library; an installation built before them lacks them, and then nothing runs here (:func:`available` is
+False).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .quant import _bucket_counts, stream_key, tables
 
 __all__ = ["available", "load", "lowbit_cpu_adopt"]
 
-_PER_THREAD = 1 << 16  # elements a thread is worth starting for (the split changes no bit)
+_PER_THREAD = 1 << 15  # elements a thread is worth starting for (the split changes no bit)
 
 
 class _Hyper(ctypes.Structure):
@@ -40,19 +41,25 @@ class _Map(ctypes.Structure):
 
 @functools.cache
 def _maps() -> tuple[_Map, _Map]:
-    """The C view of the signed and unsigned tables (cached tensors: their memory stays)."""
+    """The C view of the signed and unsigned tables, the bucket counts as int32 (kept here: their memory stays)."""
     out = []
     for signed in (True, False):
         table = tables(signed)[0]
         mc, mn = _bucket_counts(signed, "mids")
         tc, tn = _bucket_counts(signed, "table")
+        mc, tc = mc.to(torch.int32), tc.to(torch.int32)
+        _KEEP.extend((mc, tc))
         out.append(_Map(table.data_ptr(), table.numel(), mc.data_ptr(), mn.data_ptr(), tc.data_ptr(),
                         tn.data_ptr()))
     return out[0], out[1]
 
 
+_KEEP: list[Tensor] = []  # the int32 tables _maps hands to C
+
+
 def load(path: str | None = None) -> ctypes.CDLL | None:
-    """The library holding ``adopt_lowbit8_step`` (the installed fused CPU library unless ``path``), or None."""
+    """The library holding ``adopt_lowbit8_step`` and ``adopt_lowbit_bf16_step`` (the installed fused CPU
+    library unless ``path``), or None."""
     if path is None:
         spec = importlib.util.find_spec("adoptim.kernels._adopt_cpu")
         if spec is None or not spec.origin:
@@ -60,13 +67,16 @@ def load(path: str | None = None) -> ctypes.CDLL | None:
         path = spec.origin
     try:
         lib = ctypes.CDLL(path)
-        fn = lib.adopt_lowbit8_step
+        fn, bf16 = lib.adopt_lowbit8_step, lib.adopt_lowbit_bf16_step
     except (OSError, AttributeError):
         return None
-    fn.restype = ctypes.c_int
+    fn.restype = bf16.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_int64] + [
         ctypes.POINTER(_Hyper), ctypes.POINTER(_Map), ctypes.POINTER(_Map),
         ctypes.c_int, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
+    bf16.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.POINTER(_Hyper),
+                                                                 ctypes.c_int, ctypes.c_uint32, ctypes.c_int,
+                                                                 ctypes.c_uint32, ctypes.c_int]
     return lib
 
 
@@ -76,17 +86,26 @@ def _installed() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the installed library has the fused 8-bit step."""
+    """Whether the installed library has the fused low-precision steps."""
     return _installed() is not None
 
 
-def _takes(p: Tensor, g: Tensor, m: Stored, v: Stored) -> bool:
-    return (type(p) in (Tensor, torch.nn.Parameter) and p.dtype == torch.float32 and p.is_cpu
+def _takes(p: Tensor, g: Tensor, m: Stored, v: Stored) -> str | None:
+    """The format of the moments when this kernel takes the tensor (``"8bit"`` or ``"bfloat16"``), else None."""
+    if not (type(p) in (Tensor, torch.nn.Parameter) and p.dtype == torch.float32 and p.is_cpu
             and p.is_contiguous() and type(g) is Tensor and g.dtype == torch.float32 and g.layout == torch.strided
-            and g.is_cpu and g.is_contiguous() and g.shape == p.shape
-            and m.fmt.kind == "8bit" and v.fmt.kind == "8bit" and not m.fmt.sqrt and not v.fmt.sqrt
-            and m.block_size == v.block_size and m.data.is_contiguous() and v.data.is_contiguous()
-            and m.absmax.is_contiguous() and v.absmax.is_contiguous())
+            and g.is_cpu and g.is_contiguous() and g.shape == p.shape and not m.fmt.sqrt and not v.fmt.sqrt
+            and m.fmt.kind == v.fmt.kind and m.data.is_contiguous() and v.data.is_contiguous()):
+        return None
+    if m.fmt.kind == "bfloat16":
+        return "bfloat16"
+    if (m.fmt.kind == "8bit" and m.block_size == v.block_size and m.block_size <= _MAX_BLOCK
+            and m.absmax.is_contiguous() and v.absmax.is_contiguous()):
+        return "8bit"
+    return None
+
+
+_MAX_BLOCK = 4096  # csrc/lowbit.c's MAX_BLOCK
 
 
 def lowbit_cpu_adopt(
@@ -121,7 +140,8 @@ def lowbit_cpu_adopt(
     threads = torch.get_num_threads()
     left = []
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True)):
-        if not _takes(p, g, m, v):
+        kind = _takes(p, g, m, v)
+        if kind is None:
             left.append(i)
             continue
         t = int(s.item())
@@ -129,13 +149,18 @@ def lowbit_cpu_adopt(
             h.bound = float(t) ** hyper.clip_exponent
         m_key = stream_key(m.seed, t, m.stream) if m.fmt.stochastic else 0
         v_key = stream_key(v.seed, t, v.stream) if v.fmt.stochastic else 0
-        rc = lib.adopt_lowbit8_step(
-            p.numel(), p.data_ptr(), g.data_ptr(), m.data.data_ptr(), m.absmax.data_ptr(), v.data.data_ptr(),
-            v.absmax.data_ptr(), m.block_size, t, ctypes.byref(h), ctypes.byref(signed_map),
-            ctypes.byref(unsigned_map), int(m.fmt.stochastic), m_key, int(v.fmt.stochastic), v_key,
-            min(threads, max(1, p.numel() // _PER_THREAD)))
+        nthreads = min(threads, max(1, p.numel() // _PER_THREAD))
+        if kind == "8bit":
+            rc = lib.adopt_lowbit8_step(
+                p.numel(), p.data_ptr(), g.data_ptr(), m.data.data_ptr(), m.absmax.data_ptr(), v.data.data_ptr(),
+                v.absmax.data_ptr(), m.block_size, t, ctypes.byref(h), ctypes.byref(signed_map),
+                ctypes.byref(unsigned_map), int(m.fmt.stochastic), m_key, int(v.fmt.stochastic), v_key, nthreads)
+        else:
+            rc = lib.adopt_lowbit_bf16_step(
+                p.numel(), p.data_ptr(), g.data_ptr(), m.data.data_ptr(), v.data.data_ptr(), t, ctypes.byref(h),
+                int(m.fmt.stochastic), m_key, int(v.fmt.stochastic), v_key, nthreads)
         if rc != 0:
-            left.append(i)  # out of memory for its scratch block: nothing of it changed
+            left.append(i)  # a block it does not take: nothing of it changed
             continue
         s += 1
     return left

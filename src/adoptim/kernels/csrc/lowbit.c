@@ -1,14 +1,19 @@
 /*
- * The fused step of 8-bit ADOPT state on one float32 tensor: dequantize m and v, one ADOPT step, and
- * quantize them back, one block at a time, in one pass over memory. It repeats the torch path
- * (kernels/lowbit.py and kernels/quant.py) operation for operation, so it writes the same parameter
- * bits, the same codes and the same scales:
+ * The fused step of low-precision ADOPT state on one float32 tensor: m and v stored as 8-bit codes with
+ * one float32 scale per block, or as bfloat16. Per block of elements it decodes m and v, runs one ADOPT
+ * step and encodes them back, in one pass over memory. It repeats the torch path (kernels/lowbit.py and
+ * kernels/quant.py) operation for operation, so it writes the same parameter bits, the same codes, scales
+ * and bfloat16 values:
  *   - every float operation is one IEEE float32 rounding, in the torch path's order (no contraction
  *     into fused multiply-adds: see the pragmas), with the same float32 constants, which the caller
- *     rounds from the same Python floats;
+ *     rounds from the same Python floats; division and square root are correctly rounded in vector
+ *     registers as in scalar ones, so vectorising changes no bit;
  *   - the code search uses the caller's tables (quant._bucket_counts), the map values the caller's map;
  *   - stochastic rounding draws hash32((i mod 2^32) ^ key ^ hash32(i >> 32)), as quant.uniform.
- * Called through ctypes on raw data pointers (kernels/lowbit_cpu.py).
+ * A block is worked in separate passes (decode, arithmetic, largest magnitude, encode), each a loop
+ * without branches that the compiler vectorises (gathers for the table lookups); MULTIVERSION builds
+ * them for the widest vector ISA the CPU has. Called through ctypes on raw data pointers
+ * (kernels/lowbit_cpu.py).
  */
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -18,19 +23,18 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "adopt_cpu.h"
 
 /* The code tables of one map: the map, and the bucket lookups of nearest ("mids") and stochastic
- * ("table") rounding (quant._bucket_counts): counts[bucket] and the boundaries padded with +inf. */
+ * ("table") rounding (quant._bucket_counts, as int32): counts[bucket] and the boundaries padded with +inf. */
 typedef struct {
     const float *map;
     int64_t len;
-    const int64_t *mid_counts;
+    const int32_t *mid_counts;
     const float *mid_next;
-    const int64_t *tab_counts;
+    const int32_t *tab_counts;
     const float *tab_next;
 } lowbit_map_t;
 
@@ -39,7 +43,10 @@ typedef struct {
     int coupled, decoupled, has_clip, maximize;
 } lowbit_hyper_t;
 
-static uint32_t hash32(uint32_t x) {
+#define CHUNK 256 /* elements of a bfloat16 step's pass (its scratch); any value gives the same bits */
+#define MAX_BLOCK 4096 /* the largest 8-bit block (its scratch is on the stack); larger ones are left */
+
+static inline __attribute__((always_inline)) uint32_t hash32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x45D9F3Bu;
     x ^= x >> 16;
@@ -47,51 +54,184 @@ static uint32_t hash32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-static uint32_t f32_bits(float x) {
+static inline __attribute__((always_inline)) uint32_t f32_bits(float x) {
     uint32_t b;
     memcpy(&b, &x, 4);
     return b;
 }
 
-/* Codes of x[0..len) (one block, global index of x[0] is first) and the block's scale. */
-static void quantize_block(const float *x, int64_t len, int64_t first, const lowbit_map_t *mp, int stochastic,
-                           uint32_t key, uint8_t *codes, float *absmax_out) {
-    float amax = 0.0f;
+static inline __attribute__((always_inline)) float bits_f32(uint32_t b) {
+    float x;
+    memcpy(&x, &b, 4);
+    return x;
+}
+
+/* ADOPT's arithmetic on len elements: p and m, v (decoded, float32) in place; step > 0. */
+static inline __attribute__((always_inline)) void step_pass(float *restrict p, const float *restrict g,
+                                                             float *restrict m, float *restrict v, int64_t len,
+                                                             const lowbit_hyper_t *h) {
+    const float lr = h->lr, beta1 = h->beta1, omb1 = h->one_minus_beta1, beta2 = h->beta2;
+    const float omb2 = h->one_minus_beta2, eps = h->eps, wd = h->wd, decay = h->decay, bound = h->bound;
+    const int coupled = h->coupled, decoupled = h->decoupled, has_clip = h->has_clip, maximize = h->maximize;
     for (int64_t j = 0; j < len; j++) {
-        float a = fabsf(x[j]);
-        if (a > amax || a != a) amax = a; /* NaN propagates, as torch's amax */
-        if (amax != amax) break;
-    }
-    *absmax_out = amax;
-    const float div = amax == 0.0f ? 1.0f : amax;
-    for (int64_t j = 0; j < len; j++) {
-        const float s = x[j] / div;
-        const uint32_t bucket = (f32_bits(s) >> 15) & 0x1FFFFu;
-        int64_t code;
-        if (!stochastic) {
-            const int64_t c = mp->mid_counts[bucket];
-            code = c + (mp->mid_next[c] < s);
-        } else {
-            const int64_t c = mp->tab_counts[bucket];
-            int64_t lo = c + (mp->tab_next[c] <= s) - 1;
-            if (lo < 0) lo = 0;
-            if (lo > mp->len - 2) lo = mp->len - 2;
-            const float below = mp->map[lo], above = mp->map[lo + 1];
-            const float frac = (s - below) / (above - below);
-            const uint64_t i = (uint64_t)(first + j);
-            const uint32_t h = hash32(((uint32_t)i) ^ key ^ hash32((uint32_t)(i >> 32)));
-            const float u = (float)(h >> 8) * 5.9604644775390625e-08f; /* 2^-24 */
-            code = lo + (u < frac);
+        float gi = maximize ? -g[j] : g[j];
+        const float p0 = p[j];
+        gi = coupled ? gi + p0 * wd : gi;
+        const float pi = decoupled ? p0 - p0 * decay : p0;
+        const float vj = v[j];
+        float denom = sqrtf(vj);
+        denom = denom < eps ? eps : denom; /* clamp(min=eps); NaN stays NaN */
+        float nrm = gi / denom;
+        if (has_clip) {
+            nrm = nrm < -bound ? -bound : nrm;
+            nrm = nrm > bound ? bound : nrm;
         }
-        codes[j] = (uint8_t)code;
+        const float mn = m[j] * beta1 + nrm * omb1;
+        p[j] = pi - mn * lr;
+        const float gg = gi * gi;
+        v[j] = vj * beta2 + gg * omb2;
+        m[j] = mn;
     }
 }
 
+/* The first call's v = g*g (after maximize and coupled decay); p and m do not change. */
+static inline __attribute__((always_inline)) void first_pass(const float *restrict p, const float *restrict g,
+                                                              float *restrict v, int64_t len,
+                                                              const lowbit_hyper_t *h) {
+    const float wd = h->wd;
+    const int coupled = h->coupled, maximize = h->maximize;
+    for (int64_t j = 0; j < len; j++) {
+        float gi = maximize ? -g[j] : g[j];
+        gi = coupled ? gi + p[j] * wd : gi;
+        v[j] = gi * gi;
+    }
+}
+
+/* ------------------------------------------------------------------ 8-bit codes */
+
+static inline __attribute__((always_inline)) void decode_8bit(const uint8_t *restrict codes, float scale,
+                                                               const float *restrict map, float *restrict out,
+                                                               int64_t len) {
+    for (int64_t j = 0; j < len; j++) out[j] = map[codes[j]] * scale;
+}
+
+/* The largest magnitude of x[0..len), NaN if any element is NaN (as torch's amax). On the bit patterns
+ * with the sign cleared, which order as the magnitudes do, NaNs above infinity: an integer maximum,
+ * which vectorises where the float comparison with its NaN rule does not. */
+static inline __attribute__((always_inline)) float absmax_pass(const float *restrict x, int64_t len) {
+    uint32_t top = 0;
+    for (int64_t j = 0; j < len; j++) {
+        const uint32_t b = f32_bits(x[j]) & 0x7FFFFFFFu;
+        top = b > top ? b : top;
+    }
+    return bits_f32(top > 0x7F800000u ? 0x7FC00000u : top); /* every NaN as the default quiet NaN */
+}
+
+/* Stochastic codes of x[0..len) with the divisor div; element j's number is hash32((base + j) ^ k), where
+ * k folds hash32(i >> 32) into the key (one value over the range). */
+static inline __attribute__((always_inline)) void encode_8bit_stochastic(const float *restrict x, int64_t len,
+                                                                          uint32_t base, uint32_t k, float div,
+                                                                          const lowbit_map_t *mp,
+                                                                          uint8_t *restrict codes) {
+    const float *restrict map = mp->map;
+    const int32_t *restrict counts = mp->tab_counts;
+    const float *restrict next = mp->tab_next;
+    const int32_t top = (int32_t)mp->len - 2;
+    for (int64_t j = 0; j < len; j++) {
+        const float s = x[j] / div;
+        const int32_t c = counts[(f32_bits(s) >> 15) & 0x1FFFFu];
+        int32_t lo = c + (next[c] <= s) - 1;
+        lo = lo < 0 ? 0 : lo;
+        lo = lo > top ? top : lo;
+        const float below = map[lo], above = map[lo + 1];
+        const float frac = (s - below) / (above - below);
+        const uint32_t hv = hash32((base + (uint32_t)j) ^ k);
+        const float u = (float)(int32_t)(hv >> 8) * 5.9604644775390625e-08f; /* 2^-24 */
+        codes[j] = (uint8_t)(lo + (u < frac));
+    }
+}
+
+/* Where the element index i = first + j crosses a multiple of 2^32 inside [first, first + len): the
+ * length of the part before it, else len (a power-of-two block never crosses one). */
+static inline __attribute__((always_inline)) int64_t until_2_32(int64_t first, int64_t len) {
+    const int64_t next = (int64_t)((((uint64_t)first >> 32) + 1) << 32);
+    return first + len > next ? next - first : len;
+}
+
+/* Codes of x[0..len) with the scale amax: s = x / amax (x / 1 for a zero block), then the bucket lookup;
+ * stochastic rounding draws the element's number from hash32(i ^ key ^ hash32(i >> 32)) with i = first + j. */
+static inline __attribute__((always_inline)) void encode_8bit(const float *restrict x, int64_t len, int64_t first,
+                                                               float amax, const lowbit_map_t *mp, int stochastic,
+                                                               uint32_t key, uint8_t *restrict codes) {
+    const float div = amax == 0.0f ? 1.0f : amax;
+    if (!stochastic) {
+        const int32_t *restrict counts = mp->mid_counts;
+        const float *restrict next = mp->mid_next;
+        for (int64_t j = 0; j < len; j++) {
+            const float s = x[j] / div;
+            const int32_t c = counts[(f32_bits(s) >> 15) & 0x1FFFFu];
+            codes[j] = (uint8_t)(c + (next[c] < s));
+        }
+        return;
+    }
+    for (int64_t done = 0; done < len;) {
+        const int64_t i = first + done, part = until_2_32(i, len - done);
+        encode_8bit_stochastic(x + done, part, (uint32_t)i, key ^ hash32((uint32_t)((uint64_t)i >> 32)), div, mp,
+                               codes + done);
+        done += part;
+    }
+}
+
+/* ------------------------------------------------------------------ bfloat16 */
+
+static inline __attribute__((always_inline)) void decode_bf16(const uint16_t *restrict x, float *restrict out,
+                                                               int64_t len) {
+    for (int64_t j = 0; j < len; j++) out[j] = bits_f32((uint32_t)x[j] << 16);
+}
+
+/* torch's float32 -> bfloat16 conversion: round to nearest even, every NaN to 0xFFFF. */
+static inline __attribute__((always_inline)) uint16_t bf16_nearest(uint32_t b) {
+    const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    return (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0xFFFFu : (uint16_t)rounded;
+}
+
+/* x[0..len) in bfloat16 by stochastic rounding, element j's number hash32((base + j) ^ k) (as above): its
+ * top 16 bits are added to the low half of the bit pattern, which is then cut off; a value that is not
+ * finite, or becomes infinite, is rounded to nearest, as quant.round_bfloat16. */
+static inline __attribute__((always_inline)) void encode_bf16_stochastic(const float *restrict x, int64_t len,
+                                                                          uint32_t base, uint32_t k,
+                                                                          uint16_t *restrict out) {
+    for (int64_t j = 0; j < len; j++) {
+        const uint32_t b = f32_bits(x[j]);
+        const uint32_t noise = hash32((base + (uint32_t)j) ^ k) >> 16; /* (u * 65536) truncated */
+        const uint32_t cut = (b + noise) & 0xFFFF0000u;
+        const int finite = (b & 0x7F800000u) != 0x7F800000u && (cut & 0x7F800000u) != 0x7F800000u;
+        out[j] = finite ? (uint16_t)(cut >> 16) : bf16_nearest(b);
+    }
+}
+
+/* x[0..len) in bfloat16, element i = first + j: nearest (key unused) or stochastic rounding. */
+static inline __attribute__((always_inline)) void encode_bf16(const float *restrict x, int64_t len, int64_t first,
+                                                               int stochastic, uint32_t key,
+                                                               uint16_t *restrict out) {
+    if (!stochastic) {
+        for (int64_t j = 0; j < len; j++) out[j] = bf16_nearest(f32_bits(x[j]));
+        return;
+    }
+    for (int64_t done = 0; done < len;) {
+        const int64_t i = first + done, part = until_2_32(i, len - done);
+        encode_bf16_stochastic(x + done, part, (uint32_t)i, key ^ hash32((uint32_t)((uint64_t)i >> 32)), out + done);
+        done += part;
+    }
+}
+
+/* ------------------------------------------------------------------ the jobs */
+
 typedef struct {
-    int64_t n, block, step, b0, b1; /* blocks [b0, b1) of the tensor */
-    float *p, *m_absmax, *v_absmax, *scratch;
+    int64_t n, block, step, b0, b1; /* blocks (chunks for bfloat16) [b0, b1) of the tensor */
+    float *p, *m_absmax, *v_absmax;
     const float *g;
-    uint8_t *m_codes, *v_codes;
+    void *m_data, *v_data; /* uint8 codes or bfloat16 values */
     const lowbit_hyper_t *h;
     const lowbit_map_t *signed_map, *unsigned_map;
     int m_stochastic, v_stochastic;
@@ -100,78 +240,97 @@ typedef struct {
 
 /* The blocks of one job (one thread): every element's result depends on its own index alone, so the
  * split over threads changes no bit. */
-static void run_blocks(void *arg) {
+MULTIVERSION static void run_8bit(void *arg) {
     const lowbit_job_t *a = (const lowbit_job_t *)arg;
     const lowbit_hyper_t *h = a->h;
     const int64_t n = a->n, block = a->block, step = a->step;
-    float *mb = a->scratch, *vb = a->scratch + block;
-    float *p = a->p;
-    const float *g = a->g;
+    float mb[MAX_BLOCK], vb[MAX_BLOCK];
+    uint8_t *m_codes = (uint8_t *)a->m_data, *v_codes = (uint8_t *)a->v_data;
     for (int64_t bi = a->b0; bi < a->b1; bi++) {
         const int64_t first = bi * block;
         const int64_t len = n - first < block ? n - first : block;
-        const float ma = a->m_absmax[bi], va = a->v_absmax[bi];
-        for (int64_t j = 0; j < len; j++) {
-            const int64_t i = first + j;
-            float gi = h->maximize ? -g[i] : g[i];
-            if (h->coupled) gi = gi + p[i] * h->wd;
-            if (step == 0) {
-                vb[j] = gi * gi; /* v_0 = g_0^2; no parameter update, m stays */
-                continue;
-            }
-            float pi = p[i];
-            if (h->decoupled) pi = pi - pi * h->decay;
-            const float m = a->signed_map->map[a->m_codes[i]] * ma;
-            const float v = a->unsigned_map->map[a->v_codes[i]] * va;
-            float denom = sqrtf(v);
-            if (denom < h->eps) denom = h->eps; /* clamp(min=eps); NaN stays NaN */
-            float nrm = gi / denom;
-            if (h->has_clip) {
-                if (nrm < -h->bound) nrm = -h->bound;
-                else if (nrm > h->bound) nrm = h->bound;
-            }
-            const float mn = m * h->beta1 + nrm * h->one_minus_beta1;
-            p[i] = pi - mn * h->lr;
-            const float gg = gi * gi;
-            vb[j] = v * h->beta2 + gg * h->one_minus_beta2;
-            mb[j] = mn;
+        float *p = a->p + first;
+        const float *g = a->g + first;
+        if (step == 0) {
+            first_pass(p, g, vb, len, h);
+        } else {
+            decode_8bit(m_codes + first, a->m_absmax[bi], a->signed_map->map, mb, len);
+            decode_8bit(v_codes + first, a->v_absmax[bi], a->unsigned_map->map, vb, len);
+            step_pass(p, g, mb, vb, len, h);
+            const float ma = absmax_pass(mb, len);
+            encode_8bit(mb, len, first, ma, a->signed_map, a->m_stochastic, a->m_key, m_codes + first);
+            a->m_absmax[bi] = ma;
         }
-        if (step != 0)
-            quantize_block(mb, len, first, a->signed_map, a->m_stochastic, a->m_key, a->m_codes + first,
-                           a->m_absmax + bi);
-        quantize_block(vb, len, first, a->unsigned_map, a->v_stochastic, a->v_key, a->v_codes + first,
-                       a->v_absmax + bi);
+        const float va = absmax_pass(vb, len);
+        encode_8bit(vb, len, first, va, a->unsigned_map, a->v_stochastic, a->v_key, v_codes + first);
+        a->v_absmax[bi] = va;
     }
 }
 
-/* One step of one float32 tensor of n elements in blocks of `block` on up to `nthreads` threads; `step`
- * is its count before the call. Returns 0, or -1 when the scratch memory could not be allocated
- * (nothing was changed then). */
-EXPORT int adopt_lowbit8_step(int64_t n, float *p, const float *g, uint8_t *m_codes, float *m_absmax,
-                              uint8_t *v_codes, float *v_absmax, int64_t block, int64_t step,
-                              const lowbit_hyper_t *h, const lowbit_map_t *signed_map,
-                              const lowbit_map_t *unsigned_map, int m_stochastic, uint32_t m_key,
-                              int v_stochastic, uint32_t v_key, int nthreads) {
+MULTIVERSION static void run_bf16(void *arg) {
+    const lowbit_job_t *a = (const lowbit_job_t *)arg;
+    const lowbit_hyper_t *h = a->h;
+    const int64_t n = a->n, step = a->step;
+    float mb[CHUNK], vb[CHUNK];
+    uint16_t *m_data = (uint16_t *)a->m_data, *v_data = (uint16_t *)a->v_data;
+    for (int64_t ci = a->b0; ci < a->b1; ci++) {
+        const int64_t first = ci * CHUNK;
+        const int64_t len = n - first < CHUNK ? n - first : CHUNK;
+        float *p = a->p + first;
+        const float *g = a->g + first;
+        if (step == 0) {
+            first_pass(p, g, vb, len, h);
+        } else {
+            decode_bf16(m_data + first, mb, len);
+            decode_bf16(v_data + first, vb, len);
+            step_pass(p, g, mb, vb, len, h);
+            encode_bf16(mb, len, first, a->m_stochastic, a->m_key, m_data + first);
+        }
+        encode_bf16(vb, len, first, a->v_stochastic, a->v_key, v_data + first);
+    }
+}
+
+static int run(void (*fn)(void *), int64_t n, int64_t block, int64_t step, float *p, const float *g, void *m_data,
+               float *m_absmax, void *v_data, float *v_absmax, const lowbit_hyper_t *h,
+               const lowbit_map_t *signed_map, const lowbit_map_t *unsigned_map, int m_stochastic, uint32_t m_key,
+               int v_stochastic, uint32_t v_key, int nthreads) {
     const int64_t nblocks = (n + block - 1) / block;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > nblocks) nthreads = (int)nblocks;
     if (nthreads < 1) nthreads = 1;
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * block) * (size_t)nthreads);
-    if (scratch == NULL) return -1;
     lowbit_job_t jobs[MAX_THREADS];
     for (int k = 0; k < nthreads; k++) {
         lowbit_job_t *j = &jobs[k];
         j->n = n, j->block = block, j->step = step;
         j->b0 = nblocks * k / nthreads, j->b1 = nblocks * (k + 1) / nthreads;
-        j->p = p, j->g = g, j->m_codes = m_codes, j->m_absmax = m_absmax, j->v_codes = v_codes;
-        j->v_absmax = v_absmax, j->scratch = scratch + (size_t)(2 * block) * (size_t)k, j->h = h;
-        j->signed_map = signed_map, j->unsigned_map = unsigned_map;
+        j->p = p, j->g = g, j->m_data = m_data, j->m_absmax = m_absmax, j->v_data = v_data;
+        j->v_absmax = v_absmax, j->h = h, j->signed_map = signed_map, j->unsigned_map = unsigned_map;
         j->m_stochastic = m_stochastic, j->v_stochastic = v_stochastic, j->m_key = m_key, j->v_key = v_key;
     }
     if (nthreads == 1)
-        run_blocks(&jobs[0]);
+        fn(&jobs[0]);
     else
-        adopt_parallel_for(run_blocks, jobs, sizeof(lowbit_job_t), nthreads);
-    free(scratch);
+        adopt_parallel_for(fn, jobs, sizeof(lowbit_job_t), nthreads);
     return 0;
+}
+
+/* One step of one float32 tensor of n elements with 8-bit m and v in blocks of `block` (at most
+ * MAX_BLOCK) on up to `nthreads` threads; `step` is its count before the call. Returns 0, or -1 for a
+ * block it does not take (nothing was changed then). */
+EXPORT int adopt_lowbit8_step(int64_t n, float *p, const float *g, uint8_t *m_codes, float *m_absmax,
+                              uint8_t *v_codes, float *v_absmax, int64_t block, int64_t step,
+                              const lowbit_hyper_t *h, const lowbit_map_t *signed_map,
+                              const lowbit_map_t *unsigned_map, int m_stochastic, uint32_t m_key,
+                              int v_stochastic, uint32_t v_key, int nthreads) {
+    if (block < 1 || block > MAX_BLOCK) return -1;
+    return run(run_8bit, n, block, step, p, g, m_codes, m_absmax, v_codes, v_absmax, h, signed_map, unsigned_map,
+               m_stochastic, m_key, v_stochastic, v_key, nthreads);
+}
+
+/* One step of one float32 tensor of n elements with bfloat16 m and v (raw 16-bit patterns). Returns 0. */
+EXPORT int adopt_lowbit_bf16_step(int64_t n, float *p, const float *g, uint16_t *m, uint16_t *v, int64_t step,
+                                  const lowbit_hyper_t *h, int m_stochastic, uint32_t m_key, int v_stochastic,
+                                  uint32_t v_key, int nthreads) {
+    return run(run_bf16, n, CHUNK, step, p, g, m, NULL, v, NULL, h, NULL, NULL, m_stochastic, m_key, v_stochastic,
+               v_key, nthreads);
 }
