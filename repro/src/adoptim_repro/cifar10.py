@@ -109,7 +109,8 @@ class Cifar10Config:
     seeds: int = 3
     """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
     optimizers: tuple[str, ...] = ("adam", "adopt")
-    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw)"""
+    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw, adopt-8bit,
+    adopt-bf16; the last two are adopt with 8-bit or bfloat16 state)"""
     optim: dict[str, OptimSpec] = field(default_factory=default_specs)
     """each optimizer's lr, betas, eps and weight_decay, set as NAME.lr=... (e.g. adopt.lr=3e-3)"""
 

@@ -80,7 +80,8 @@ class LlamaConfig:
     seeds: int = 1
     """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
     optimizers: tuple[str, ...] = ("adamw", "adopt")
-    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw)"""
+    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw, adopt-8bit,
+    adopt-bf16; the last two are adopt with 8-bit or bfloat16 state)"""
     optim: dict[str, OptimSpec] = field(default_factory=_specs)
     """each finetuning optimizer's lr, betas, eps and weight_decay, set as NAME.lr=... (e.g. adopt.lr=3e-3)"""
     # the small model (ignored when ``model`` is a checkpoint path)

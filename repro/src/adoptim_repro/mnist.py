@@ -43,7 +43,8 @@ class MnistConfig:
     seeds: int = 3
     """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
     optimizers: tuple[str, ...] = ("adam", "amsgrad", "adopt")
-    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw)"""
+    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw, adopt-8bit,
+    adopt-bf16; the last two are adopt with 8-bit or bfloat16 state)"""
     optim: dict[str, OptimSpec] = field(default_factory=_specs)
     """each optimizer's alpha (lr, the schedule is alpha/sqrt(t)), betas, eps and weight_decay, as NAME.lr=..."""
     eval_every: int = 500

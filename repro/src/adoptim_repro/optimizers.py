@@ -2,8 +2,11 @@
 
 ``adam``, ``adamw``, ``amsgrad`` and ``adamax`` are torch.optim's; ``adopt`` is :class:`adoptim.ADOPT`
 with the clipped default, ``adopt-noclip`` the paper's unclipped Algorithm 1 (``clip_exponent=None``),
-and ``adoptw`` ADOPT with decoupled weight decay. ``weight_decay`` is L2 in the gradient for all of
-them except ``adamw`` and ``adoptw``, where it is decoupled.
+``adoptw`` ADOPT with decoupled weight decay, and ``adopt-8bit`` and ``adopt-bf16`` ``adopt`` with its
+moments stored in 8 bits or in bfloat16 (``state_precision``, the library's defaults for block and minimum
+size). ``weight_decay`` is L2 in the gradient for all of them except ``adamw`` and ``adoptw``, where it is
+decoupled. A low-precision variant's settings start as ``adopt``'s in each experiment (the same lr, betas,
+eps and decay), and are then its own (``--set adopt-8bit.lr=...``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 
 from adoptim import ADOPT
 
-OPTIMIZERS = ("adam", "adamw", "amsgrad", "adamax", "adopt", "adopt-noclip", "adoptw")
+# ``adopt`` with low-precision state: name -> ADOPT's ``state_precision``.
+LOW_PRECISION = {"adopt-8bit": "8bit", "adopt-bf16": "bfloat16"}
+OPTIMIZERS = ("adam", "adamw", "amsgrad", "adamax", "adopt", "adopt-noclip", "adoptw", *LOW_PRECISION)
 
 
 @dataclass(frozen=True)
@@ -42,12 +47,18 @@ class OptimSpec:
 
 
 def default_specs(**overrides: OptimSpec) -> dict[str, OptimSpec]:
-    """A spec for every optimizer: each library's defaults, ADOPT's own eps and beta2, then overrides."""
+    """A spec for every optimizer: each library's defaults, ADOPT's own eps and beta2, then overrides.
+
+    The low-precision variants take ``adopt``'s spec (after its override) unless given their own.
+    """
     specs = {name: OptimSpec() for name in OPTIMIZERS}
     specs["adamax"] = OptimSpec(lr=2e-3)
     for name in ("adopt", "adopt-noclip", "adoptw"):
         specs[name] = OptimSpec(betas=(0.9, 0.9999), eps=1e-6)
     specs.update(overrides)
+    for name in LOW_PRECISION:
+        if name not in overrides:
+            specs[name] = specs["adopt"]
     return specs
 
 
@@ -69,6 +80,8 @@ def make_optimizer(name: str, params: Iterable[Any], spec: OptimSpec) -> torch.o
         return ADOPT(params, clip_exponent=None, **kw)
     if name == "adoptw":
         return ADOPT(params, decoupled_weight_decay=True, **kw)
+    if name in LOW_PRECISION:
+        return ADOPT(params, state_precision=LOW_PRECISION[name], **kw)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 

@@ -44,7 +44,8 @@ class VaeConfig:
     seeds: int = 3
     """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
     optimizers: tuple[str, ...] = ("adamax", "adopt")
-    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw)"""
+    """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw, adopt-8bit,
+    adopt-bf16; the last two are adopt with 8-bit or bfloat16 state)"""
     optim: dict[str, OptimSpec] = field(default_factory=lambda: default_specs(
         adamax=OptimSpec(lr=2e-3, betas=(0.9, 0.999), eps=1e-8),
         adopt=OptimSpec(lr=1e-3, betas=(0.9, 0.9999), eps=1e-6)))
