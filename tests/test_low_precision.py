@@ -541,18 +541,26 @@ def test_fused_kernel_leaves_what_it_cannot_take(lowbit_lib) -> None:
     assert [s.item() for s in steps] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 
 
-def test_optimizer_default_8bit_step_is_the_torch_paths(lowbit_lib, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["8bit", "bfloat16"])
+def test_optimizer_default_low_precision_step_is_the_torch_paths(lowbit_lib, monkeypatch: pytest.MonkeyPatch,
+                                                                 kind: str) -> None:
     """With the fused kernel (the default where it is installed) and with fused=False: the same bits."""
     from adoptim.kernels import lowbit_cpu
 
     monkeypatch.setattr(lowbit_cpu, "_installed", lambda: lowbit_lib)
+    calls = []
+    real = lowbit_cpu.lowbit_cpu_adopt
+    monkeypatch.setattr(lowbit_cpu, "lowbit_cpu_adopt", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
     for fused in (None, False):
         model = _model()
-        # state_min_size=0: every tensor 8-bit (full-precision ones would take another kernel with fused=False)
-        opt = ADOPT(model.parameters(), state_precision="8bit", state_min_size=0, fused=fused, weight_decay=1e-3)
+        # state_min_size=0: every tensor low-precision (full ones would take another kernel with fused=False)
+        opt = ADOPT(model.parameters(), state_precision=kind, state_min_size=0, fused=fused, weight_decay=1e-3)
         _train(model, opt, range(4))
         runs.append((model, opt))
+        if fused is None:
+            assert len(calls) == 4  # the fused kernel ran
+    assert len(calls) == 4  # and fused=False did not run it
     (a, opt_a), (b, opt_b) = runs
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)

@@ -135,8 +135,8 @@ def adopt(
     ``state_precision``: ``"full"`` (the moments are tensors of their parameters' dtypes and shapes), or
     ``"8bit"``/``"bfloat16"``: the moments are :class:`~adoptim.kernels.lowbit.Stored` records and the
     low-precision kernels run (:class:`~adoptim.ADOPT`'s ``state_precision`` makes them): the fused 8-bit
-    CPU kernel where it takes the tensors (float32 on the CPU) unless ``fused=False``, which writes the
-    same bits as the torch path that runs everywhere else.
+    and bfloat16 CPU kernel where it takes the tensors (float32 on the CPU) unless ``fused=False``, which
+    writes the same bits as the torch path that runs everywhere else.
 
     Example::
 
@@ -231,7 +231,7 @@ def _route(params: list[Tensor], fused: bool | None, foreach: bool | None, diffe
 
 def _lowbit_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list, exp_avg_sqs: list,
                   state_steps: list[Tensor], hyper: Hyper, plan: KernelPlan | None = None) -> tuple[()]:
-    """The fused 8-bit CPU kernel on the tensors it takes, the torch path on the rest (the same bits)."""
+    """The fused low-precision CPU kernel on the tensors it takes, the torch path on the rest (the same bits)."""
     rest = lowbit_cpu.lowbit_cpu_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper) \
         if lowbit_cpu.available() else None
     if rest is None:

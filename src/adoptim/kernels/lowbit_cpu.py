@@ -124,7 +124,7 @@ def lowbit_cpu_adopt(
     is split over torch's threads (``torch.get_num_threads()``) at block boundaries.
     """
     if hyper.grad_scale is not None or hyper.found_inf is not None:
-        raise ValueError("the fused 8-bit kernel takes no grad_scale or found_inf (the dispatcher unscales)")
+        raise ValueError("the fused low-precision kernel takes no grad_scale or found_inf (the dispatcher unscales)")
     lib = lib or _installed()
     if lib is None:
         return list(range(len(params)))
