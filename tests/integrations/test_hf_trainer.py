@@ -1,4 +1,5 @@
-"""Hugging Face ``Trainer`` trains a LLaMA built from a config with ADOPT, exactly as a hand-written loop does.
+"""Hugging Face ``Trainer`` trains a LLaMA built from a config with ADOPT, exactly as a hand-written loop does;
+``adoptim.integrations.hf`` builds ADOPT from ``TrainingArguments`` (``learning_rate``, ``optim_args``).
 
 The Trainer run (through ``optimizers=`` and through ``optimizer_cls_and_kwargs``) is compared with a
 plain loop over the same batches. Every sample is the same sequence, so the Trainer's shuffling cannot
@@ -113,3 +114,71 @@ def test_trainer_groups_weight_decay_for_adopt(tmp_path):
     # The Trainer's rule: no decay for biases and norm weights; LLaMA has RMSNorm weights and no biases.
     assert decayed and not any("norm" in n for n in decayed)
     assert all(g["decoupled_weight_decay"] for g in opt.param_groups)
+
+
+# -- adoptim.integrations.hf: ADOPT from TrainingArguments (learning_rate, optim_args) -------------------
+def test_optim_args_reach_adopt_and_the_trainer_keeps_8bit_state(tmp_path):
+    from adoptim.integrations.hf import optimizer_cls_and_kwargs
+
+    model = make_model()
+    targs = args(tmp_path, weight_decay=0.1, max_steps=3,
+                 optim_args="state_precision=8bit, state_block_size=128,state_min_size=1024,beta2=0.99")
+    cls, kwargs = optimizer_cls_and_kwargs(targs)
+    assert cls is ADOPT
+    assert kwargs == {"decoupled_weight_decay": True, "lr": HYPER["lr"], "state_precision": "8bit",
+                      "state_block_size": 128, "state_min_size": 1024, "betas": (0.9, 0.99)}
+    trainer = transformers.Trainer(model=model, args=targs, train_dataset=dataset(),
+                                   optimizer_cls_and_kwargs=(cls, kwargs))
+    trainer.train()
+    opt = _adopt_of(trainer)
+    assert all(g["lr"] == HYPER["lr"] and g["betas"] == (0.9, 0.99) and g["state_precision"] == "8bit"
+               for g in opt.param_groups)
+    embed = model.get_input_embeddings().weight  # 48 x 32 = 1536 elements: at least state_min_size
+    entry = opt.state[embed]
+    assert entry["exp_avg"].dtype == torch.uint8 and entry["exp_avg"].shape == (1536,)
+    assert entry["exp_avg_sq_absmax"].shape == (1536 // 128,) and float(entry["step"]) == 3
+    norm = model.model.norm.weight  # 32 elements: full state
+    assert opt.state[norm]["exp_avg"].dtype == torch.float64
+
+
+def test_the_helper_trains_as_the_same_kwargs_given_by_hand(tmp_path):
+    from adoptim.integrations.hf import optimizer_cls_and_kwargs
+
+    def run(pair):
+        model = make_model()
+        targs = args(tmp_path, weight_decay=0.1, max_steps=4, optim_args="state_precision=bfloat16")
+        transformers.Trainer(model=model, args=targs, train_dataset=dataset(),
+                             optimizer_cls_and_kwargs=pair(targs)).train()
+        return [p.detach().clone() for p in model.parameters()]
+
+    helped = run(optimizer_cls_and_kwargs)
+    by_hand = run(lambda _: (ADOPT, {"lr": HYPER["lr"], "decoupled_weight_decay": True,
+                                     "state_precision": "bfloat16"}))
+    for a, b in zip(helped, by_hand):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(helped, make_model().parameters()))  # it did train
+
+
+def test_keyword_overrides_come_last_and_adams_betas_are_not_taken(tmp_path):
+    from adoptim.integrations.hf import optimizer_cls_and_kwargs
+
+    targs = args(tmp_path, adam_beta2=0.95, adam_epsilon=1e-12, optim_args="state_precision=8bit")
+    _, kwargs = optimizer_cls_and_kwargs(targs, state_precision="bfloat16", decoupled_weight_decay=False)
+    assert kwargs["state_precision"] == "bfloat16" and kwargs["decoupled_weight_decay"] is False
+    assert "betas" not in kwargs and "eps" not in kwargs  # ADOPT's (0.9, 0.9999) and 1e-6 stand
+
+
+@pytest.mark.parametrize("optim_args,message", [
+    ("state_precision", "optim_args entry 'state_precision' is not key=value"),
+    ("state_bits=8", "optim_args key 'state_bits' is not an ADOPT option; known: lr, beta1"),
+    ("state_block_size=1.5", "optim_args state_block_size='1.5': expects an integer"),
+    ("maximize=yes", "optim_args maximize='yes': expects true or false"),
+    ("state_precision=4bit", "Invalid state_precision: '4bit'"),
+    ("state_block_size=100", "state_block_size"),
+])
+def test_a_bad_optim_args_entry_is_one_line_naming_it(tmp_path, optim_args, message):
+    from adoptim.integrations.hf import optimizer_cls_and_kwargs
+
+    with pytest.raises(ValueError) as err:
+        optimizer_cls_and_kwargs(args(tmp_path, optim_args=optim_args))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

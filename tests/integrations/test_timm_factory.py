@@ -99,3 +99,81 @@ def test_factory_optimizer_steps_as_the_reference():
         opt.step()
         for p, q in zip(decay + plain, ref_decay.params() + ref_plain.params()):
             torch.testing.assert_close(p.detach(), q, atol=1e-12, rtol=1e-12)
+
+
+# -- low-precision state ---------------------------------------------------------------------------------
+def _grads(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model.zero_grad()
+    model(torch.randn(4, 3, 6, 6, generator=gen)).square().mean().backward()
+
+
+def test_state_options_reach_adopt_and_store_the_moments_as_asked():
+    model = Net()
+    opt = timm.optim.create_optimizer_v2(model, "adoptim", lr=1e-3, weight_decay=0.05, state_precision="8bit",
+                                         state_block_size=64, state_min_size=100)
+    assert type(opt) is ADOPT
+    assert all(g["state_precision"] == "8bit" and g["state_block_size"] == 64 and g["state_min_size"] == 100
+               for g in opt.param_groups)
+    for seed in range(2):
+        _grads(model, seed)
+        opt.step()
+    conv = opt.state[model.conv.weight]  # 4 * 3 * 3 * 3 = 108 elements: at least state_min_size
+    assert conv["exp_avg"].dtype == torch.uint8 and conv["exp_avg"].shape == (108,)
+    assert conv["exp_avg_sq_absmax"].shape == (2,)  # ceil(108 / 64) blocks
+    head = opt.state[model.head.weight]  # 8 elements: below state_min_size, full state
+    assert head["exp_avg"].dtype == torch.float32 and head["exp_avg"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("name,decoupled,precision", [
+    ("adoptim8bit", False, "8bit"), ("adoptimw8bit", True, "8bit"),
+    ("adoptimbf16", False, "bfloat16"), ("adoptimwbf16", True, "bfloat16"),
+])
+def test_low_precision_names_step_as_adopt_built_by_hand_on_timms_groups(name, decoupled, precision):
+    torch.manual_seed(0)
+    model = Net()
+    twin = Net()
+    twin.load_state_dict(model.state_dict())
+    opt = timm.optim.create_optimizer_v2(model, name, lr=1e-2, weight_decay=0.05, state_min_size=16)
+    groups = timm.optim.param_groups_weight_decay(twin, 0.05, no_weight_decay_list=twin.no_weight_decay())
+    hand = ADOPT(groups, lr=1e-2, decoupled_weight_decay=decoupled, state_precision=precision, state_min_size=16)
+    assert all(g["state_precision"] == precision and g["decoupled_weight_decay"] is decoupled
+               for g in opt.param_groups)
+    for seed in range(4):
+        for m, o in ((model, opt), (twin, hand)):
+            _grads(m, seed)
+            o.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0, msg=n)
+    assert opt.state[model.conv.weight]["exp_avg"].dtype == (torch.uint8 if precision == "8bit" else torch.bfloat16)
+    assert {"adoptim8bit", "adoptimw8bit"} <= set(timm.optim.list_optimizers("*8bit"))
+
+
+def test_an_explicit_state_precision_wins_over_the_names_default():
+    opt = timm.optim.create_optimizer_v2(Net(), "adoptim8bit", lr=1e-3, state_precision="full")
+    assert all(g["state_precision"] == "full" for g in opt.param_groups)
+
+
+def test_timms_command_line_opt_kwargs_reach_adopt():
+    # timm's train.py: --opt adoptimw --opt-kwargs state_precision=8bit state_block_size=128
+    import argparse
+
+    from timm.utils import ParseKwargs
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--opt", default="sgd")
+    parser.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs)
+    for key, value in dict(lr=1e-3, weight_decay=0.05, momentum=0.9).items():
+        parser.add_argument(f"--{key}", type=float, default=value)
+    args = parser.parse_args(["--opt", "adoptimw", "--opt-kwargs", "state_precision=8bit", "state_block_size=128"])
+    args.opt_args = args.opt_kwargs
+    opt = timm.optim.create_optimizer_v2(Net(), **timm.optim.optimizer_kwargs(cfg=args))
+    assert type(opt) is ADOPT
+    assert all(g["state_precision"] == "8bit" and g["state_block_size"] == 128 and g["decoupled_weight_decay"]
+               for g in opt.param_groups)
+
+
+def test_a_bad_state_option_is_one_line_naming_it():
+    with pytest.raises(ValueError) as err:
+        timm.optim.create_optimizer_v2(Net(), "adoptim", lr=1e-3, state_precision="4bit")
+    assert "state_precision" in str(err.value) and "4bit" in str(err.value) and "\n" not in str(err.value)
