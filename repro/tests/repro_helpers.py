@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import signal
 import struct
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +40,27 @@ def tiny_mnist(root: Path, n_train: int = 512, n_test: int = 128, seed: int = 0)
 
 def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
+
+
+def kill_then_resume(cmd: list[str], out: Path, cells: int) -> None:
+    """Kill the sweep ``cmd`` (writing into ``out``, a grid of ``cells``) once two cells are written, rerun
+    it, and check that it finished only the other cells, in one process, and wrote the summary."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((out / "runs").glob("*.json"))) < 2:
+        assert proc.poll() is None, "the sweep finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    before = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert 2 <= len(before) < cells
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert f"{len(before)} of {cells} cells already finished" in done.stderr
+    after = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert len(after) == cells and {k: after[k] for k in before} == before  # finished cells untouched
+    assert len({json.loads(v[1])["pid"] for k, v in after.items() if k not in before}) == 1
+    assert len(json.loads((out / "summary.json").read_text())["final"]) == cells
+    assert not (out / ".lock").exists()

@@ -70,3 +70,29 @@ def test_bad_ensembles_are_refused() -> None:
         Ensemble([nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2))])
     with pytest.raises(ValueError, match="leading dimension must be the ensemble size 2"):
         Ensemble([nn.Linear(2, 2), nn.Linear(2, 2)])(torch.zeros(3, 5, 2))
+
+
+class _Tied(nn.Module):
+    # An embedding whose matrix is also the output layer's (GPT's weight tying).
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(idx)))
+
+
+def test_a_tied_parameter_stays_tied_in_the_ensemble() -> None:
+    members = []
+    for k in range(2):
+        torch.manual_seed(k)
+        members.append(_Tied())
+    ens = Ensemble(members)
+    assert [n for n, _ in ens.named_parameters()] == ["stacked.0"]  # stacked once
+    idx = torch.tensor([[0, 3, 4], [1, 1, 2]])
+    ens(idx).square().sum().backward()
+    for k, m in enumerate(members):
+        m(idx[k]).square().sum().backward()  # its gradient: through the embedding and the output layer
+        torch.testing.assert_close(ens.stacked[0].grad[k], m.emb.weight.grad, rtol=1e-6, atol=1e-7)

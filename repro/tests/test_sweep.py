@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 
 from adoptim_repro import sweep, sweep_report
 from adoptim_repro.sweep import Cell, MnistSweepConfig, cells, summarize
-from repro_helpers import run_cli, tiny_mnist
+from repro_helpers import kill_then_resume, run_cli, tiny_mnist
 
 
 @pytest.fixture(scope="module")
@@ -121,24 +119,7 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_repeating_finished_cells(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cmd(data, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(list((out / "runs").glob("*.json"))) < 2:
-        assert proc.poll() is None, "the sweep finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists()
-    before = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (out / "runs").glob("*.json")}
-    assert 2 <= len(before) < 12
-    done = subprocess.run(_cmd(data, out), env=_env(), capture_output=True, text=True, check=True)
-    assert f"{len(before)} of 12 cells already finished" in done.stderr
-    after = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (out / "runs").glob("*.json")}
-    assert len(after) == 12 and {k: after[k] for k in before} == before  # finished cells untouched
-    assert len({json.loads(v[1])["pid"] for k, v in after.items() if k not in before}) == 1
-    assert len(json.loads((out / "summary.json").read_text())["final"]) == 12
-    assert not (out / ".lock").exists()
+    kill_then_resume(_cmd(data, out), out, 12)
 
 
 @pytest.mark.slow

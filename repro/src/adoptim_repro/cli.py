@@ -5,7 +5,7 @@
                          [--set key=value ...] [--threads N] [--fresh] [--tensorboard] [--print-config]
     adoptim <experiment> --help   # every config key with its type, default and meaning
     adoptim demo                  # toy --quick and mnist --quick
-    adoptim sweep mnist [--quick] [--set beta2s=... lrs=...] [--shard I/N]   # beta2 x lr grids, many seeds
+    adoptim sweep mnist|vae|gpt [--quick] [--set beta2s=... lrs=...] [--shard I/N]   # beta2 x lr grids, many seeds
     adoptim --version
 
 Also runs as ``python -m adoptim_repro`` and under ``torchrun --nproc_per_node N -m adoptim_repro <experiment>``.

@@ -13,7 +13,9 @@ small transformer train as one batched model, at the hardware's speed rather tha
 
 The loss is the sum over members of each member's mean loss, so member k's gradient is the one its own
 run would compute. ``torch.func.stack_module_state`` stacks the members' parameters and
-``torch.func.functional_call`` under ``torch.vmap`` runs one member's forward on each slice.
+``torch.func.functional_call`` under ``torch.vmap`` runs one member's forward on each slice. A parameter
+shared by two modules of a member (GPT's output layer tied to its token embedding) is stacked once and
+given to both, so it stays shared.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class Ensemble(nn.Module):
         self.buffer_names = list(buffers)
         for i, name in enumerate(self.buffer_names):
             self.register_buffer(f"buffer{i}", buffers[name].clone())
+        # Every other name of a shared parameter (moving the copy below to "meta" would untie it).
+        first = dict(members[0].named_parameters())
+        canonical = {id(p): n for n, p in first.items()}
+        self.aliases = {n: canonical[id(p)] for n, p in members[0].named_parameters(remove_duplicate=False)
+                        if n not in first}
         # The architecture, without its own tensors (functional_call supplies each member's).
         self._base = [copy.deepcopy(members[0]).to("meta")]
 
@@ -63,6 +70,7 @@ class Ensemble(nn.Module):
                                  f"got {x.shape[0]}")
         base = self._base[0]
         params = dict(zip(self.names, self.stacked, strict=True))
+        params.update({alias: params[name] for alias, name in self.aliases.items()})
         buffers = {name: getattr(self, f"buffer{i}") for i, name in enumerate(self.buffer_names)}
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], *xk: Tensor) -> Tensor:

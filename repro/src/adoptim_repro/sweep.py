@@ -4,6 +4,10 @@ Claim (the paper's title): ADOPT converges with any beta2, where Adam needs a pr
 On a real task that reads: over a grid of beta2 and learning rates, ADOPT's final loss depends less on
 beta2 (and on the learning rate) than Adam's and AMSGrad's, and it diverges in fewer cells.
 
+Tasks: ``mnist`` (the mnist experiment's MLP), ``vae`` (the vae experiment's conv VAE) and ``gpt`` (the gpt
+experiment's byte-level decoder on Shakespeare, whose cells also count the gpt experiment's loss spikes;
+``--doc-batch`` puts a second sweep's at another batch size on the same page).
+
 Run: ``adoptim sweep mnist`` (the grid below, one torch thread: ``--threads 1``); ``--quick`` proves the
 code path in a minute or two; ``--set beta2s=0.5,0.9 lrs=1e-3,1e-2 seeds=8`` changes the grid (a rerun
 with a grown or shrunk grid keeps the finished cells; any other change is refused); ``--shard i/n``
@@ -51,8 +55,8 @@ from .outdir import (
 )
 from .sweep_report import capped, doc_page, markdown, plot, summarize
 
-__all__ = ["Cell", "MnistSweepConfig", "SweepTask", "VaeSweepConfig", "capped", "cells", "main", "run_sweep",
-           "summarize", "train_cell"]
+__all__ = ["Cell", "GptSweepConfig", "MnistSweepConfig", "SweepTask", "VaeSweepConfig", "capped", "cells", "main",
+           "run_sweep", "summarize", "train_cell"]
 
 Record = dict[str, Any]
 SWEPT = ("adam", "amsgrad", "adopt", "adamw", "adoptw")  # elementwise optimizers with a beta2 to sweep
@@ -69,8 +73,8 @@ def _check_grid(key: str, values: Sequence[float], ok: Callable[[float], bool], 
         raise ValueError(f"config key {key!r} lists a value twice: {','.join(f'{v:g}' for v in values)}")
 
 
-def _validate(cfg: Any, counts: tuple[str, ...]) -> None:
-    """The checks every sweep config shares: the grid, the optimizers, the counts, the data."""
+def _validate(cfg: Any, counts: tuple[str, ...], mnist: bool = True) -> None:
+    """The checks every sweep config shares: the grid, the optimizers, the counts (and MNIST's data)."""
     _check_grid("beta2s", cfg.beta2s, lambda b: 0.0 <= b < 1.0, "in [0, 1)")
     _check_grid("lrs", cfg.lrs, lambda lr: math.isfinite(lr) and lr > 0, "a finite number > 0")
     if not cfg.optimizers:
@@ -80,10 +84,12 @@ def _validate(cfg: Any, counts: tuple[str, ...]) -> None:
     for key in counts:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.batch_size > 60_000:
-        raise ValueError(f"config key 'batch_size' must be <= 60000 (the training set), got {cfg.batch_size}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise ValueError(f"config key 'weight_decay' must be a finite number >= 0, got {cfg.weight_decay}")
+    if not mnist:
+        return
+    if cfg.batch_size > 60_000:
+        raise ValueError(f"config key 'batch_size' must be <= 60000 (the training set), got {cfg.batch_size}")
     from .mnist_data import check_available
 
     check_available(cfg.data_dir)
@@ -161,6 +167,9 @@ class SweepTask:
     ``losses(forward, batch)`` is each member's mean training loss, shape ``(K,)``, where ``forward``
     maps inputs with a leading dimension K to the members' outputs; ``evaluate(forward, K, data)``
     is each member's test loss (and accuracy, or None) with every member seeing all of the test set.
+    Optional: ``groups(cfg, optimizer, params, stacked)`` the optimizer's parameter groups (``stacked``:
+    the parameters carry the ensemble's leading dimension), and ``per_seed(cfg, losses)`` more fields of
+    a seed's record from its training loss at every step.
     """
 
     name: str
@@ -173,6 +182,8 @@ class SweepTask:
     batch: Callable[[Any, Any, list[int], int, str], tuple[torch.Tensor, ...]]
     losses: Callable[[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor]
     evaluate: Callable[[Callable[..., torch.Tensor], int, Any], tuple[list[float], list[float | None]]]
+    groups: Callable[[Any, str, list[torch.Tensor], bool], list[Record]] | None = None
+    per_seed: Callable[[Any, list[float]], Record] | None = None
 
 
 def train_cell(task: SweepTask, cfg: Any, cell: Cell, device: str = "cpu") -> tuple[list[Record], float]:
@@ -190,12 +201,26 @@ def train_cell(task: SweepTask, cfg: Any, cell: Cell, device: str = "cpu") -> tu
         torch.manual_seed(s)
         members.append(task.build(cfg).to(device))
     settings = spec(cfg, cell)
+
+    def params(module: nn.Module, stacked: bool) -> Any:
+        if task.groups is None:
+            return module.parameters()
+        return task.groups(cfg, cell.optimizer, list(module.parameters()), stacked)
+
+    clip = float(getattr(cfg, "grad_clip", 0.0))
     if cfg.ensemble:
         ens = Ensemble(members).to(device)
-        opts = [make_optimizer(cell.optimizer, ens.parameters(), settings)]
+        opts = [make_optimizer(cell.optimizer, params(ens, True), settings)]
         forward: Callable[..., torch.Tensor] = ens
+
+        def clip_grads() -> None:
+            _clip_stacked(list(ens.parameters()), clip, len(seeds))
     else:
-        opts = [make_optimizer(cell.optimizer, m.parameters(), settings) for m in members]
+        opts = [make_optimizer(cell.optimizer, params(m, False), settings) for m in members]
+
+        def clip_grads() -> None:
+            for m in members:
+                nn.utils.clip_grad_norm_(m.parameters(), clip)
 
         def forward(*xs: torch.Tensor) -> torch.Tensor:
             return torch.stack([m(*(x[k] for x in xs)) for k, m in enumerate(members)])
@@ -203,16 +228,19 @@ def train_cell(task: SweepTask, cfg: Any, cell: Cell, device: str = "cpu") -> tu
     init_loss, init_acc = task.evaluate(forward, len(seeds), data)
     diverged: list[int | None] = [None] * len(seeds)
     tail = max(1, min(50, cfg.steps))  # the training loss reported: the mean over the last 50 steps
-    recent: list[torch.Tensor] = []
+    history: list[torch.Tensor] = []  # every step's training losses, for the task's per_seed
+    lr_at = getattr(cfg, "lr_at", None) or (lambda lr, step: lr * getattr(cfg, "schedule_factor", _constant)(step))
     start = time.perf_counter()
     for step in range(cfg.steps):
         batch = task.batch(cfg, data, seeds, step, device)
         for opt in opts:
-            set_lr(opt, cell.lr * getattr(cfg, "schedule_factor", _constant)(step))
+            set_lr(opt, lr_at(cell.lr, step))
         losses = task.losses(forward, batch)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         losses.sum().backward()  # member k's gradient is its own loss's: the members share nothing
+        if clip > 0:
+            clip_grads()
         for opt in opts:
             opt.step()
         bad = (~torch.isfinite(losses.detach())).tolist()
@@ -221,10 +249,12 @@ def train_cell(task: SweepTask, cfg: Any, cell: Cell, device: str = "cpu") -> tu
                 diverged[k] = step + 1  # the 1-based step whose loss was the first NaN or inf
         if all(d is not None for d in diverged):
             break  # nothing left to learn: every member is NaN or inf from here on
-        recent = (recent + [losses.detach()])[-tail:]
+        history.append(losses.detach())
     train_s = time.perf_counter() - start
     loss, acc = task.evaluate(forward, len(seeds), data)
+    recent = history[-tail:]
     train_loss = torch.stack(recent).mean(0).tolist() if recent else [math.nan] * len(seeds)
+    curves = torch.stack(history).T.tolist() if history else [[] for _ in seeds]
     records = []
     for k, s in enumerate(seeds):
         if diverged[k] is None and not math.isfinite(loss[k]):
@@ -233,7 +263,21 @@ def train_cell(task: SweepTask, cfg: Any, cell: Cell, device: str = "cpu") -> tu
         records.append({"seed": s, "test_loss": _finite(loss[k]) if ok else None,
                         "test_accuracy": acc[k] if ok else None, "train_loss": _finite(train_loss[k]) if ok else None,
                         "init_loss": init_loss[k], "init_accuracy": init_acc[k], "diverged_step": diverged[k]})
+        if task.per_seed is not None:
+            records[-1].update(task.per_seed(cfg, curves[k]))
     return records, train_s
+
+
+def _clip_stacked(params: list[torch.Tensor], max_norm: float, k: int) -> None:
+    """``nn.utils.clip_grad_norm_`` of each member of stacked parameters: member k's gradient norm is
+    over its slices ``p.grad[k]``, and only its slices are scaled (torch's ``max_norm / (norm + 1e-6)``, at most 1)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([g.reshape(k, -1).double().pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype).view(k, *([1] * (g.dim() - 1))))
 
 
 def _constant(step: int) -> float:
@@ -404,7 +448,200 @@ VAE = SweepTask("vae", VaeSweepConfig, 1500, _vae_setting,
                 {"beta2s": (0.5, 0.999), "lrs": (1e-3, 1e-2), "seeds": 2, "steps": 30, "test_images": 500},
                 _vae_load, _vae_build, _vae_batch, _vae_losses, _vae_evaluate)
 
-TASKS: dict[str, SweepTask] = {"mnist": MNIST, "vae": VAE}
+# gpt: the gpt experiment's byte-level decoder on Shakespeare -----------------------------------------
+GPT_DECAYED = ("adamw", "adoptw")  # the optimizers whose weight decay is decoupled: the gpt experiment's pair
+
+
+@dataclass
+class GptSweepConfig:
+    """The gpt experiment's decoder (smaller), text, recipe and spike count, trained shorter, over a grid."""
+
+    beta2s: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999, 0.9999)
+    """the beta2 values of the grid (each in [0, 1))"""
+    lrs: tuple[float, ...] = (6e-4, 2e-3, 6e-3, 2e-2)
+    """the peak learning rates of the grid: a half-decade log grid around the gpt experiment's 2e-3"""
+    optimizers: tuple[str, ...] = ("adam", "amsgrad", "adopt", "adamw", "adoptw")
+    """the optimizers swept (adam, amsgrad, adopt, adamw, adoptw); beta1 and eps are each one's default"""
+    seeds: int = 5
+    """seeds 0..N-1 in every cell (paired across cells: seed s has one initialisation and batch stream)"""
+    steps: int = 200
+    """training steps of a cell (the gpt experiment trains 1000)"""
+    warmup: int = 20
+    """steps of linear warm-up before the cosine decay (the gpt experiment: 100 of its 1000)"""
+    min_lr_ratio: float = 0.1
+    """the final lr as a fraction of the peak lr"""
+    grad_clip: float = 1.0
+    """gradient-norm clipping threshold per seed (0 = off), as the gpt experiment"""
+    batch_size: int = 2
+    """sequences per step (the gpt experiment's small batch is 2, its large 16)"""
+    block_size: int = 64
+    """bytes per sequence (the gpt experiment: 128)"""
+    n_layer: int = 2
+    """transformer blocks (the gpt experiment: 4)"""
+    n_head: int = 4
+    """attention heads"""
+    n_embd: int = 64
+    """width of the residual stream (the gpt experiment: 128)"""
+    weight_decay: float = 0.1
+    """decoupled weight decay of adamw and adoptw on matrices and embeddings (nanoGPT's groups, as the gpt
+    experiment); adam, amsgrad and adopt have none, as the gpt experiment's adam and adopt"""
+    eval_seqs: int = 64
+    """held-out windows of block_size bytes, the same for every seed and cell"""
+    spike_factor: float = 1.5
+    """a spike: the training loss exceeds this factor times the median of the spike_window losses before it"""
+    spike_window: int = 50
+    """steps in the median a spike is measured against"""
+    val_every: int = 10
+    """every val_every-th play is held out"""
+    ensemble: bool = True
+    """train a cell's seeds as one batched model (false: one after another; the same numbers; --cost says which
+    is cheaper at a batch size)"""
+
+    OPTIMIZERS = SWEPT
+
+    def lr_at(self, lr: float, step: int) -> float:
+        from .schedule import WarmupCosine
+
+        return WarmupCosine(lr, self.steps, self.warmup, floor=self.min_lr_ratio)(step)  # the gpt experiment's
+
+    def validate(self) -> None:
+        _validate(self, ("steps", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_seqs",
+                         "spike_window"), mnist=False)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"config key 'n_embd' ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"config keys 'warmup' must be >= 0 and 'min_lr_ratio' in [0, 1], got {self.warmup}, "
+                             f"{self.min_lr_ratio}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"config key 'grad_clip' must be a finite number >= 0, got {self.grad_clip}")
+        if not self.spike_factor > 1:
+            raise ValueError(f"config key 'spike_factor' must be > 1, got {self.spike_factor}")
+        if self.val_every < 2:
+            raise ValueError(f"config key 'val_every' must be >= 2 (every val_every-th play is held out), "
+                             f"got {self.val_every}")
+
+
+class _Logits(nn.Module):
+    """The gpt experiment's model, returning its logits alone (what the ensemble's vmap can stack)."""
+
+    def __init__(self, gpt: nn.Module) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt(idx)[0]
+
+
+def _gpt_shape(cfg: Any) -> Any:
+    from .gpt_model import GPTShape
+
+    return GPTShape(256, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 0.0)
+
+
+def _gpt_load(cfg: Any, device: str) -> Any:
+    from .gpt import load_splits
+    from .text_data import sample_batch
+
+    train, val, _ = load_splits(None, cfg.val_every)
+    gen = torch.Generator().manual_seed(20241105)  # the gpt experiment's held-out windows
+    vx, vy = sample_batch(val, cfg.eval_seqs, cfg.block_size, gen)
+    return {"train": train, "val": (vx.to(device), vy.to(device))}
+
+
+def _gpt_build(cfg: Any) -> nn.Module:
+    from .gpt_model import GPT
+
+    return _Logits(GPT(_gpt_shape(cfg)))
+
+
+def _gpt_batch(cfg: Any, data: Any, seeds: list[int], step: int, device: str) -> tuple[torch.Tensor, ...]:
+    from .text_data import sample_batch
+
+    xs, ys = [], []
+    for s in seeds:  # the gpt experiment's batch of seed s at this step
+        gen = torch.Generator().manual_seed(s * 1_000_003 + step)
+        x, y = sample_batch(data["train"], cfg.batch_size, cfg.block_size, gen)
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs).to(device), torch.stack(ys).to(device)
+
+
+def _token_mean(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+def _gpt_losses(forward: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x, y = batch
+    return torch.vmap(_token_mean)(forward(x), y)
+
+
+@torch.no_grad()
+def _gpt_evaluate(forward: Callable[..., torch.Tensor], k: int, data: Any) -> tuple[list[float], list[float | None]]:
+    x, y = data["val"]
+    total = torch.zeros(k, dtype=torch.float64)
+    for i in range(0, len(x), 16):
+        xb, yb = x[i:i + 16], y[i:i + 16]
+        logits = forward(xb.expand(k, *xb.shape)).float()
+        total += torch.vmap(lambda lg, t: nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1),
+                                                                      reduction="sum"))(
+            logits, yb.expand(k, *yb.shape)).double().cpu()
+    return (total / y.numel()).tolist(), [None] * k
+
+
+def _gpt_groups(cfg: Any, optimizer: str, params: list[torch.Tensor], stacked: bool) -> list[Record]:
+    # nanoGPT's groups (gpt_model.decay_groups): a member's matrices and embeddings decay, its vectors do not.
+    lead = 1 if stacked else 0
+    decay = cfg.weight_decay if optimizer in GPT_DECAYED else 0.0
+    return [{"params": [p for p in params if p.dim() - lead >= 2], "weight_decay": decay},
+            {"params": [p for p in params if p.dim() - lead < 2], "weight_decay": 0.0}]
+
+
+def peak_ratio(losses: Sequence[float], window: int) -> float | None:
+    """The largest ratio of a finite loss to the median of the ``window`` losses before it (None: too short)."""
+    import numpy as np
+
+    x = np.asarray(losses, dtype=np.float64)
+    ratios = [x[i] / np.median(x[i - window:i]) for i in range(window, len(x))
+              if np.isfinite(x[i]) and np.all(np.isfinite(x[i - window:i]))]
+    return float(max(ratios)) if ratios else None
+
+
+def _gpt_per_seed(cfg: Any, losses: list[float]) -> Record:
+    from .lm_train import spike_steps
+
+    steps = spike_steps(losses, cfg.spike_factor, cfg.spike_window)  # the gpt experiment's count
+    return {"spikes": len(steps), "spike_steps": steps, "peak_ratio": peak_ratio(losses, cfg.spike_window)}
+
+
+def _gpt_setting(cfg: Record) -> str:
+    from .gpt import GptConfig
+    from .gpt_model import GPT, GPTShape
+
+    exp = GptConfig()
+    size = sum(p.numel() for p in GPT(GPTShape(256, cfg["block_size"], cfg["n_layer"], cfg["n_head"],
+                                               cfg["n_embd"])).parameters())
+    exp_size = sum(p.numel() for p in GPT(GPTShape(256, exp.block_size, exp.n_layer, exp.n_head,
+                                                   exp.n_embd)).parameters())
+    decayed = [o for o in cfg["optimizers"] if o in GPT_DECAYED]
+    return (f"the gpt experiment's byte-level GPT-2-style decoder, smaller: {cfg['n_layer']} layers, "
+            f"{cfg['n_embd']} wide, {cfg['n_head']} heads, {size / 1e6:.2f}M parameters, {cfg['block_size']}-byte "
+            f"sequences (the experiment's: {exp.n_layer} layers, {exp.n_embd} wide, {exp_size / 1e6:.2f}M, "
+            f"{exp.block_size} bytes), on the experiment's Shakespeare plays, batch {cfg['batch_size']}, its recipe: "
+            f"warm-up {cfg['warmup']} steps then cosine to {cfg['min_lr_ratio']:g} of the peak lr, gradient "
+            f"clipping {cfg['grad_clip']:g}"
+            + (f", decoupled weight decay {cfg['weight_decay']:g} for {' and '.join(decayed)} (none for the others)"
+               if decayed and cfg["weight_decay"] else ", no weight decay")
+            + f"; the metric is the held-out loss (nats per byte) on {cfg['eval_seqs']} fixed windows of the "
+            "held-out plays after the last step; a spike is the experiment's: a step whose training loss exceeds "
+            f"{cfg['spike_factor']:g}x the median of the {cfg['spike_window']} before it (counted once per rise)")
+
+
+GPT = SweepTask("gpt", GptSweepConfig, 1000, _gpt_setting,
+                {"beta2s": (0.5, 0.999), "lrs": (2e-3, 2e-2), "seeds": 2, "steps": 40, "warmup": 4,
+                 "block_size": 32, "n_layer": 1, "n_embd": 32, "eval_seqs": 8, "spike_window": 10},
+                _gpt_load, _gpt_build, _gpt_batch, _gpt_losses, _gpt_evaluate, _gpt_groups, _gpt_per_seed)
+
+TASKS: dict[str, SweepTask] = {"mnist": MNIST, "vae": VAE, "gpt": GPT}
 # --------------------------------------------------------------------------- the driver
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"i/n"`` as ``(i, n)`` with ``0 <= i < n``; ``None`` is the whole grid ``(0, 1)``."""
@@ -519,9 +756,23 @@ def _write_reports(task: str, cfg: Any, out: Path, meta: Record, grid: list[Cell
     return summary
 
 
-def write_doc(task: str, out: Path, summary: Record, page: Path, long: Path | None = None) -> None:
+def _sets(task: str, config: Record) -> str:
+    """The ``--set`` arguments that make a sweep of ``config`` from the task's defaults."""
+    defaults = json.loads(json.dumps(to_dict(TASKS[task].config())))
+    made = json.loads(json.dumps(config))
+    changed = {k: v for k, v in made.items() if defaults.get(k) != v and k != "data_dir"}
+    def one(x: Any) -> str:
+        return str(x).lower() if isinstance(x, bool) else f"{x:g}" if isinstance(x, float) else str(x)
+
+    return "".join(f" --set {k}=" + (",".join(one(x) for x in v) if isinstance(v, list) else one(v))
+                   for k, v in changed.items())
+
+
+def write_doc(task: str, out: Path, summary: Record, page: Path, long: Path | None = None,
+              other: Path | None = None) -> None:
     """Write the documentation page of the sweep in ``out`` to ``page``, its figures to ``page/../../figures``
-    (with ``long``, the folder of a longer sweep over some of its cells, the ranking compared)."""
+    (with ``long``, the folder of a longer sweep over some of its cells, the ranking compared; with
+    ``other``, the folder of the same task's sweep at another batch size, its loss spikes beside these)."""
     figures = page.parent.parent / "figures"
     for name in ("heatmaps", "beta2"):
         data = (out / f"{name}.png").read_bytes()
@@ -531,14 +782,17 @@ def write_doc(task: str, out: Path, summary: Record, page: Path, long: Path | No
     if long is not None:
         longer = read_result(long / "summary.json", "rerun that sweep to write it",
                              lambda v: isinstance(v, dict) and v.get("experiment") == summary["experiment"])
+    batch = command = None
+    if other is not None:
+        batch = read_result(other / "summary.json", "rerun that sweep to write it",
+                            lambda v: isinstance(v, dict) and v.get("experiment") == summary["experiment"])
+        if "spikes" not in summary or batch["config"].get("batch_size") == summary["config"].get("batch_size"):
+            raise ConfigError(f"--doc-batch {other}: needs a sweep of a task that counts loss spikes, at another "
+                              f"batch size than this one's {summary['config'].get('batch_size')}")
+        command = f"adoptim sweep {task} --threads 1{_sets(task, batch['config'])} --out {other.as_posix()}"
     setting = TASKS[task].setting(summary["config"])
-    defaults = json.loads(json.dumps(to_dict(TASKS[task].config())))
-    made = json.loads(json.dumps(summary["config"]))
-    changed = {k: v for k, v in made.items() if defaults.get(k) != v and k != "data_dir"}
-    sets = "".join(f" --set {k}=" + (",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
-                                     if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else str(v)))
-                   for k, v in changed.items())
-    _io.write_text(page, doc_page(task, setting, summary, cost, "../figures", longer, page.as_posix(), sets))
+    _io.write_text(page, doc_page(task, setting, summary, cost, "../figures", longer, page.as_posix(),
+                                  _sets(task, summary["config"]), batch, command))
 
 
 def measure_cost(task: str, cfg: Any, device: str = "cpu") -> Record:
@@ -583,6 +837,9 @@ def _parser(task_cls: type | None = None) -> argparse.ArgumentParser:
     p.add_argument("--doc-long", type=Path, default=None, metavar="DIR",
                    help="with --doc: the folder of a longer sweep over some of the cells, whose ranking the page "
                         "compares")
+    p.add_argument("--doc-batch", type=Path, default=None, metavar="DIR",
+                   help="with --doc (gpt): the folder of the same sweep at another batch size, whose loss spikes the "
+                        "page shows beside this one's")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     return p
 
@@ -630,7 +887,7 @@ def main(argv: Sequence[str]) -> int:
         if args.doc is not None:
             if summary is None:
                 raise ConfigError(f"--doc needs the whole grid; cells are left to other shards in {out}")
-            write_doc(args.task, out, summary, args.doc, args.doc_long)
+            write_doc(args.task, out, summary, args.doc, args.doc_long, args.doc_batch)
         return 0
     except ConfigError as e:
         print(f"adoptim: error: {e}", file=sys.stderr)

@@ -49,6 +49,9 @@ def summarize(cfg: Any, records: list[Record]) -> Record:
       mean and 95% interval over seeds.
     - ``paired``: per beta2, ADOPT minus Adam paired by seed, of the capped loss at each one's best lr
       and of the sensitivity, with 95% interval and whether it excludes zero.
+    - ``spikes`` (where the records count loss spikes, as the gpt task's do): per optimizer and beta2,
+      over the seed runs of every lr, how many spiked, the mean spikes per run (95% interval) and the
+      largest ratio of a loss to the median before it (see :func:`spikes`).
     """
     by = {(r["optimizer"], r["beta2"], r["lr"], r["seed"]): r for r in records}
     opts, beta2s, lrs, seeds = list(cfg.optimizers), list(cfg.beta2s), list(cfg.lrs), list(range(cfg.seeds))
@@ -67,6 +70,9 @@ def summarize(cfg: Any, records: list[Record]) -> Record:
                               "test_accuracy_%": acc.mean if acc else None,
                               "capped_loss": sum(capped(r) for r in rs) / len(rs), "diverged": len(div),
                               "diverged_step": min(div) if div else None, "seeds": len(rs)})
+                if all("spikes" in r for r in rs):
+                    final[-1].update(spikes=sum(r["spikes"] for r in rs),
+                                     spiked_seeds=sum(r["spikes"] > 0 for r in rs))
     best_lr = {}
     for o in opts:
         score = {lr: sum(capped(by[(o, b, lr, s)]) for b in beta2s for s in seeds) for lr in lrs}
@@ -90,7 +96,27 @@ def summarize(cfg: Any, records: list[Record]) -> Record:
             d_sens = [x - y for x, y in zip(per_seed_sens[("adopt", b)], per_seed_sens[("adam", b)], strict=True)]
             paired.append({"beta2": b, "metric": "test loss at best lr", **_interval(d_loss, True)})
             paired.append({"beta2": b, "metric": "lr sensitivity", **_interval(d_sens, True)})
-    return {"final": final, "best_lr": best_lr, "at_best_lr": at_best, "sensitivity": sens_rows, "paired": paired}
+    out = {"final": final, "best_lr": best_lr, "at_best_lr": at_best, "sensitivity": sens_rows, "paired": paired}
+    if records and all("spikes" in r for r in records):
+        out["spikes"] = spikes(cfg, records)
+    return out
+
+
+def spikes(cfg: Any, records: list[Record]) -> list[Record]:
+    """Per optimizer and beta2, the loss spikes of its seed runs over the whole lr grid (n = lrs x seeds):
+    the runs with at least one spike, the mean spikes per run (95% interval over the runs), the runs that
+    diverged, and the largest ratio of a finite loss to the median of the window before it (``peak_ratio``)."""
+    rows = []
+    for o in cfg.optimizers:
+        for b in cfg.beta2s:
+            rs = [r for r in records if r["optimizer"] == o and r["beta2"] == b]
+            peaks = [r["peak_ratio"] for r in rs if r.get("peak_ratio") is not None]
+            top = max(rs, key=lambda r: r.get("peak_ratio") or 0.0)
+            rows.append({"optimizer": o, "beta2": b, "runs": len(rs), "spiked": sum(r["spikes"] > 0 for r in rs),
+                         **_interval([float(r["spikes"]) for r in rs]),
+                         "diverged": sum(r["diverged_step"] is not None for r in rs),
+                         "peak_ratio": max(peaks) if peaks else None, "peak_lr": top["lr"] if peaks else None})
+    return rows
 
 
 def _table(title: str, rows: list[Record]) -> str:
@@ -104,6 +130,8 @@ def markdown(task: str, summary: Record) -> str:
              _table("Paired difference ADOPT minus Adam (by seed; negative = ADOPT better)", summary["paired"]),
              _table("Test loss at each optimizer's best lr", summary["at_best_lr"]),
              _table("LR sensitivity (Wortsman et al. 2023)", summary["sensitivity"]),
+             *([_table("Loss spikes per seed run, over the lr grid", summary["spikes"])]
+               if "spikes" in summary else []),
              _table("Every cell", summary["final"])]
     return "\n".join(parts)
 
@@ -278,11 +306,90 @@ def _length_check(summary: Record, long: Record) -> list[str]:
     return lines
 
 
+ADAM_LIKE = ("adam", "amsgrad", "adamw")
+ADOPT_LIKE = ("adopt", "adoptw")
+
+
+def _spike_table(summary: Record) -> list[str]:
+    opts = list(summary["config"]["optimizers"])
+    rows = {(r["optimizer"], r["beta2"]): r for r in summary["spikes"]}
+    lines = ["| beta2 | " + " | ".join(opts) + " |", "|---|" + "---|" * len(opts)]
+    for b in summary["config"]["beta2s"]:
+        cells = []
+        for o in opts:
+            r = rows[(o, b)]
+            cells.append(f"{r['spiked']}/{r['runs']}, {_num(r['mean'], 2)} ± {_num(r['ci95'], 2)}, "
+                         f"max {_num(r['peak_ratio'])}x" + (f", {r['diverged']} div" if r["diverged"] else ""))
+        lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _spike_verdicts(sweeps: list[Record]) -> list[str]:
+    """Sentences, each from the spike tables of the sweeps (one per batch size), on where Adam spikes."""
+    out, adam_total, adam_runs = [], 0, 0
+    for sm in sweeps:
+        batch, rows = sm["config"]["batch_size"], sm["spikes"]
+        for family, names in (("Adam (" + ", ".join(o for o in ADAM_LIKE if o in sm["config"]["optimizers"]) + ")",
+                               ADAM_LIKE),
+                              ("ADOPT (" + ", ".join(o for o in ADOPT_LIKE if o in sm["config"]["optimizers"]) + ")",
+                               ADOPT_LIKE)):
+            mine = [r for r in rows if r["optimizer"] in names]
+            if not mine:
+                continue
+            spiked, runs = sum(r["spiked"] for r in mine), sum(r["runs"] for r in mine)
+            if names == ADAM_LIKE:
+                adam_total, adam_runs = adam_total + spiked, adam_runs + runs
+            where = [f"beta2 {r['beta2']:g} ({r['optimizer']}, {r['spiked']}/{r['runs']})" for r in mine if r["spiked"]]
+            top = max((r for r in mine if r["peak_ratio"] is not None), key=lambda r: r["peak_ratio"], default=None)
+            out.append(f"Batch {batch}, {family}: {spiked} of {runs} seed runs spiked"
+                       + (f", at {'; '.join(where)}" if where else "")
+                       + (f"; the largest loss over its running median is {top['peak_ratio']:.3g}x "
+                          f"({top['optimizer']}, beta2 {top['beta2']:g}, lr {top['peak_lr']:g})" if top else "") + ".")
+    if adam_runs and adam_total == 0:
+        factor = sweeps[0]["config"]["spike_factor"]
+        out.append(f"No regime of {'these grids' if len(sweeps) > 1 else 'this grid'} makes Adam spike at this scale: "
+                   f"0 of its {adam_runs} seed runs at batch "
+                   f"{' and '.join(str(sm['config']['batch_size']) for sm in sweeps)} exceed {factor:g}x the running "
+                   "median; the paper's spikes at a small batch are not reproduced here.")
+    return out
+
+
+def _spike_section(summary: Record, other: Record | None, other_command: str | None) -> list[str]:
+    sweeps = [summary] + ([other] if other is not None else [])
+    sweeps.sort(key=lambda sm: sm["config"]["batch_size"])
+    cfg = summary["config"]
+    lines = ["", "### Loss spikes, over beta2, at a small and a large batch", "",
+             f"A spike is the gpt experiment's: a step whose training loss exceeds {cfg['spike_factor']:g}x the median "
+             f"of the {cfg['spike_window']} losses before it, counted once per rise (no spike in the first "
+             f"{cfg['spike_window']} steps). Per optimizer and beta2, over the seed runs of every lr of the grid: "
+             "runs that spiked / runs, mean spikes per run ± 95% interval, the largest ratio of a loss to the median "
+             "before it (max), and runs that diverged (div).", ""]
+    if other is not None and other_command:
+        lines += [f"The batch {other['config']['batch_size']} sweep: `{other_command}` (the same seeds; its grid "
+                  f"{len(other['config']['lrs'])} lrs x {len(other['config']['beta2s'])} beta2 x "
+                  f"{', '.join(other['config']['optimizers'])}).", ""]
+    lines += [f"- {v}" for v in _spike_verdicts(sweeps)]
+    for sm in sweeps:
+        lines += ["", f"Batch {sm['config']['batch_size']} ({sm['config']['steps']} steps, lrs "
+                  f"{', '.join(f'{lr:g}' for lr in sm['config']['lrs'])}):", "", *_spike_table(sm)]
+    if other is not None:
+        diffs = [r for r in other["paired"] if r["metric"] == "test loss at best lr"]
+        if diffs:
+            best = other["best_lr"]
+            lines += ["", f"Held-out loss at batch {other['config']['batch_size']}, ADOPT minus Adam at each one's "
+                      f"best lr (adam {best.get('adam', 0):g}, adopt {best.get('adopt', 0):g}), paired by seed: "
+                      + "; ".join(f"beta2 {r['beta2']:g}: {_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}]"
+                                  + (" (excludes 0)" if r["excludes_zero"] else "") for r in diffs) + "."]
+    return lines
+
+
 def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figures: str,
-             long: Record | None = None, page: str = "docs/reproduction/sweeps.md", sets: str = "") -> str:
+             long: Record | None = None, page: str = "docs/reproduction/sweeps.md", sets: str = "",
+             other: Record | None = None, other_command: str | None = None) -> str:
     """The documentation page of a finished sweep, every number from ``summary`` (and ``cost``, and a
-    longer sweep ``long`` over some of its cells); ``setting`` describes the task's model and metric,
-    ``sets`` the ``--set`` arguments that made the sweep (none: the defaults)."""
+    longer sweep ``long`` over some of its cells, and ``other``, the same task's sweep at another batch
+    size, made by ``other_command``); ``setting`` describes the task's model and metric, ``sets`` the
+    ``--set`` arguments that made the sweep (none: the defaults)."""
     cfg, c = summary["config"], summary["cost"]
     grid = (f"beta2 in {{{', '.join(f'{b:g}' for b in cfg['beta2s'])}}} x lr in "
             f"{{{', '.join(f'{lr:g}' for lr in cfg['lrs'])}}} x {', '.join(cfg['optimizers'])}, "
@@ -348,6 +455,8 @@ def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figu
                f"first at step {r['diverged_step']}" for r in div] or ["None: every seed of every cell stayed finite."])
     if long is not None:
         lines += _length_check(summary, long)
+    if "spikes" in summary:
+        lines += _spike_section(summary, other, other_command)
     lines += ["", "## Cost", "",
               f"{c['cells']} cells, {c['seed_runs']} seed runs of {c['steps']} steps: {c['train_s'] / 60:.1f} min of "
               f"training ({c['wall_s'] / 60:.1f} min with the evaluations), {c['ms_per_seed_step']:g} ms per seed and "
