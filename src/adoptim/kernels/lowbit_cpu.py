@@ -35,26 +35,39 @@ class _Hyper(ctypes.Structure):
 
 
 class _Map(ctypes.Structure):
-    _fields_ = [("map", ctypes.c_void_p), ("len", ctypes.c_int64), ("mid_counts", ctypes.c_void_p),
-                ("mid_next", ctypes.c_void_p), ("tab_counts", ctypes.c_void_p), ("tab_next", ctypes.c_void_p)]
+    _fields_ = [("map", ctypes.c_void_p), ("len", ctypes.c_int64), ("mid_bucket", ctypes.c_void_p),
+                ("tab_bucket", ctypes.c_void_p), ("pairs", ctypes.c_void_p)]
+
+
+def _pack(low: Tensor, high: Tensor) -> Tensor:
+    """int64 words of two 32-bit columns (int32 values, or float32 bit patterns), ``low`` in the low half."""
+    def bits(x: Tensor) -> Tensor:
+        return (x.view(torch.int32) if x.dtype == torch.float32 else x.to(torch.int32)).long() & 0xFFFFFFFF
+    return bits(low) | (bits(high) << 32)
+
+
+@functools.cache
+def _packed(signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """csrc/lowbit.c's tables of a map: per bucket (count, the boundary it is compared with) for nearest
+    and stochastic rounding, and per code the pair (map[k], map[k + 1])."""
+    table = tables(signed)[0]
+    out = []
+    for bounds in ("mids", "table"):
+        counts, nxt = _bucket_counts(signed, bounds)
+        out.append(_pack(counts, nxt[counts]))
+    out.append(_pack(table[:-1], table[1:]))
+    return out[0], out[1], out[2]
 
 
 @functools.cache
 def _maps() -> tuple[_Map, _Map]:
-    """The C view of the signed and unsigned tables, the bucket counts as int32 (kept here: their memory stays)."""
+    """The C view of the signed and unsigned tables (cached tensors: their memory stays)."""
     out = []
     for signed in (True, False):
         table = tables(signed)[0]
-        mc, mn = _bucket_counts(signed, "mids")
-        tc, tn = _bucket_counts(signed, "table")
-        mc, tc = mc.to(torch.int32), tc.to(torch.int32)
-        _KEEP.extend((mc, tc))
-        out.append(_Map(table.data_ptr(), table.numel(), mc.data_ptr(), mn.data_ptr(), tc.data_ptr(),
-                        tn.data_ptr()))
+        mid, tab, pairs = _packed(signed)
+        out.append(_Map(table.data_ptr(), table.numel(), mid.data_ptr(), tab.data_ptr(), pairs.data_ptr()))
     return out[0], out[1]
-
-
-_KEEP: list[Tensor] = []  # the int32 tables _maps hands to C
 
 
 def load(path: str | None = None) -> ctypes.CDLL | None:

@@ -27,15 +27,19 @@
 
 #include "adopt_cpu.h"
 
-/* The code tables of one map: the map, and the bucket lookups of nearest ("mids") and stochastic
- * ("table") rounding (quant._bucket_counts, as int32): counts[bucket] and the boundaries padded with +inf. */
+/* The code tables of one map, as the caller packs them (lowbit_cpu._maps) from the torch path's
+ * (quant._bucket_counts, the map): per bucket of a value (the top 17 bits of its float32 pattern) one
+ * 64-bit word, the count of boundaries below the bucket (low half) and the next boundary, the one the value
+ * is compared with (high half), for nearest ("mid") and stochastic ("tab") rounding; and per code k the
+ * pair of neighbouring map values (map[k], map[k + 1]). A lookup is one load where the tables as the
+ * torch path keeps them take two (and the pair one where they take two): the loads are most of an
+ * encode's time, as the vectoriser gathers them element by element. */
 typedef struct {
     const float *map;
     int64_t len;
-    const int32_t *mid_counts;
-    const float *mid_next;
-    const int32_t *tab_counts;
-    const float *tab_next;
+    const uint64_t *mid_bucket;
+    const uint64_t *tab_bucket;
+    const uint64_t *pairs;
 } lowbit_map_t;
 
 typedef struct {
@@ -133,17 +137,18 @@ static inline __attribute__((always_inline)) void encode_8bit_stochastic(const f
                                                                           uint32_t base, uint32_t k, float div,
                                                                           const lowbit_map_t *mp,
                                                                           uint8_t *restrict codes) {
-    const float *restrict map = mp->map;
-    const int32_t *restrict counts = mp->tab_counts;
-    const float *restrict next = mp->tab_next;
+    const uint64_t *restrict buckets = mp->tab_bucket;
+    const uint64_t *restrict pairs = mp->pairs;
     const int32_t top = (int32_t)mp->len - 2;
     for (int64_t j = 0; j < len; j++) {
         const float s = x[j] / div;
-        const int32_t c = counts[(f32_bits(s) >> 15) & 0x1FFFFu];
-        int32_t lo = c + (next[c] <= s) - 1;
+        const uint64_t w = buckets[(f32_bits(s) >> 15) & 0x1FFFFu];
+        const int32_t c = (int32_t)(uint32_t)w;
+        int32_t lo = c + (bits_f32((uint32_t)(w >> 32)) <= s) - 1;
         lo = lo < 0 ? 0 : lo;
         lo = lo > top ? top : lo;
-        const float below = map[lo], above = map[lo + 1];
+        const uint64_t pair = pairs[lo];
+        const float below = bits_f32((uint32_t)pair), above = bits_f32((uint32_t)(pair >> 32));
         const float frac = (s - below) / (above - below);
         const uint32_t hv = hash32((base + (uint32_t)j) ^ k);
         const float u = (float)(int32_t)(hv >> 8) * 5.9604644775390625e-08f; /* 2^-24 */
@@ -165,12 +170,11 @@ static inline __attribute__((always_inline)) void encode_8bit(const float *restr
                                                                uint32_t key, uint8_t *restrict codes) {
     const float div = amax == 0.0f ? 1.0f : amax;
     if (!stochastic) {
-        const int32_t *restrict counts = mp->mid_counts;
-        const float *restrict next = mp->mid_next;
+        const uint64_t *restrict buckets = mp->mid_bucket;
         for (int64_t j = 0; j < len; j++) {
             const float s = x[j] / div;
-            const int32_t c = counts[(f32_bits(s) >> 15) & 0x1FFFFu];
-            codes[j] = (uint8_t)(c + (next[c] < s));
+            const uint64_t w = buckets[(f32_bits(s) >> 15) & 0x1FFFFu];
+            codes[j] = (uint8_t)((int32_t)(uint32_t)w + (bits_f32((uint32_t)(w >> 32)) < s));
         }
         return;
     }
