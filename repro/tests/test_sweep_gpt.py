@@ -47,6 +47,7 @@ def test_a_tiny_gpt_sweep_runs_through_the_command_and_writes_its_page(tmp_path:
     page = tmp_path / "docs" / "reproduction" / "sweeps_gpt.md"
     assert run_cli("sweep", "gpt", "--out", large, *_tiny("batch_size=4", "beta2s=0.9", "lrs=2e-3",
                                                           "optimizers=adam,adopt", "ensemble=false")) == 0
+    assert run_cli("sweep", "gpt", "--cost", "--out", large, *_tiny("batch_size=4", "ensemble=false")) == 0
     assert run_cli("sweep", "gpt", "--out", small, "--doc", page, "--doc-batch", large,
                    *_tiny("beta2s=0.5,0.99", "lrs=2e-3,2e-2", "optimizers=adam,adopt,adamw")) == 0
     summary = json.loads((small / "summary.json").read_text())
@@ -67,6 +68,25 @@ def test_a_tiny_gpt_sweep_runs_through_the_command_and_writes_its_page(tmp_path:
     assert "--set batch_size=4" in text and "--set ensemble=false" in text and f"--out {large.as_posix()}" in text
     assert text.index("### Loss spikes") < text.index("\n## Cost\n")  # the Cost section stays the last
     assert "held-out loss (nats per byte)" in text and "1 layers, 32 wide" in text
+    cost = text.partition("\n## Cost\n")[2]  # both sweeps' time; the measured one's command has its batch
+    assert "The batch 4 sweep: 2 cells, 4 seed runs of 12 steps" in cost and "seeds one after another" in cost
+    measured = json.loads((large / "cost.json").read_text())
+    assert (f"`adoptim sweep gpt --cost --threads {measured['threads']} --set batch_size=4 --set steps=12`: one cell's "
+            f"2 seeds (batch 4, cpu) take {measured['ms_per_seed_step']['ensemble']:g} ms") in cost
+
+
+def test_doc_batch_wants_another_batch_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    grid = _tiny("beta2s=0.9", "lrs=2e-3", "optimizers=adopt", "steps=3")
+    assert run_cli("sweep", "gpt", "--out", out, *grid) == 0
+    capsys.readouterr()
+    assert run_cli("sweep", "gpt", "--out", out, "--doc", tmp_path / "page.md", "--doc-batch", out, *grid) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "that sweep is at batch 2 too; it must be at another batch size" in err, err
+    assert run_cli("sweep", "gpt", "--out", tmp_path / "new", "--doc", tmp_path / "page.md", "--doc-batch",
+                   tmp_path / "none", *grid) == 2
+    assert "no summary.json there; finish that sweep first" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # refused before anything ran
 
 
 def test_a_batched_seed_is_the_gpt_experiments_run_alone(tmp_path: Path) -> None:

@@ -768,6 +768,32 @@ def _sets(task: str, config: Record) -> str:
                    for k, v in changed.items())
 
 
+def _measured(task: str, out: Path) -> Record | None:
+    """The ``--cost`` measurement in ``out`` (None: not measured), with the batch size of its command."""
+    if not (out / "cost.json").exists():
+        return None
+    cost = _io.read_json(out / "cost.json")
+    default = getattr(TASKS[task].config(), "batch_size", None)
+    sets = f" --set batch_size={cost['batch_size']}" if cost.get("batch_size") not in (None, default) else ""
+    return {**cost, "sets": sets}
+
+
+def read_other_batch(task: str, config: Record, other: Path) -> Record:
+    """The summary of the sweep in ``other`` (``--doc-batch``): the same task, which counts loss spikes, at
+    another batch size than ``config``'s."""
+    if TASKS[task].per_seed is None:
+        raise ConfigError(f"--doc-batch: the {task} sweep counts no loss spikes (only gpt does)")
+    path = other / "summary.json"
+    if not path.exists():
+        raise ConfigError(f"--doc-batch {other}: no summary.json there; finish that sweep first")
+    batch = read_result(path, "rerun that sweep to write it",
+                        lambda v: isinstance(v, dict) and v.get("experiment") == f"sweep-{task}")
+    if batch["config"].get("batch_size") == config.get("batch_size"):
+        raise ConfigError(f"--doc-batch {other}: that sweep is at batch {config.get('batch_size')} too; it must be "
+                          f"at another batch size than this one's {config.get('batch_size')}")
+    return batch
+
+
 def write_doc(task: str, out: Path, summary: Record, page: Path, long: Path | None = None,
               other: Path | None = None) -> None:
     """Write the documentation page of the sweep in ``out`` to ``page``, its figures to ``page/../../figures``
@@ -777,22 +803,19 @@ def write_doc(task: str, out: Path, summary: Record, page: Path, long: Path | No
     for name in ("heatmaps", "beta2"):
         data = (out / f"{name}.png").read_bytes()
         _io._atomic(figures / f"sweep_{task}_{name}.png", lambda f, d=data: f.write(d), "wb")
-    cost = _io.read_json(out / "cost.json") if (out / "cost.json").exists() else None
+    cost = _measured(task, out)
     longer = None
     if long is not None:
         longer = read_result(long / "summary.json", "rerun that sweep to write it",
                              lambda v: isinstance(v, dict) and v.get("experiment") == summary["experiment"])
-    batch = command = None
+    batch = command = batch_cost = None
     if other is not None:
-        batch = read_result(other / "summary.json", "rerun that sweep to write it",
-                            lambda v: isinstance(v, dict) and v.get("experiment") == summary["experiment"])
-        if "spikes" not in summary or batch["config"].get("batch_size") == summary["config"].get("batch_size"):
-            raise ConfigError(f"--doc-batch {other}: needs a sweep of a task that counts loss spikes, at another "
-                              f"batch size than this one's {summary['config'].get('batch_size')}")
+        batch = read_other_batch(task, summary["config"], other)
         command = f"adoptim sweep {task} --threads 1{_sets(task, batch['config'])} --out {other.as_posix()}"
+        batch_cost = _measured(task, other)
     setting = TASKS[task].setting(summary["config"])
     _io.write_text(page, doc_page(task, setting, summary, cost, "../figures", longer, page.as_posix(),
-                                  _sets(task, summary["config"]), batch, command))
+                                  _sets(task, summary["config"]), batch, command, batch_cost))
 
 
 def measure_cost(task: str, cfg: Any, device: str = "cpu") -> Record:
@@ -874,6 +897,10 @@ def main(argv: Sequence[str]) -> int:
                 raise ConfigError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         out = args.out or Path("results") / (f"sweep-{args.task}" + ("-quick" if args.quick else ""))
+        if args.doc_batch is not None:  # refused before anything trains
+            if args.doc is None:
+                raise ConfigError("--doc-batch goes with --doc (it adds a sweep at another batch size to the page)")
+            read_other_batch(args.task, to_dict(cfg), args.doc_batch)
         if args.cost:
             check_writable(out)
             result = measure_cost(args.task, cfg, args.device)

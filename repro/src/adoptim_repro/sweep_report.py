@@ -363,7 +363,8 @@ def _spike_section(summary: Record, other: Record | None, other_command: str | N
              f"of the {cfg['spike_window']} losses before it, counted once per rise (no spike in the first "
              f"{cfg['spike_window']} steps). Per optimizer and beta2, over the seed runs of every lr of the grid: "
              "runs that spiked / runs, mean spikes per run ± 95% interval, the largest ratio of a loss to the median "
-             "before it (max), and runs that diverged (div).", ""]
+             "before it (max), and runs that diverged (div; a diverged run's first non-finite loss counts as a spike, "
+             "as the experiment counts it).", ""]
     if other is not None and other_command:
         lines += [f"The batch {other['config']['batch_size']} sweep: `{other_command}` (the same seeds; its grid "
                   f"{len(other['config']['lrs'])} lrs x {len(other['config']['beta2s'])} beta2 x "
@@ -383,9 +384,36 @@ def _spike_section(summary: Record, other: Record | None, other_command: str | N
     return lines
 
 
+def _cost_lines(task: str, summary: Record, cost: Record | None, label: str) -> list[str]:
+    """The Cost section's lines of one sweep: its own training time, and ``cost`` (its ``--cost`` measurement,
+    with ``sets`` the ``--set`` arguments of its command besides the steps)."""
+    c = summary["cost"]
+    how = summary["config"].get("ensemble")
+    lines = [f"{label}{c['cells']} cells, {c['seed_runs']} seed runs of {c['steps']} steps: {c['train_s'] / 60:.1f} "
+             f"min of training ({c['wall_s'] / 60:.1f} min with the evaluations), {c['ms_per_seed_step']:g} ms per "
+             f"seed and step on {summary['threads']} torch thread(s)" + _machines(c.get("cpus"))
+             + ("" if how is None else ", each cell's seeds " + ("as one ensemble" if how else "one after another"))
+             + "."]
+    if cost is not None:
+        ms = cost["ms_per_seed_step"]
+        faster = "slower" if cost["ensemble_over_separate"] > 1 else "faster"
+        lines += ["", f"`adoptim sweep {task} --cost --threads {cost['threads']}{cost.get('sets', '')} --set "
+                  f"steps={cost['steps']}`: one cell's {cost['seeds']} seeds ("
+                  + (f"hidden {cost['hidden']}, " if cost.get("hidden") is not None else "")
+                  + f"batch {cost['batch_size']}, "
+                  f"{cost['device']}) "
+                  f"take {ms['ensemble']:g} ms per seed and step as one ensemble, {ms['separate']:g} ms one after "
+                  f"another: the ensemble takes {cost['ensemble_over_separate']:g}x the time ({faster}). On one CPU "
+                  "thread the model's matrix "
+                  "products already run at the core's speed, so stacking the seeds saves only Python's per-step "
+                  "overhead; the ensemble pays off where that overhead dominates (small models, GPUs)."]
+    return lines
+
+
 def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figures: str,
              long: Record | None = None, page: str = "docs/reproduction/sweeps.md", sets: str = "",
-             other: Record | None = None, other_command: str | None = None) -> str:
+             other: Record | None = None, other_command: str | None = None,
+             other_cost: Record | None = None) -> str:
     """The documentation page of a finished sweep, every number from ``summary`` (and ``cost``, and a
     longer sweep ``long`` over some of its cells, and ``other``, the same task's sweep at another batch
     size, made by ``other_command``); ``setting`` describes the task's model and metric, ``sets`` the
@@ -457,21 +485,7 @@ def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figu
         lines += _length_check(summary, long)
     if "spikes" in summary:
         lines += _spike_section(summary, other, other_command)
-    lines += ["", "## Cost", "",
-              f"{c['cells']} cells, {c['seed_runs']} seed runs of {c['steps']} steps: {c['train_s'] / 60:.1f} min of "
-              f"training ({c['wall_s'] / 60:.1f} min with the evaluations), {c['ms_per_seed_step']:g} ms per seed and "
-              f"step on {summary['threads']} torch thread(s)" + _machines(c.get("cpus")) + "."]
-    if cost is not None:
-        ms = cost["ms_per_seed_step"]
-        faster = "slower" if cost["ensemble_over_separate"] > 1 else "faster"
-        lines += ["", f"`adoptim sweep {task} --cost --threads {cost['threads']} --set steps={cost['steps']}`: one "
-                  f"cell's {cost['seeds']} seeds ("
-                  + (f"hidden {cost['hidden']}, " if cost.get("hidden") is not None else "")
-                  + f"batch {cost['batch_size']}, "
-                  f"{cost['device']}) "
-                  f"take {ms['ensemble']:g} ms per seed and step as one ensemble, {ms['separate']:g} ms one after "
-                  f"another: the ensemble takes {cost['ensemble_over_separate']:g}x the time ({faster}). On one CPU "
-                  "thread the model's matrix "
-                  "products already run at the core's speed, so stacking the seeds saves only Python's per-step "
-                  "overhead; the ensemble pays off where that overhead dominates (small models, GPUs)."]
+    lines += ["", "## Cost", "", *_cost_lines(task, summary, cost, "")]
+    if other is not None:
+        lines += ["", *_cost_lines(task, other, other_cost, f"The batch {other['config']['batch_size']} sweep: ")]
     return "\n".join(lines) + "\n"
