@@ -652,3 +652,40 @@ def test_fused_kernels_one_and_two_threads_same_bits(lowbit_lib, kind: str) -> N
     finally:
         torch.set_num_threads(prev)
     _same_state(*pairs)
+
+
+@pytest.mark.parametrize("kind", ["8bit", "bfloat16"])
+def test_fused_kernel_steps_many_tensors_in_one_call(lowbit_lib, kind: str) -> None:
+    """Tensors of different sizes and step counts in one call (their blocks split over two threads), an
+    empty one, and two parameters sharing memory (stepped in order): the torch path's bits."""
+    from adoptim.kernels import lowbit_cpu
+
+    gen = torch.Generator().manual_seed(25)
+    sizes = [70_000, 300, 0, 5000, 40_000]
+    shared = torch.randn(1000, generator=gen)
+    hyper = Hyper(**{**HYPER, "weight_decay": 1e-2, "decoupled_weight_decay": True})
+    runs = []
+    for _ in range(2):
+        kw = dict(block_size=256, device=torch.device("cpu"))
+        base = shared.clone()
+        params = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in sizes] + [base[:600], base[400:]]
+        fmt = FORMATS[kind]
+        ms = [Stored.empty(p.numel(), fmt.m, signed=True, seed=i, stream=0, **kw) for i, p in enumerate(params)]
+        vs = [Stored.empty(p.numel(), fmt.v, signed=False, seed=i, stream=1, **kw) for i, p in enumerate(params)]
+        steps = [torch.tensor(float(i % 2)) for i in range(len(params))]  # some start at step 1
+        runs.append((base, params, ms, vs, steps))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for t in range(3):
+            grads = [torch.randn(p.numel(), generator=torch.Generator().manual_seed(100 * t + i))
+                     for i, p in enumerate(runs[0][1])]
+            lowbit_adopt(runs[0][1], grads, runs[0][2], runs[0][3], runs[0][4], hyper)
+            assert lowbit_cpu.lowbit_cpu_adopt(runs[1][1], grads, runs[1][2], runs[1][3], runs[1][4], hyper,
+                                               lib=lowbit_lib) == []
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(runs[0][0], runs[1][0])  # the shared memory, stepped by both views in order
+    for i in range(len(sizes) + 2):
+        _same_state(*((r[1][i], r[2][i], r[3][i], r[4][i]) for r in runs))
+    assert [s.item() for s in runs[1][4]] == [3.0 + i % 2 for i in range(len(sizes) + 2)]

@@ -30,8 +30,15 @@ _PER_THREAD = 1 << 15  # elements a thread is worth starting for (the split chan
 
 class _Hyper(ctypes.Structure):
     _fields_ = [(name, ctypes.c_float) for name in (
-        "lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "wd", "decay", "bound")] + [
+        "lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "wd", "decay")] + [
         (name, ctypes.c_int) for name in ("coupled", "decoupled", "has_clip", "maximize")]
+
+
+class _Tensor(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("step", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("p", "g", "m_data", "v_data", "m_absmax", "v_absmax")] + [
+        ("bound", ctypes.c_float), ("m_key", ctypes.c_uint32), ("v_key", ctypes.c_uint32),
+        ("first", ctypes.c_int64)]
 
 
 class _Map(ctypes.Structure):
@@ -71,8 +78,7 @@ def _maps() -> tuple[_Map, _Map]:
 
 
 def load(path: str | None = None) -> ctypes.CDLL | None:
-    """The library holding ``adopt_lowbit8_step`` and ``adopt_lowbit_bf16_step`` (the installed fused CPU
-    library unless ``path``), or None."""
+    """The library holding ``adopt_lowbit_step`` (the installed fused CPU library unless ``path``), or None."""
     if path is None:
         spec = importlib.util.find_spec("adoptim.kernels._adopt_cpu")
         if spec is None or not spec.origin:
@@ -80,16 +86,12 @@ def load(path: str | None = None) -> ctypes.CDLL | None:
         path = spec.origin
     try:
         lib = ctypes.CDLL(path)
-        fn, bf16 = lib.adopt_lowbit8_step, lib.adopt_lowbit_bf16_step
+        fn = lib.adopt_lowbit_step
     except (OSError, AttributeError):
         return None
-    fn.restype = bf16.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_int64] + [
-        ctypes.POINTER(_Hyper), ctypes.POINTER(_Map), ctypes.POINTER(_Map),
-        ctypes.c_int, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
-    bf16.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.POINTER(_Hyper),
-                                                                 ctypes.c_int, ctypes.c_uint32, ctypes.c_int,
-                                                                 ctypes.c_uint32, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.POINTER(_Tensor), ctypes.c_int64, ctypes.POINTER(_Hyper),
+                   ctypes.POINTER(_Map), ctypes.POINTER(_Map), ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -121,6 +123,12 @@ def _takes(p: Tensor, g: Tensor, m: Stored, v: Stored) -> str | None:
 _MAX_BLOCK = 4096  # csrc/lowbit.c's MAX_BLOCK
 
 
+def _overlap(items: list[tuple[int, _Tensor]]) -> bool:
+    """Whether any two of the tensors' parameters share memory (4 bytes per element, float32)."""
+    spans = sorted((r.p, r.p + 4 * r.n) for _, r in items)
+    return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
 def lowbit_cpu_adopt(
     params: list[Tensor],
     grads: list[Tensor],
@@ -133,8 +141,8 @@ def lowbit_cpu_adopt(
 ) -> list[int]:
     """One step of the tensors this kernel takes (see the module docstring); returns the indices of the rest.
 
-    ``lib``: the library to call (default the installed one); the dispatcher never passes it. A large tensor
-    is split over torch's threads (``torch.get_num_threads()``) at block boundaries.
+    ``lib``: the library to call (default the installed one); the dispatcher never passes it. The tensors of
+    one format are stepped in one call, their blocks split over torch's threads (``torch.get_num_threads()``).
     """
     if hyper.grad_scale is not None or hyper.found_inf is not None:
         raise ValueError("the fused low-precision kernel takes no grad_scale or found_inf (the dispatcher unscales)")
@@ -147,33 +155,42 @@ def lowbit_cpu_adopt(
     decay = 0.0
     if wd != 0 and decoupled:
         decay = float(decay_scale(lr, wd, torch.float32))  # the float32 value the torch path multiplies by
-    h = _Hyper(float(lr), hyper.beta1, 1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2, hyper.eps, wd, decay, 0.0,
+    h = _Hyper(float(lr), hyper.beta1, 1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2, hyper.eps, wd, decay,
                int(wd != 0 and not decoupled), int(wd != 0 and decoupled), int(hyper.clip_exponent is not None),
                int(hyper.maximize))
-    threads = torch.get_num_threads()
-    left = []
+    left: list[int] = []
+    # One call per format (and rounding, and block size): its tensors' blocks share one parallel region.
+    calls: dict[tuple, list[tuple[int, _Tensor]]] = {}
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True)):
         kind = _takes(p, g, m, v)
         if kind is None:
             left.append(i)
             continue
+        if p.numel() == 0:
+            s += 1  # nothing to compute, as on the torch path
+            continue
         t = int(s.item())
-        if hyper.clip_exponent is not None:
-            h.bound = float(t) ** hyper.clip_exponent
+        bound = float(t) ** hyper.clip_exponent if hyper.clip_exponent is not None else 0.0
         m_key = stream_key(m.seed, t, m.stream) if m.fmt.stochastic else 0
         v_key = stream_key(v.seed, t, v.stream) if v.fmt.stochastic else 0
-        nthreads = min(threads, max(1, p.numel() // _PER_THREAD))
-        if kind == "8bit":
-            rc = lib.adopt_lowbit8_step(
-                p.numel(), p.data_ptr(), g.data_ptr(), m.data.data_ptr(), m.absmax.data_ptr(), v.data.data_ptr(),
-                v.absmax.data_ptr(), m.block_size, t, ctypes.byref(h), ctypes.byref(signed_map),
-                ctypes.byref(unsigned_map), int(m.fmt.stochastic), m_key, int(v.fmt.stochastic), v_key, nthreads)
-        else:
-            rc = lib.adopt_lowbit_bf16_step(
-                p.numel(), p.data_ptr(), g.data_ptr(), m.data.data_ptr(), v.data.data_ptr(), t, ctypes.byref(h),
-                int(m.fmt.stochastic), m_key, int(v.fmt.stochastic), v_key, nthreads)
+        absmax = (m.absmax.data_ptr(), v.absmax.data_ptr()) if kind == "8bit" else (None, None)
+        rec = _Tensor(p.numel(), t, p.data_ptr(), g.data_ptr(), m.data.data_ptr(), v.data.data_ptr(), *absmax,
+                      bound, m_key, v_key, 0)
+        key = (8 if kind == "8bit" else 16, m.block_size if kind == "8bit" else 0, m.fmt.stochastic,
+               v.fmt.stochastic)
+        calls.setdefault(key, []).append((i, rec))
+    threads = torch.get_num_threads()
+    for (kind_code, block, m_sto, v_sto), items in calls.items():
+        recs = (_Tensor * len(items))(*(r for _, r in items))
+        numel = sum(r.n for _, r in items)
+        # Parameters that share memory step one after another, in order, as on the torch path: one thread.
+        nthreads = min(threads, max(1, numel // _PER_THREAD)) if not _overlap(items) else 1
+        rc = lib.adopt_lowbit_step(kind_code, len(items), recs, block, ctypes.byref(h), ctypes.byref(signed_map),
+                                   ctypes.byref(unsigned_map), int(m_sto), int(v_sto), nthreads)
         if rc != 0:
-            left.append(i)  # a block it does not take: nothing of it changed
+            left.extend(i for i, _ in items)  # arguments it does not take: nothing of them changed
             continue
-        s += 1
+        for i, _ in items:
+            state_steps[i] += 1
+    left.sort()
     return left

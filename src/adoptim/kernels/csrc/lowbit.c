@@ -13,7 +13,7 @@
  * A block is worked in separate passes (decode, arithmetic, largest magnitude, encode), each a loop
  * without branches that the compiler vectorises (gathers for the table lookups); MULTIVERSION builds
  * them for the widest vector ISA the CPU has. Called through ctypes on raw data pointers
- * (kernels/lowbit_cpu.py).
+ * (kernels/lowbit_cpu.py), all of a param group's tensors of one format in one call.
  */
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -43,9 +43,22 @@ typedef struct {
 } lowbit_map_t;
 
 typedef struct {
-    float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, bound;
+    float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay;
     int coupled, decoupled, has_clip, maximize;
 } lowbit_hyper_t;
+
+/* One tensor of a call: n elements, its step count before the call, its clip bound t^gamma, the keys of
+ * its moments' rounding; m and v are uint8 codes with float32 scales, or bfloat16 bit patterns. */
+typedef struct {
+    int64_t n, step;
+    float *p;
+    const float *g;
+    void *m_data, *v_data;
+    float *m_absmax, *v_absmax;
+    float bound;
+    uint32_t m_key, v_key;
+    int64_t first; /* its first block (chunk) in the call's numbering: set by the call */
+} lowbit_tensor_t;
 
 #define CHUNK 256 /* elements of a bfloat16 step's pass (its scratch); any value gives the same bits */
 #define MAX_BLOCK 4096 /* the largest 8-bit block (its scratch is on the stack); larger ones are left */
@@ -73,9 +86,9 @@ static inline __attribute__((always_inline)) float bits_f32(uint32_t b) {
 /* ADOPT's arithmetic on len elements: p and m, v (decoded, float32) in place; step > 0. */
 static inline __attribute__((always_inline)) void step_pass(float *restrict p, const float *restrict g,
                                                              float *restrict m, float *restrict v, int64_t len,
-                                                             const lowbit_hyper_t *h) {
+                                                             const lowbit_hyper_t *h, float bound) {
     const float lr = h->lr, beta1 = h->beta1, omb1 = h->one_minus_beta1, beta2 = h->beta2;
-    const float omb2 = h->one_minus_beta2, eps = h->eps, wd = h->wd, decay = h->decay, bound = h->bound;
+    const float omb2 = h->one_minus_beta2, eps = h->eps, wd = h->wd, decay = h->decay;
     const int coupled = h->coupled, decoupled = h->decoupled, has_clip = h->has_clip, maximize = h->maximize;
     for (int64_t j = 0; j < len; j++) {
         float gi = maximize ? -g[j] : g[j];
@@ -232,109 +245,104 @@ static inline __attribute__((always_inline)) void encode_bf16(const float *restr
 /* ------------------------------------------------------------------ the jobs */
 
 typedef struct {
-    int64_t n, block, step, b0, b1; /* blocks (chunks for bfloat16) [b0, b1) of the tensor */
-    float *p, *m_absmax, *v_absmax;
-    const float *g;
-    void *m_data, *v_data; /* uint8 codes or bfloat16 values */
+    const lowbit_tensor_t *t;
+    int64_t count, block, b0, b1; /* blocks (chunks for bfloat16) [b0, b1) of the call's numbering */
     const lowbit_hyper_t *h;
     const lowbit_map_t *signed_map, *unsigned_map;
     int m_stochastic, v_stochastic;
-    uint32_t m_key, v_key;
 } lowbit_job_t;
 
-/* The blocks of one job (one thread): every element's result depends on its own index alone, so the
- * split over threads changes no bit. */
+/* The 8-bit blocks of one job (one thread): every element's result depends on its own tensor and index
+ * alone, so the split over threads changes no bit. */
 MULTIVERSION static void run_8bit(void *arg) {
     const lowbit_job_t *a = (const lowbit_job_t *)arg;
     const lowbit_hyper_t *h = a->h;
-    const int64_t n = a->n, block = a->block, step = a->step;
+    const int64_t block = a->block;
     float mb[MAX_BLOCK], vb[MAX_BLOCK];
-    uint8_t *m_codes = (uint8_t *)a->m_data, *v_codes = (uint8_t *)a->v_data;
-    for (int64_t bi = a->b0; bi < a->b1; bi++) {
-        const int64_t first = bi * block;
-        const int64_t len = n - first < block ? n - first : block;
-        float *p = a->p + first;
-        const float *g = a->g + first;
-        if (step == 0) {
+    int64_t k = 0;
+    while (k + 1 < a->count && a->t[k + 1].first <= a->b0) k++;
+    for (int64_t b = a->b0; b < a->b1; b++) {
+        while (k + 1 < a->count && a->t[k + 1].first <= b) k++;
+        const lowbit_tensor_t *t = &a->t[k];
+        const int64_t bi = b - t->first, first = bi * block;
+        const int64_t len = t->n - first < block ? t->n - first : block;
+        float *p = t->p + first;
+        const float *g = t->g + first;
+        uint8_t *m_codes = (uint8_t *)t->m_data + first, *v_codes = (uint8_t *)t->v_data + first;
+        if (t->step == 0) {
             first_pass(p, g, vb, len, h);
         } else {
-            decode_8bit(m_codes + first, a->m_absmax[bi], a->signed_map->map, mb, len);
-            decode_8bit(v_codes + first, a->v_absmax[bi], a->unsigned_map->map, vb, len);
-            step_pass(p, g, mb, vb, len, h);
+            decode_8bit(m_codes, t->m_absmax[bi], a->signed_map->map, mb, len);
+            decode_8bit(v_codes, t->v_absmax[bi], a->unsigned_map->map, vb, len);
+            step_pass(p, g, mb, vb, len, h, t->bound);
             const float ma = absmax_pass(mb, len);
-            encode_8bit(mb, len, first, ma, a->signed_map, a->m_stochastic, a->m_key, m_codes + first);
-            a->m_absmax[bi] = ma;
+            encode_8bit(mb, len, first, ma, a->signed_map, a->m_stochastic, t->m_key, m_codes);
+            t->m_absmax[bi] = ma;
         }
         const float va = absmax_pass(vb, len);
-        encode_8bit(vb, len, first, va, a->unsigned_map, a->v_stochastic, a->v_key, v_codes + first);
-        a->v_absmax[bi] = va;
+        encode_8bit(vb, len, first, va, a->unsigned_map, a->v_stochastic, t->v_key, v_codes);
+        t->v_absmax[bi] = va;
     }
 }
 
 MULTIVERSION static void run_bf16(void *arg) {
     const lowbit_job_t *a = (const lowbit_job_t *)arg;
     const lowbit_hyper_t *h = a->h;
-    const int64_t n = a->n, step = a->step;
     float mb[CHUNK], vb[CHUNK];
-    uint16_t *m_data = (uint16_t *)a->m_data, *v_data = (uint16_t *)a->v_data;
-    for (int64_t ci = a->b0; ci < a->b1; ci++) {
-        const int64_t first = ci * CHUNK;
-        const int64_t len = n - first < CHUNK ? n - first : CHUNK;
-        float *p = a->p + first;
-        const float *g = a->g + first;
-        if (step == 0) {
+    int64_t k = 0;
+    for (int64_t b = a->b0; b < a->b1; b++) {
+        while (k + 1 < a->count && a->t[k + 1].first <= b) k++;
+        const lowbit_tensor_t *t = &a->t[k];
+        const int64_t first = (b - t->first) * CHUNK;
+        const int64_t len = t->n - first < CHUNK ? t->n - first : CHUNK;
+        float *p = t->p + first;
+        const float *g = t->g + first;
+        uint16_t *m_data = (uint16_t *)t->m_data + first, *v_data = (uint16_t *)t->v_data + first;
+        if (t->step == 0) {
             first_pass(p, g, vb, len, h);
         } else {
-            decode_bf16(m_data + first, mb, len);
-            decode_bf16(v_data + first, vb, len);
-            step_pass(p, g, mb, vb, len, h);
-            encode_bf16(mb, len, first, a->m_stochastic, a->m_key, m_data + first);
+            decode_bf16(m_data, mb, len);
+            decode_bf16(v_data, vb, len);
+            step_pass(p, g, mb, vb, len, h, t->bound);
+            encode_bf16(mb, len, first, a->m_stochastic, t->m_key, m_data);
         }
-        encode_bf16(vb, len, first, a->v_stochastic, a->v_key, v_data + first);
+        encode_bf16(vb, len, first, a->v_stochastic, t->v_key, v_data);
     }
 }
 
-static int run(void (*fn)(void *), int64_t n, int64_t block, int64_t step, float *p, const float *g, void *m_data,
-               float *m_absmax, void *v_data, float *v_absmax, const lowbit_hyper_t *h,
-               const lowbit_map_t *signed_map, const lowbit_map_t *unsigned_map, int m_stochastic, uint32_t m_key,
-               int v_stochastic, uint32_t v_key, int nthreads) {
-    const int64_t nblocks = (n + block - 1) / block;
+/*
+ * One step of `count` float32 tensors (none empty) whose moments are 8-bit codes in blocks of `block`
+ * (kind 8; at most MAX_BLOCK) or bfloat16 (kind 16), on up to `nthreads` threads in one parallel region:
+ * the tensors' blocks are numbered one after another and cut into equal shares. Returns 0, or -1 for
+ * an argument it does not take (nothing was changed then).
+ */
+EXPORT int adopt_lowbit_step(int kind, int64_t count, lowbit_tensor_t *tensors, int64_t block,
+                             const lowbit_hyper_t *h, const lowbit_map_t *signed_map,
+                             const lowbit_map_t *unsigned_map, int m_stochastic, int v_stochastic, int nthreads) {
+    if (kind == 16) block = CHUNK;
+    else if (kind != 8 || block < 1 || block > MAX_BLOCK) return -1;
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; i++) {
+        if (tensors[i].n < 1) return -1;
+        tensors[i].first = total;
+        total += (tensors[i].n + block - 1) / block;
+    }
+    if (total == 0) return 0;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads > nblocks) nthreads = (int)nblocks;
+    if (nthreads > total) nthreads = (int)total;
     if (nthreads < 1) nthreads = 1;
     lowbit_job_t jobs[MAX_THREADS];
     for (int k = 0; k < nthreads; k++) {
         lowbit_job_t *j = &jobs[k];
-        j->n = n, j->block = block, j->step = step;
-        j->b0 = nblocks * k / nthreads, j->b1 = nblocks * (k + 1) / nthreads;
-        j->p = p, j->g = g, j->m_data = m_data, j->m_absmax = m_absmax, j->v_data = v_data;
-        j->v_absmax = v_absmax, j->h = h, j->signed_map = signed_map, j->unsigned_map = unsigned_map;
-        j->m_stochastic = m_stochastic, j->v_stochastic = v_stochastic, j->m_key = m_key, j->v_key = v_key;
+        j->t = tensors, j->count = count, j->block = block, j->h = h;
+        j->b0 = total * k / nthreads, j->b1 = total * (k + 1) / nthreads;
+        j->signed_map = signed_map, j->unsigned_map = unsigned_map;
+        j->m_stochastic = m_stochastic, j->v_stochastic = v_stochastic;
     }
+    void (*fn)(void *) = kind == 8 ? run_8bit : run_bf16;
     if (nthreads == 1)
         fn(&jobs[0]);
     else
         adopt_parallel_for(fn, jobs, sizeof(lowbit_job_t), nthreads);
     return 0;
-}
-
-/* One step of one float32 tensor of n elements with 8-bit m and v in blocks of `block` (at most
- * MAX_BLOCK) on up to `nthreads` threads; `step` is its count before the call. Returns 0, or -1 for a
- * block it does not take (nothing was changed then). */
-EXPORT int adopt_lowbit8_step(int64_t n, float *p, const float *g, uint8_t *m_codes, float *m_absmax,
-                              uint8_t *v_codes, float *v_absmax, int64_t block, int64_t step,
-                              const lowbit_hyper_t *h, const lowbit_map_t *signed_map,
-                              const lowbit_map_t *unsigned_map, int m_stochastic, uint32_t m_key,
-                              int v_stochastic, uint32_t v_key, int nthreads) {
-    if (block < 1 || block > MAX_BLOCK) return -1;
-    return run(run_8bit, n, block, step, p, g, m_codes, m_absmax, v_codes, v_absmax, h, signed_map, unsigned_map,
-               m_stochastic, m_key, v_stochastic, v_key, nthreads);
-}
-
-/* One step of one float32 tensor of n elements with bfloat16 m and v (raw 16-bit patterns). Returns 0. */
-EXPORT int adopt_lowbit_bf16_step(int64_t n, float *p, const float *g, uint16_t *m, uint16_t *v, int64_t step,
-                                  const lowbit_hyper_t *h, int m_stochastic, uint32_t m_key, int v_stochastic,
-                                  uint32_t v_key, int nthreads) {
-    return run(run_bf16, n, CHUNK, step, p, g, m, NULL, v, NULL, h, NULL, NULL, m_stochastic, m_key, v_stochastic,
-               v_key, nthreads);
 }
