@@ -43,6 +43,21 @@ def test_performance_page_is_rendered_from_the_results():
     assert rendered == page, "docs/performance.md differs from its results: run python benchmarks/render_docs.py"
 
 
+def test_low_precision_speed_table_is_rendered_from_its_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/low_precision.md's speed tables are what benchmarks/low_precision_speed.py --render writes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports its neighbours
+    spec = importlib.util.spec_from_file_location("low_precision_speed", ROOT / "benchmarks" / "low_precision_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = json.loads((ROOT / "benchmarks" / "results" / "low_precision" / "speed.json").read_text())
+    assert doc["benchmark"] == "low_precision_speed"
+    page = (DOCS / "low_precision.md").read_text()
+    start, end = f"<!-- results: {module.BLOCK} -->\n", f"<!-- /results: {module.BLOCK} -->"
+    assert page.split(start, 1)[1].split(end, 1)[0] == module.render(doc), (
+        "docs/low_precision.md's speed block differs from its results: run python benchmarks/low_precision_speed.py "
+        "--render benchmarks/results/low_precision/speed.json --page docs/low_precision.md")
+
+
 def test_every_results_file_is_a_benchmarks_output():
     results = render_docs.load_results()
     assert results, "benchmarks/results/ holds no results"
