@@ -275,6 +275,6 @@ def test_the_cost_line_names_the_machines_that_the_cells_recorded(data: Path, tm
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cost"]["cpus"] == [os.cpu_count()]
     cost = doc.read_text().partition("\n## Cost\n")[2]
-    assert f"torch thread(s) of a {os.cpu_count()}-CPU machine." in cost
+    assert f"torch thread(s) of a {os.cpu_count()}-CPU machine" in cost
     assert sweep_report._machines([2, 16]) == " of 2- and 16-CPU machines"
     assert sweep_report._machines(None) == ""  # cells written before the count was recorded: nothing claimed
