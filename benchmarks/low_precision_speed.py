@@ -14,8 +14,8 @@ two codes read and written, their scales), 20 of bfloat16 state; tensors under 4
 state in ADOPT and in the peers. The peers (bitsandbytes' and torchao's ``AdamW8bit``) are timed where
 they import; torchao's step is compiled with ``torch.compile`` in its first step.
 
-    python benchmarks/low_precision_speed.py --json benchmarks/results/low_precision/speed.json
-    python benchmarks/low_precision_speed.py --render benchmarks/results/low_precision/speed.json \\
+    python benchmarks/low_precision_speed.py --json benchmarks/results/low_precision_speed/cpu.json
+    python benchmarks/low_precision_speed.py --render benchmarks/results/low_precision_speed/cpu.json \\
         --page docs/low_precision.md
 
 ``--page`` rewrites the part of the page between ``<!-- results: low_precision_speed -->`` and

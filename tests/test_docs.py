@@ -49,13 +49,13 @@ def test_low_precision_speed_table_is_rendered_from_its_results(monkeypatch: pyt
     spec = importlib.util.spec_from_file_location("low_precision_speed", ROOT / "benchmarks" / "low_precision_speed.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    doc = json.loads((ROOT / "benchmarks" / "results" / "low_precision" / "speed.json").read_text())
+    doc = json.loads((ROOT / "benchmarks" / "results" / "low_precision_speed" / "cpu.json").read_text())
     assert doc["benchmark"] == "low_precision_speed"
     page = (DOCS / "low_precision.md").read_text()
     start, end = f"<!-- results: {module.BLOCK} -->\n", f"<!-- /results: {module.BLOCK} -->"
     assert page.split(start, 1)[1].split(end, 1)[0] == module.render(doc), (
         "docs/low_precision.md's speed block differs from its results: run python benchmarks/low_precision_speed.py "
-        "--render benchmarks/results/low_precision/speed.json --page docs/low_precision.md")
+        "--render benchmarks/results/low_precision_speed/cpu.json --page docs/low_precision.md")
 
 
 def test_every_results_file_is_a_benchmarks_output():
