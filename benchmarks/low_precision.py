@@ -16,8 +16,21 @@ gradients (the median relative error over its elements): the direct sign of a fr
         --json benchmarks/results/low_precision/seeds_a.json
     python benchmarks/low_precision.py --render benchmarks/results/low_precision/*.json --page docs/low_precision.md
 
-``--page`` rewrites the part of the page between ``<!-- results: low_precision -->`` and
-``<!-- /results: low_precision -->``; the rest of the page is hand-written.
+``--task vae`` (and ``--task gpt``) trains the suite's own experiment instead (``adoptim_repro.vae.run``,
+unchanged, with its default config but ``--steps``), once with each of ``adopt``, ``adopt-bf16`` and
+``adopt-8bit``: the options as they ship (``ADOPT(state_precision=...)``), paired by seed (the experiment
+seeds the initial weights, the batches and the noise by it). Its runs go to their own JSON files and
+their own results block::
+
+    python benchmarks/low_precision.py --task vae --steps 1000 --seed0 0 --seeds 5 \
+        --json benchmarks/results/low_precision/vae.json
+    python benchmarks/low_precision.py --render benchmarks/results/low_precision/vae.json --page docs/low_precision.md
+
+A run is appended to ``--json`` as soon as it ends (the file replaced atomically), and a rerun with the
+same file skips the runs it holds: an interrupted measurement resumes where it stopped. ``--page``
+rewrites the part of the page between ``<!-- results: low_precision -->`` and
+``<!-- /results: low_precision -->`` (``<!-- results: low_precision TASK -->`` for another task); the rest
+of the page is hand-written.
 """
 
 from __future__ import annotations
@@ -25,10 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +69,34 @@ CANDIDATES: dict[str, tuple[StateFormat | None, str]] = {
                                 "8-bit, sqrt(v) stored, stochastic rounding"),
     "8bit m, bf16 v nearest": (StateFormat(M("8bit"), M("bfloat16")), "v wider than m: 8-bit m, bfloat16 v"),
     "8bit m, fp32 v": (StateFormat(M("8bit"), F32), "v wider than m: 8-bit m, float32 v (5 bytes/param)"),
+}
+
+
+# The suite's experiments run with the shipped options: candidate -> the suite's optimizer name.
+SUITE_CANDIDATES = {"32-bit": "adopt", "bf16 stochastic": "adopt-bf16", "8bit stochastic": "adopt-8bit"}
+
+
+class Task:
+    """A measured task: its candidates, the metrics of its table (key, heading, heading of the paired
+    difference, digits) and the table's title."""
+
+    def __init__(self, candidates: list[str], metrics: list[tuple[str, str, str, int]], title: str) -> None:
+        self.candidates, self.metrics, self.title = candidates, metrics, title
+
+
+TASKS = {
+    "mnist": Task(list(CANDIDATES), [("train_loss", "train loss", "Δ loss vs 32-bit", 4),
+                                              ("test_accuracy", "test acc. %", "Δ acc.", 2)],
+                  "MNIST MLP ({steps} steps, {seeds} seeds, one torch thread, torch {torch})"),
+    "vae": Task(list(SUITE_CANDIDATES), [("test_nelbo", "test -ELBO (nats)", "Δ test vs 32-bit", 3),
+                                         ("train_nelbo_final", "train -ELBO (nats)", "Δ train", 3)],
+                "The suite's vae experiment (conv VAE on binarised MNIST, batch 128, constant lr 1e-3, betas "
+                "(0.9, 0.9999), eps 1e-6), {steps} steps, {seeds} seeds, one torch thread, torch {torch}"),
+    "gpt": Task(list(SUITE_CANDIDATES), [("val_loss", "held-out loss (nats/byte)", "Δ held-out vs 32-bit", 4),
+                                         ("final_train_loss", "train loss (nats/byte)", "Δ train", 4)],
+                "The suite's gpt experiment (byte-level GPT on Shakespeare, batch {batch}, lr 2e-3 with {warmup} "
+                "warm-up steps and a cosine decay, no weight decay, betas (0.9, 0.9999)), {steps} steps, {seeds} "
+                "seeds, one torch thread, torch {torch}"),
 }
 
 
@@ -103,6 +147,71 @@ def train(name: str, steps: int, seed: int, hidden: int = 784) -> dict[str, floa
     return {"train_loss": sum(window) / len(window), "test_accuracy": 100 * acc, "v_rel_err": rel}
 
 
+def _stored_v(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    """``p``'s v as float32, whatever format the optimizer stores it in."""
+    from adoptim.kernels.quant import dequantize_8bit
+
+    state = opt.state[p]
+    v = state["exp_avg_sq"]
+    if v.dtype == torch.uint8:
+        block = next(g["state_block_size"] for g in opt.param_groups if any(q is p for q in g["params"]))
+        return dequantize_8bit(v, state["exp_avg_sq_absmax"], signed=False, block_size=block)
+    return v.float().reshape(-1)
+
+
+def gpt_warmup(steps: int) -> int:
+    """gpt's warm-up at ``steps``: its default (100 of 1000 steps) scaled to the run."""
+    return max(1, steps // 10)
+
+
+def train_suite(task: str, name: str, steps: int, seed: int, batch: int = 16) -> dict[str, float]:
+    """One run of the suite's experiment ``task`` as ``adoptim <task>`` runs it, with ``--steps``, and the
+    median relative error of the stored v of its largest parameter against a float32 v of its gradients."""
+    import importlib
+
+    from adoptim_repro.distributed import Dist
+    from adoptim_repro.runner import RunContext, Unit
+
+    module = importlib.import_module(f"adoptim_repro.{task}")
+    optimizer = SUITE_CANDIDATES[name]
+    cfg = module.EXPERIMENT.config(steps=steps, seeds=1, optimizers=(optimizer,))
+    if task == "gpt":
+        cfg.batch_sizes, cfg.warmup = (batch,), gpt_warmup(steps)
+    cfg.validate()
+    unit = Unit(optimizer, seed, (("batch", batch),) if task == "gpt" else ())
+    tracked: dict[str, Any] = {}
+
+    def follow_v(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # A float32 v fed the same gradients, as ADOPT's rule writes it (v_0 = g^2, then the average).
+        if "p" not in tracked:
+            group = max(opt.param_groups, key=lambda g: max(q.numel() for q in g["params"]))
+            tracked.update(opt=opt, p=max(group["params"], key=lambda q: q.numel()), group=group)
+        p, group = tracked["p"], tracked["group"]
+        g = p.grad.detach().reshape(-1).float()
+        if group["weight_decay"] and not group["decoupled_weight_decay"]:
+            g = g + group["weight_decay"] * p.detach().reshape(-1).float()
+        beta2 = group["betas"][1]
+        tracked["v"] = g * g if "v" not in tracked else tracked["v"] * beta2 + (1 - beta2) * g * g
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(follow_v)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            ctx = RunContext(Path(out), unit, Dist(), checkpoint_every=math.inf, say=lambda line: None)
+            try:
+                result = module.run(cfg, unit, ctx)
+            finally:
+                ctx.close()
+    finally:
+        hook.remove()
+    v, shadow = _stored_v(tracked["opt"], tracked["p"]), tracked["v"]
+    live = shadow > 0
+    rel = ((v[live] - shadow[live]).abs() / shadow[live]).median().item()
+    metrics = {key: float(result[key]) for key, *_ in TASKS[task].metrics}
+    return {**metrics, "v_rel_err": rel}
+
+
 def _ci95(xs: list[float]) -> float:
     if len(xs) < 2:
         return float("nan")
@@ -110,39 +219,62 @@ def _ci95(xs: list[float]) -> float:
     return t * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
-def render(paths: list[Path]) -> str:
-    """The Markdown table of the runs in ``paths`` (the same steps; seeds may be split over files)."""
+def render(paths: list[Path]) -> tuple[str, str]:
+    """The task and the Markdown table of the runs in ``paths`` (one task, the same steps; seeds may be
+    split over files)."""
     results = [json.loads(p.read_text()) for p in paths]
     runs = [r for res in results for r in res["runs"]]
     meta = results[0]["meta"]
+    task = meta.get("task", "mnist")
+    if any(res["meta"].get("task", "mnist") != task for res in results):
+        raise SystemExit("the files hold runs of different tasks: render each task on its own")
     if any(res["meta"]["steps"] != meta["steps"] for res in results):
         raise SystemExit("the files hold runs of different lengths")
     meta["seeds"] = len({r["seed"] for r in runs})
+    spec = TASKS[task]
     base = {r["seed"]: r for r in runs if r["candidate"] == "32-bit"}
+    heads = "".join(f" | {label} | {delta} (paired)" for _, label, delta, _ in spec.metrics)
     lines = [
-        f"MNIST MLP ({meta['steps']} steps, {meta['seeds']} seeds, one torch thread, torch {meta['torch']}); "
-        "mean ± 95% interval over seeds; the paired difference is the candidate minus 32-bit on the same seed.",
+        spec.title.format(**meta) + "; mean ± 95% interval over seeds; the paired difference is the candidate "
+        "minus 32-bit on the same seed.",
         "",
-        "| candidate | bytes of state / param | train loss | Δ loss vs 32-bit (paired) | test acc. % "
-        "| Δ acc. (paired) | median rel. error of v |",
-        "|---|---|---|---|---|---|---|",
+        f"| candidate | bytes of state / param{heads} | median rel. error of v |",
+        "|---|---|" + "---|---|" * len(spec.metrics) + "---|",
     ]
     for name in meta["candidates"]:
         rs = [r for r in runs if r["candidate"] == name]
         if not rs:
             continue
-        loss = [r["train_loss"] for r in rs]
-        acc = [r["test_accuracy"] for r in rs]
-        dl = [r["train_loss"] - base[r["seed"]]["train_loss"] for r in rs if r["seed"] in base]
-        da = [r["test_accuracy"] - base[r["seed"]]["test_accuracy"] for r in rs if r["seed"] in base]
-        err = statistics.mean(r["v_rel_err"] for r in rs)
-        nbytes = _bytes(CANDIDATES[name][0])
-        lines.append(
-            f"| {name} | {nbytes:.2f} | {statistics.mean(loss):.4f} ± {_ci95(loss):.4f} "
-            f"| {statistics.mean(dl):+.4f} ± {_ci95(dl):.4f} | {statistics.mean(acc):.2f} ± {_ci95(acc):.2f} "
-            f"| {statistics.mean(da):+.2f} ± {_ci95(da):.2f} | {err:.2e} |"
-        )
-    return "\n".join(lines) + "\n"
+        cells = [name, f"{_bytes(CANDIDATES[name][0]):.2f}"]
+        for key, _, _, digits in spec.metrics:
+            xs = [r[key] for r in rs]
+            ds = [r[key] - base[r["seed"]][key] for r in rs if r["seed"] in base]
+            cells += [f"{statistics.mean(xs):.{digits}f} ± {_ci95(xs):.{digits}f}",
+                      f"{statistics.mean(ds):+.{digits}f} ± {_ci95(ds):.{digits}f}" if ds else "n/a"]
+        cells.append(f"{statistics.mean(r['v_rel_err'] for r in rs):.2e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return task, "\n".join(lines) + "\n"
+
+
+def block_marks(task: str) -> tuple[str, str]:
+    """The lines that open and close ``task``'s results block in a page."""
+    name = "low_precision" if task == "mnist" else f"low_precision {task}"
+    return f"<!-- results: {name} -->\n", f"<!-- /results: {name} -->"
+
+
+def write_json(path: Path, out: dict[str, Any]) -> None:
+    """Replace ``path`` with ``out`` atomically: a reader (or a resumed run) sees the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(out, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _bytes(fmt: StateFormat | None) -> float:
@@ -183,10 +315,15 @@ def speed(tensors: int = 10, size: int = 100_000, repeats: int = 5) -> list[dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=list(TASKS), default="mnist",
+                    help="mnist: the candidates on the MNIST MLP; vae, gpt: the suite's experiment with each "
+                         "shipped option")
     ap.add_argument("--steps", type=int, default=1500, help="training steps per run")
     ap.add_argument("--seeds", type=int, default=3, help="seeds SEED0..SEED0+N-1")
     ap.add_argument("--seed0", type=int, default=0, help="the first seed (to split the seeds over processes)")
-    ap.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="names, as in CANDIDATES")
+    ap.add_argument("--candidates", nargs="*", default=None,
+                    help="names, as in CANDIDATES (mnist) or SUITE_CANDIDATES (vae, gpt); default all of them")
+    ap.add_argument("--batch", type=int, default=16, help="gpt: sequences per step")
     ap.add_argument("--json", type=Path, help="write (and resume) the runs here")
     ap.add_argument("--render", type=Path, nargs="+", help="print the Markdown table of JSON files and exit")
     ap.add_argument("--page", type=Path, help="with --render: write the table into this page's results block")
@@ -195,12 +332,12 @@ def main() -> None:
                     "installed one predates the fused 8-bit step)")
     args = ap.parse_args()
     if args.render:
-        table = render(args.render)
+        task, table = render(args.render)
         if args.page is None:
             sys.stdout.write(table)
             return
         page = args.page.read_text()
-        start, end = "<!-- results: low_precision -->\n", "<!-- /results: low_precision -->"
+        start, end = block_marks(task)
         if start not in page or end not in page:
             raise SystemExit(f"{args.page} has no results block ({start.strip()} ... {end})")
         head, rest = page.split(start, 1)
@@ -220,25 +357,41 @@ def main() -> None:
         for row in speed():
             print(f"| {row['name']} | {row['ms']:.1f} | {row['bytes']:.3f} |")
         return
-    out = {"meta": {"steps": args.steps, "seeds": args.seeds, "seed0": args.seed0, "candidates": args.candidates,
-                    "torch": torch.__version__}, "runs": []}
+    spec = TASKS[args.task]
+    candidates = spec.candidates if args.candidates is None else args.candidates
+    unknown = [c for c in candidates if c not in spec.candidates]
+    if unknown:
+        raise SystemExit(f"unknown candidate {unknown[0]!r} for task {args.task}; known: {', '.join(spec.candidates)}")
+    meta = {"task": args.task, "steps": args.steps, "seeds": args.seeds, "seed0": args.seed0,
+            "candidates": candidates, "torch": torch.__version__}
+    if args.task == "gpt":
+        meta["batch"], meta["warmup"] = args.batch, gpt_warmup(args.steps)
+    if args.task == "mnist":
+        del meta["task"]  # the files written before there were tasks say none
+    out: dict[str, Any] = {"meta": meta, "runs": []}
     if args.json and args.json.exists():
         old = json.loads(args.json.read_text())
-        if old["meta"]["steps"] == args.steps:
-            out["runs"] = old["runs"]
+        same = {k: old["meta"].get(k) for k in ("task", "steps", "batch")} == {k: meta.get(k) for k in
+                                                                             ("task", "steps", "batch")}
+        if not same:
+            raise SystemExit(f"{args.json} holds runs of another measurement ({old['meta'].get('task', 'mnist')}, "
+                             f"{old['meta']['steps']} steps): give another --json")
+        out["runs"] = old["runs"]
     done = {(r["candidate"], r["seed"]) for r in out["runs"]}
     for seed in range(args.seed0, args.seed0 + args.seeds):
-        for name in args.candidates:
+        for name in candidates:
             if (name, seed) in done:
                 continue
             t0 = time.perf_counter()
-            r = train(name, args.steps, seed)
+            if args.task == "mnist":
+                r = train(name, args.steps, seed)
+            else:
+                r = train_suite(args.task, name, args.steps, seed, args.batch)
             out["runs"].append({"candidate": name, "seed": seed, **r, "seconds": time.perf_counter() - t0})
-            print(f"{name:26s} seed {seed}: loss {r['train_loss']:.4f} acc {r['test_accuracy']:.2f} "
-                  f"v err {r['v_rel_err']:.2e} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            shown = " ".join(f"{k} {v:.4g}" for k, v in r.items())
+            print(f"{name:26s} seed {seed}: {shown} ({time.perf_counter() - t0:.0f}s)", flush=True)
             if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(out, indent=1))
+                write_json(args.json, out)
 
 
 if __name__ == "__main__":
