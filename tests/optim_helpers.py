@@ -1,11 +1,23 @@
-"""Problem builders shared by the optimizer tests."""
+"""Problem builders shared by the optimizer tests, and the loader of the repository's scripts."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 import adoptim
 from adoptim.reference import ReferenceADOPT
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """The module in ``path``, a script outside any package (``benchmarks/``, ``docs/_ext/``), run now."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def hard_params(dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:

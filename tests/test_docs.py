@@ -8,12 +8,12 @@ navigation, the figures and the citation file.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from optim_helpers import load_script
 
 try:
     import tomllib
@@ -25,14 +25,7 @@ DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 
 
-def _render_docs():
-    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "benchmarks" / "render_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render_docs = _render_docs()
+render_docs = load_script(ROOT / "benchmarks" / "render_docs.py", "render_docs")
 
 
 # ------------------------------------------------------------------ the performance page
@@ -46,9 +39,7 @@ def test_performance_page_is_rendered_from_the_results():
 def test_low_precision_speed_table_is_rendered_from_its_results(monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/low_precision.md's speed tables are what benchmarks/low_precision_speed.py --render writes."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports its neighbours
-    spec = importlib.util.spec_from_file_location("low_precision_speed", ROOT / "benchmarks" / "low_precision_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "benchmarks" / "low_precision_speed.py", "low_precision_speed")
     doc = json.loads((ROOT / "benchmarks" / "results" / "low_precision_speed" / "cpu.json").read_text())
     assert doc["benchmark"] == "low_precision_speed"
     page = (DOCS / "low_precision.md").read_text()
@@ -211,9 +202,7 @@ def test_citation_file():
 
 def test_docstring_markup_becomes_markdown():
     pytest.importorskip("griffe")
-    spec = importlib.util.spec_from_file_location("rst_markup", DOCS / "_ext" / "rst_markup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(DOCS / "_ext" / "rst_markup.py", "rst_markup")
     text = """For any :math:`\\\\beta_2`, see :class:`~adoptim.ADOPT` and :func:`adoptim.adopt`.
 
 .. math::

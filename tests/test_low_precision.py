@@ -495,28 +495,6 @@ def test_fused_8bit_kernel_writes_the_torch_paths_bits(lowbit_lib, rounding: str
     assert not torch.equal(ma.data, torch.full_like(ma.data, 127))  # it did move m
 
 
-def test_fused_8bit_kernel_threads_change_no_bit(lowbit_lib) -> None:
-    from adoptim.kernels import lowbit_cpu
-
-    n = 3 * 65536 + 1000
-    gen = torch.Generator().manual_seed(22)
-    pairs = _pair(n, FORMATS["8bit"], 256, torch.randn(n, generator=gen))
-    hyper = Hyper(**HYPER)
-    prev = torch.get_num_threads()
-    try:
-        for _ in range(3):
-            g = torch.randn(n, generator=gen)
-            for threads, (p, m, v, s) in zip((1, 3), pairs, strict=True):
-                torch.set_num_threads(threads)
-                assert lowbit_cpu.lowbit_cpu_adopt([p], [g], [m], [v], [s], hyper, lib=lowbit_lib) == []
-    finally:
-        torch.set_num_threads(prev)
-    (pa, ma, va, _), (pb, mb, vb, _) = pairs
-    assert torch.equal(pa, pb)
-    for x, y in ((ma, mb), (va, vb)):
-        assert torch.equal(x.data, y.data) and torch.equal(x.absmax, y.absmax)
-
-
 def test_fused_kernel_leaves_what_it_cannot_take(lowbit_lib) -> None:
     from adoptim.kernels import lowbit_cpu
     from adoptim.kernels.lowbit import MomentFormat, StateFormat
@@ -634,11 +612,12 @@ def test_fused_kernels_edge_cases_write_the_torch_paths_bits(lowbit_lib, kind: s
         assert bool(a[0].isnan().any())  # the NaN reached the parameters: the edge was exercised
 
 
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("kind", ["8bit", "bfloat16"])
-def test_fused_kernels_one_and_two_threads_same_bits(lowbit_lib, kind: str) -> None:
+def test_fused_kernels_thread_counts_change_no_bit(lowbit_lib, kind: str, threads: int) -> None:
     from adoptim.kernels import lowbit_cpu
 
-    n = 2 * 65536 + 300
+    n = 3 * 65536 + 1000  # enough blocks for three threads, and a partial last block
     gen = torch.Generator().manual_seed(24)
     pairs = _pair(n, FORMATS[kind], 256, torch.randn(n, generator=gen))
     hyper = Hyper(**HYPER)
@@ -646,8 +625,8 @@ def test_fused_kernels_one_and_two_threads_same_bits(lowbit_lib, kind: str) -> N
     try:
         for _ in range(3):
             g = torch.randn(n, generator=gen)
-            for threads, (p, m, v, s) in zip((1, 2), pairs, strict=True):
-                torch.set_num_threads(threads)
+            for count, (p, m, v, s) in zip((1, threads), pairs, strict=True):
+                torch.set_num_threads(count)
                 assert lowbit_cpu.lowbit_cpu_adopt([p], [g], [m], [v], [s], hyper, lib=lowbit_lib) == []
     finally:
         torch.set_num_threads(prev)

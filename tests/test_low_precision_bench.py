@@ -3,27 +3,20 @@ runs, its paired intervals are the closed form, and a measurement resumes from i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from optim_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "low_precision"
 PAGE = ROOT / "docs" / "low_precision.md"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("low_precision_bench", ROOT / "benchmarks" / "low_precision.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = load_script(ROOT / "benchmarks" / "low_precision.py", "low_precision_bench")
 
 
 def _by_task() -> dict[str, list[Path]]:
