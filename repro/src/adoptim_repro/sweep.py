@@ -12,8 +12,10 @@ Run: ``adoptim sweep mnist`` (the grid below, one torch thread: ``--threads 1``)
 code path in a minute or two; ``--set beta2s=0.5,0.9 lrs=1e-3,1e-2 seeds=8`` changes the grid (a rerun
 with a grown or shrunk grid keeps the finished cells; any other change is refused); ``--shard i/n``
 runs every n-th cell from the i-th (SLURM-array style: n processes share one ``--out``, each holding its
-own lock; the one that finishes the last cell writes the summary); ``--cost`` times the seeds of one cell
-trained as one batched ensemble against the same seeds trained one after another.
+own lock; the one that finishes the last cell writes the summary); ``--ray [ADDRESS]`` trains the cells as
+tasks on a local or a running Ray cluster (:mod:`.cluster`; ``--out`` on a filesystem every node sees);
+``--cost`` times the seeds of one cell trained as one batched ensemble against the same seeds trained one
+after another.
 
 A cell is one (optimizer, beta2, lr): its seeds train together (an :class:`~.ensemble.Ensemble`, one
 optimizer call per step, or one model after another with ``--set ensemble=false``; both give the same
@@ -31,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +45,7 @@ import torch
 from torch import nn
 
 from . import _io
+from .cluster import CellsFailed, check_ray_args, run_on_ray
 from .config import ConfigError, describe, parse_set, read_config_file, resolve, to_dict, to_toml
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
 from .outdir import (
@@ -55,8 +59,8 @@ from .outdir import (
 )
 from .sweep_report import capped, doc_page, markdown, plot, summarize
 
-__all__ = ["Cell", "GptSweepConfig", "MnistSweepConfig", "SweepTask", "VaeSweepConfig", "capped", "cells", "main",
-           "run_sweep", "summarize", "train_cell"]
+__all__ = ["Cell", "GptSweepConfig", "MnistSweepConfig", "SweepTask", "VaeSweepConfig", "capped", "cell_path", "cells",
+           "main", "run_cell", "run_sweep", "summarize", "train_cell"]
 
 Record = dict[str, Any]
 SWEPT = ("adam", "amsgrad", "adopt", "adamw", "adoptw")  # elementwise optimizers with a beta2 to sweep
@@ -657,19 +661,51 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
+def cell_path(out: Path, cell: Cell) -> Path:
+    """Where the result of ``cell`` is written in ``out``; the cell is finished when it is a file there."""
+    return out / "runs" / f"{cell.key}.json"
+
+
+def run_cell(task: str, cfg: Any, cell: Cell, out: Path, device: str = "cpu", shard: str = "0/1",
+             backend: str = "serial") -> Record:
+    """Train ``cell`` and write its result file ``runs/<cell>.json`` atomically; what was written.
+
+    The one unit of every way a sweep runs (the serial loop, ``--shard``, ``--ray``), so a sweep started
+    one way resumes another. The file records where and how it was made: the torch threads, the process
+    id, the host, its CPU count, the shard and the backend.
+    """
+    start = time.perf_counter()
+    records, train_s = train_cell(TASKS[task], cfg, cell, device)
+    records = [{"optimizer": cell.optimizer, "beta2": cell.beta2, "lr": cell.lr, **r} for r in records]
+    result = {"cell": dataclasses.asdict(cell), "records": records,
+              "wall_s": round(time.perf_counter() - start, 3), "train_s": round(train_s, 3),
+              "threads": torch.get_num_threads(), "ensemble": bool(getattr(cfg, "ensemble", False)),
+              "shard": shard, "backend": backend, "pid": os.getpid(), "host": socket.gethostname(),
+              "cpus": os.cpu_count()}
+    _io.write_json(cell_path(out, cell), result)
+    return result
+
+
 def run_sweep(task: str, cfg: Any, out: Path, device: str = "cpu", quick: bool = False, fresh: bool = False,
-              shard: tuple[int, int] = (0, 1), say: Callable[[str], None] | None = None) -> Record | None:
-    """Train every unfinished cell of this shard into ``out``; the summary when every cell is done, else None."""
+              shard: tuple[int, int] = (0, 1), say: Callable[[str], None] | None = None,
+              ray: str | None = None, ray_cpus: int | None = None) -> Record | None:
+    """Train every unfinished cell of this shard into ``out``; the summary when every cell is done, else None.
+
+    ``ray``: the cells as Ray tasks (:mod:`.cluster`), on a local Ray of ``ray_cpus`` CPUs (``"local"``) or on
+    the cluster at that address; this process holds the lock on ``out`` and writes the reports.
+    """
     say = say or (lambda s: print(s, file=sys.stderr, flush=True))
     index, count = shard
     if fresh and count > 1:
         raise ConfigError("--fresh with --shard would remove the other shards' results; start over once, "
                           "without --shard, or remove --out")
+    if ray is not None:
+        check_ray_args(ray, ray_cpus, count)
     grid = cells(cfg)
     mine = grid[index::count]
     name = f"sweep-{task}"
     meta: Record = {"experiment": name, "config": to_dict(cfg), "preset": "quick" if quick else "default",
-                    "threads": torch.get_num_threads()}
+                    "threads": 1 if ray is not None else torch.get_num_threads()}  # Ray tasks train on one
     check_writable(out)
     lock = acquire_lock(out, say, ".lock" if count == 1 else f".lock-shard{index}of{count}")
     try:
@@ -680,22 +716,17 @@ def run_sweep(task: str, cfg: Any, out: Path, device: str = "cpu", quick: bool =
         if count == 1:  # with shards, another process may be writing a temporary right now
             remove_stale_temporaries(out)
         _io.write_json(out / "config.json", meta)
-        done = [c for c in mine if (out / "runs" / f"{c.key}.json").exists()]
+        done = [c for c in mine if cell_path(out, c).is_file()]
         if done:
             say(f"[{name}] {len(done)} of {len(mine)} cells already finished in {out}, skipped")
+        if ray is not None:
+            run_on_ray(task, cfg, [c for c in mine if c not in done], out, lock, device, ray, ray_cpus, say)
         for i, cell in enumerate(mine, 1):
-            path = out / "runs" / f"{cell.key}.json"
-            if path.exists():
+            if ray is not None or cell_path(out, cell).is_file():
                 continue
             say(f"[{name} {i}/{len(mine)}] {cell.key} ({cfg.seeds} seeds)")
-            start = time.perf_counter()
-            records, train_s = train_cell(TASKS[task], cfg, cell, device)
-            records = [{"optimizer": cell.optimizer, "beta2": cell.beta2, "lr": cell.lr, **r} for r in records]
-            _io.write_json(path, {"cell": dataclasses.asdict(cell), "records": records,
-                                  "wall_s": round(time.perf_counter() - start, 3), "train_s": round(train_s, 3),
-                                  "threads": meta["threads"], "ensemble": bool(getattr(cfg, "ensemble", False)),
-                                  "shard": f"{index}/{count}", "pid": os.getpid(), "cpus": os.cpu_count()})
-        missing = [c.key for c in grid if not (out / "runs" / f"{c.key}.json").exists()]
+            run_cell(task, cfg, cell, out, device, f"{index}/{count}")
+        missing = [c.key for c in grid if not cell_path(out, c).is_file()]
         if missing:
             say(f"[{name}] shard {index}/{count} done; {len(missing)} of {len(grid)} cells are left to other "
                 "shards: the one that finishes last writes the summary")
@@ -732,7 +763,7 @@ def _check_seeds(out: Path, cfg: Any) -> None:
 
 
 def _write_reports(task: str, cfg: Any, out: Path, meta: Record, grid: list[Cell]) -> Record:
-    results = [read_result(out / "runs" / f"{c.key}.json", "delete it to run this cell again",
+    results = [read_result(cell_path(out, c), "delete it to run this cell again",
                            lambda v: isinstance(v, dict) and isinstance(v.get("records"), list)) for c in grid]
     records = [r for res in results for r in res["records"]]
     default_steps = TASKS[task].default_steps
@@ -853,6 +884,14 @@ def _parser(task_cls: type | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (recorded)")
     p.add_argument("--fresh", action="store_true", help="remove the results already in --out and start over")
     p.add_argument("--shard", default=None, metavar="I/N", help="run only cells I, I+N, I+2N, ... (0 <= I < N)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="train the cells as Ray tasks (one CPU and one torch thread each): alone, on a local Ray "
+                        "started for the sweep; with ADDRESS (auto, HOST:PORT, ray://HOST:10001), on that running "
+                        "cluster. The tasks write the cell files, so --out must be a folder every node sees at the "
+                        "same path (a shared filesystem); resumes what a serial or --shard run left, and the "
+                        "reverse. Needs pip install 'adoptim-repro[cluster]'")
+    p.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                   help="with --ray alone: the local Ray's CPUs, the cells trained at once (default: all)")
     p.add_argument("--cost", action="store_true",
                    help="time one cell's seeds as one ensemble against one after another, write cost.json, exit")
     p.add_argument("--doc", type=Path, default=None, metavar="FILE",
@@ -901,13 +940,18 @@ def main(argv: Sequence[str]) -> int:
             if args.doc is None:
                 raise ConfigError("--doc-batch goes with --doc (it adds a sweep at another batch size to the page)")
             read_other_batch(args.task, to_dict(cfg), args.doc_batch)
+        if args.ray is None and args.ray_cpus is not None:
+            raise ConfigError("--ray-cpus goes with --ray (it sizes the local Ray that --ray starts)")
+        if args.ray is not None and args.cost:
+            raise ConfigError("--cost times one cell on this machine; it does not go with --ray")
         if args.cost:
             check_writable(out)
             result = measure_cost(args.task, cfg, args.device)
             _io.write_json(out / "cost.json", result)
             print(json.dumps(result))
             return 0
-        summary = run_sweep(args.task, cfg, out, args.device, args.quick, args.fresh, shard)
+        summary = run_sweep(args.task, cfg, out, args.device, args.quick, args.fresh, shard, ray=args.ray,
+                            ray_cpus=args.ray_cpus)
         if summary is not None:
             print(f"[sweep-{args.task}] results in {out}: summary.md, summary.json, heatmaps.png, beta2.png",
                   file=sys.stderr)
@@ -916,6 +960,9 @@ def main(argv: Sequence[str]) -> int:
                 raise ConfigError(f"--doc needs the whole grid; cells are left to other shards in {out}")
             write_doc(args.task, out, summary, args.doc, args.doc_long, args.doc_batch)
         return 0
+    except CellsFailed as e:
+        print(f"adoptim: error: {e}", file=sys.stderr)
+        return 1
     except ConfigError as e:
         print(f"adoptim: error: {e}", file=sys.stderr)
         return 2
