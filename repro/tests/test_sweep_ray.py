@@ -204,3 +204,17 @@ def test_a_task_refuses_an_out_that_is_not_the_drivers(tmp_path: Path) -> None:
         cluster.check_shared(out, '{"pid": 1}')
     cluster.check_shared(out, '{"pid": 2}')  # the driver's folder: accepted
     assert list((out / "runs").iterdir()) == []  # the write check leaves nothing there
+
+
+@pytest.mark.parametrize("task, page", [("mnist", "sweeps.md"), ("vae", "sweeps_vae.md"), ("gpt", "sweeps_gpt.md")])
+def test_each_sweep_page_has_the_generated_past_one_machine_section(task: str, page: str) -> None:
+    # The pages are written by `adoptim sweep TASK --doc`: the section there is sweep_report's, with the
+    # page's own --set arguments (those of its --doc command), just before the Cost section.
+    import re
+
+    from adoptim_repro.sweep_report import cluster_section
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reproduction" / page).read_text()
+    sets = re.search(rf"^adoptim sweep {task}(.*) --doc docs/reproduction/{page}", text, re.M).group(1)
+    assert "\n" + "\n".join(cluster_section(task, sets)) + "\n\n## Cost\n" in text
+    assert f"adoptim sweep {task}{sets} --ray --out results/sweep-{task}" in text

@@ -410,6 +410,37 @@ def _cost_lines(task: str, summary: Record, cost: Record | None, label: str) -> 
     return lines
 
 
+def cluster_section(task: str, sets: str = "") -> list[str]:
+    """The page's "Past one machine" section: the grid over a SLURM array (``--shard``) and over Ray (``--ray``)."""
+    return [
+        "## Past one machine", "",
+        "The cells are independent: each trains its seeds and writes one file, `runs/<cell>.json`, atomically, and "
+        "a sweep skips the cells whose file is there. So a sweep spreads over machines in two ways, and either one "
+        "(or a serial run) finishes a folder that another left:", "",
+        "- **A SLURM array, or any N processes, with `--shard I/N`**: process I runs cells I, I+N, I+2N, ... All "
+        "share one `--out`, each holding its own lock; the one that finishes the grid's last cell writes the summary.",
+        "- **Ray with `--ray`**: every unfinished cell is a Ray task of one CPU and one torch thread. The `adoptim "
+        "sweep` process holds the lock on `--out`, reports each cell as it finishes and writes the summary when all "
+        "are done. `--ray` alone starts a local Ray on every CPU of the machine (`--ray-cpus N` for fewer); `--ray "
+        "ADDRESS` joins a running cluster (`auto`, `HOST:PORT` or `ray://HOST:10001`), whose nodes need this suite "
+        "installed (`pip install 'adoptim-repro[cluster]'` installs it with Ray 2.60.0). A cell that fails is named "
+        "and the others are kept: rerun the same command to run it again. `--ray` does not go with `--shard`.", "",
+        "The cell files are written on the machines that train them, so `--out` must be a folder that every node "
+        "sees at the same path, on a shared filesystem. A Ray task first checks that it finds the driver's lock "
+        "there, and fails with that message otherwise. Ray 2.60's `ray start` turns on token authentication: run "
+        "the sweep with `RAY_AUTH_MODE=token` where the cluster's token is (`~/.ray/auth_token`), or start the "
+        "cluster and the sweep with `RAY_AUTH_MODE=disabled` on a trusted network.", "",
+        "```bash",
+        "# SLURM: sbatch --array=0-7 with a job script that runs",
+        f"adoptim sweep {task}{sets} --threads 1 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT "
+        f"--out /shared/results/sweep-{task}",
+        "# Ray on this machine's CPUs",
+        f"adoptim sweep {task}{sets} --ray --out results/sweep-{task}",
+        "# Ray on a running cluster (ray start --head on one node, ray start --address=HEAD:6379 on the others)",
+        f"adoptim sweep {task}{sets} --ray auto --out /shared/results/sweep-{task}", "```",
+    ]
+
+
 def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figures: str,
              long: Record | None = None, page: str = "docs/reproduction/sweeps.md", sets: str = "",
              other: Record | None = None, other_command: str | None = None,
@@ -485,6 +516,7 @@ def doc_page(task: str, setting: str, summary: Record, cost: Record | None, figu
         lines += _length_check(summary, long)
     if "spikes" in summary:
         lines += _spike_section(summary, other, other_command)
+    lines += ["", *cluster_section(task, sets)]  # the Cost section stays the page's last
     lines += ["", "## Cost", "", *_cost_lines(task, summary, cost, "")]
     if other is not None:
         lines += ["", *_cost_lines(task, other, other_cost, f"The batch {other['config']['batch_size']} sweep: ")]
