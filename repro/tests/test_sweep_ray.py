@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -167,6 +168,40 @@ def test_ray_address_joins_a_running_cluster(data: Path, serial: Path, tmp_path:
         head.wait()
 
 
+@pytest.mark.slow
+def test_a_killed_ray_sweep_is_finished_by_the_serial_loop(data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    longer = ["steps=300"]  # cells long enough (a second or so) to kill the sweep between them
+    out, reference = tmp_path / "out", tmp_path / "serial"
+    cmd = [sys.executable, "-m", "adoptim_repro", *_args(data, out, "--ray", "--ray-cpus", "2"), *longer]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # its own process group: the driver and the local Ray it started are killed together, as a node's loss would
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "runs").glob("*.json"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {p.name: p.read_bytes() for p in (out / "runs").glob("*.json")}
+    assert 2 <= len(before) < len(KEYS) and not (out / "summary.json").exists()
+    done = subprocess.run([*cmd[:cmd.index("--ray")], *cmd[cmd.index("--ray") + 3:]], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "taking over the lock" in done.stderr, done.stderr
+    # The Ray workers are not in the driver's process group: one may finish its cell after the kill, until
+    # the rerun takes the lock over (from then on a task refuses to write; check_shared's test shows it).
+    skipped = int(re.search(rf"(\d+) of {len(KEYS)} cells already finished", done.stderr).group(1))
+    assert skipped >= len(before)
+    assert {p.name: p.read_bytes() for p in (out / "runs").glob("*.json") if p.name in before} == before
+    backends = [c["backend"] for c in _cells(out).values()]
+    assert len(backends) == len(KEYS) and backends.count("ray") == skipped
+    assert run_cli(*_args(data, reference), *longer) == 0  # the same grid, serially from the start
+    _same_summary(out, reference)
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--ray", "--shard", "0/2"], "--ray with --shard: Ray spreads the cells itself"),
     (["--ray-cpus", "2"], "--ray-cpus goes with --ray"),
@@ -210,8 +245,6 @@ def test_a_task_refuses_an_out_that_is_not_the_drivers(tmp_path: Path) -> None:
 def test_each_sweep_page_has_the_generated_past_one_machine_section(task: str, page: str) -> None:
     # The pages are written by `adoptim sweep TASK --doc`: the section there is sweep_report's, with the
     # page's own --set arguments (those of its --doc command), just before the Cost section.
-    import re
-
     from adoptim_repro.sweep_report import cluster_section
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "reproduction" / page).read_text()

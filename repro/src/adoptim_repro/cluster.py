@@ -56,8 +56,8 @@ def check_ray_args(address: str, cpus: int | None, shards: int) -> None:
 
 
 def check_shared(out: Path, lock: str) -> None:
-    """On a task's node: ``out`` is the driver's folder (its lock is there, as the driver wrote it) and its
-    ``runs/`` can be written; else a :class:`ConfigError` naming the node."""
+    """On a task's node: ``out`` is the driver's folder, still held by the driver (its lock is there, as the
+    driver wrote it), and its ``runs/`` can be written; else a :class:`ConfigError` naming the node."""
     host = socket.gethostname()
     try:
         seen = (out / ".lock").read_text()
@@ -79,7 +79,10 @@ def _cell_task(task: str, cfg: Any, cell: Any, out: str, lock: str, device: str)
 
     torch.set_num_threads(1)
     check_shared(Path(out), lock)
-    result = run_cell(task, cfg, cell, Path(out), "cuda" if device.startswith("cuda") else device, backend="ray")
+    # checked again before the file is written: a driver that died and a rerun that took --out over since
+    # would otherwise see this task write into the rerun's folder
+    result = run_cell(task, cfg, cell, Path(out), "cuda" if device.startswith("cuda") else device, backend="ray",
+                      guard=lambda: check_shared(Path(out), lock))
     return {k: result[k] for k in ("host", "pid", "wall_s")}
 
 

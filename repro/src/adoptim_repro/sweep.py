@@ -667,12 +667,13 @@ def cell_path(out: Path, cell: Cell) -> Path:
 
 
 def run_cell(task: str, cfg: Any, cell: Cell, out: Path, device: str = "cpu", shard: str = "0/1",
-             backend: str = "serial") -> Record:
+             backend: str = "serial", guard: Callable[[], None] | None = None) -> Record:
     """Train ``cell`` and write its result file ``runs/<cell>.json`` atomically; what was written.
 
     The one unit of every way a sweep runs (the serial loop, ``--shard``, ``--ray``), so a sweep started
     one way resumes another. The file records where and how it was made: the torch threads, the process
-    id, the host, its CPU count, the shard and the backend.
+    id, the host, its CPU count, the shard and the backend. ``guard`` runs just before the file is written
+    and may refuse by raising (a Ray task checks there that its driver still holds ``out``).
     """
     start = time.perf_counter()
     records, train_s = train_cell(TASKS[task], cfg, cell, device)
@@ -682,6 +683,8 @@ def run_cell(task: str, cfg: Any, cell: Cell, out: Path, device: str = "cpu", sh
               "threads": torch.get_num_threads(), "ensemble": bool(getattr(cfg, "ensemble", False)),
               "shard": shard, "backend": backend, "pid": os.getpid(), "host": socket.gethostname(),
               "cpus": os.cpu_count()}
+    if guard is not None:
+        guard()
     _io.write_json(cell_path(out, cell), result)
     return result
 
