@@ -82,6 +82,11 @@ def test_the_ray_tasks_make_the_serial_runs_cells(data: Path, serial: Path, loca
     _same_summary(out, serial)
     assert f"[sweep-mnist {len(KEYS)}/{len(KEYS)}] " in err  # progress as the tasks finish
     assert not (out / ".lock").exists()
+    files = {p.name: p.read_bytes() for p in (out / "runs").glob("*.json")}
+    assert run_cli(*_args(data, out, "--ray")) == 0  # again: nothing left to train, and no task submitted
+    err = capsys.readouterr().err
+    assert f"{len(KEYS)} of {len(KEYS)} cells already finished" in err and "Ray tasks" not in err
+    assert {p.name: p.read_bytes() for p in (out / "runs").glob("*.json")} == files
 
 
 def test_a_sweep_resumes_across_the_serial_and_the_ray_ways(data: Path, serial: Path, local_ray: object,

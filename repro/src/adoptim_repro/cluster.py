@@ -101,6 +101,8 @@ def run_on_ray(task: str, cfg: Any, todo: list[Any], out: Path, lock: Path, devi
     Every task runs to its end; then :class:`CellsFailed` names the cells that failed and why.
     """
     ray = _ray()
+    if not todo:
+        return  # every cell is finished: no Ray to start
     name = f"sweep-{task}"
     started = not ray.is_initialized()
     if started:
@@ -110,8 +112,6 @@ def run_on_ray(task: str, cfg: Any, todo: list[Any], out: Path, lock: Path, devi
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"--ray {address}: cannot join the Ray cluster ({_reason(e)})") from None
     try:
-        if not todo:
-            return
         remote = ray.remote(num_cpus=1, num_gpus=1 if device.startswith("cuda") else 0)(_cell_task)
         (out / "runs").mkdir(exist_ok=True)
         shared, held = str(out.resolve()), lock.read_text()
