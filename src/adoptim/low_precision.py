@@ -10,9 +10,19 @@ is plain tensors, flat over the parameter's real elements::
     "bfloat16": step, exp_avg (bfloat16), exp_avg_sq (bfloat16), rounding_seed
 
 ``rounding_seed`` keys the stochastic rounding (:mod:`adoptim.kernels.quant`): the parameter's position in
-the optimizer, kept in the state so a resumed run draws the same numbers. A state of another format (a
-32-bit checkpoint loaded into an 8-bit optimizer, or the reverse, or a group whose option was changed)
-is converted once, with nearest rounding, when it is loaded or first stepped.
+the optimizer, kept in the state so a resumed run draws the same numbers.
+
+A sharded parameter (a DTensor whose placements are ``Shard(0)`` or ``Replicate``, as FSDP2 makes them) keeps
+the state of its local shard, as DTensors laid out as the parameter: codes (or bfloat16 values) of the
+parameter's shape, and 8-bit scales of shape ``(rows, row_elements / state_block_size)``. Its 8-bit blocks
+are the whole parameter's blocks, which lie inside its rows: a parameter whose rows (the elements of one
+index of dim 0) are not a whole number of blocks, or that is sharded otherwise, keeps full state (as a small
+one). Each element draws the random number of its index in the whole parameter. So a shard steps exactly as
+the same elements of the unsharded parameter, and torch.distributed.checkpoint reshards the state onto any
+number of processes.
+
+A state of another format (a 32-bit checkpoint loaded into an 8-bit optimizer, or the reverse, or a group
+whose option was changed) is converted once, with nearest rounding, when it is loaded or first stepped.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._plan import ParamState, StateDict
+from .kernels.common import dtensor_type
 from .kernels.lowbit import FORMATS, Stored, n_blocks
 from .kernels.quant import dequantize_8bit, quantize_8bit
 
@@ -44,11 +55,61 @@ _CPU = torch.device("cpu")
 
 
 def _kind(group: dict[str, Any], p: Tensor) -> str:
-    """The format of ``p``'s state in ``group``: the group's precision, or "full" for a small tensor."""
+    """The format of ``p``'s state in ``group``: the group's precision, or "full" for a small tensor or a
+    sharded one whose shards cannot hold it (:func:`_shardable`)."""
     precision = group.get("state_precision", "full")
     if precision == "full" or _numel(p) < group.get("state_min_size", 4096):
         return "full"
+    if _is_dtensor(p) and not _shardable(p, precision, int(group.get("state_block_size", 256))):
+        return "full"
     return precision
+
+
+def _is_dtensor(t: Any) -> bool:
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _shardable(p: Tensor, kind: str, block: int) -> bool:
+    """Whether the DTensor ``p`` can keep ``kind`` state of its local shard: a real tensor of at least one
+    dimension sharded on dim 0 only (its shard a range of rows), with rows of whole 8-bit blocks. Decided by
+    the global shape and placements alone, so every process and every number of processes decides alike."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if p.is_complex() or p.dim() == 0 or p.shape[0] == 0:
+        return False
+    if not all(type(pl) is Replicate or (type(pl) is Shard and pl.dim == 0) for pl in p.placements):
+        return False
+    return kind != "8bit" or (p.numel() // p.shape[0]) % block == 0
+
+
+def _offset(p: Tensor) -> int:
+    """The index, in the whole parameter, of the first element of ``p``'s local shard (0 for a plain tensor)."""
+    if not _is_dtensor(p):
+        return 0
+    # The function DCP places shards with: the offsets of the shard it saves and loads.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0]) * (p.numel() // p.shape[0]) if p.numel() else 0
+
+
+def _like(p: Tensor, local: Tensor, per_row: int | None = None) -> Tensor:
+    """``local`` (the flat state of ``p``'s local shard) as a DTensor laid out as ``p``: of ``p``'s shape,
+    or with ``per_row`` values per row (8-bit scales)."""
+    from torch.distributed.tensor import DTensor
+
+    rows = p.to_local().shape[0]
+    if per_row is None:
+        shape, stride, local = p.shape, p.stride(), local.view(p.to_local().shape)
+    else:
+        shape, stride, local = (p.shape[0], per_row), (per_row, 1), local.view(rows, per_row)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's local tensor, flat (any other value as it is)."""
+    return t.to_local().reshape(-1) if _is_dtensor(t) else t
 
 
 def _numel(p: Tensor) -> int:
@@ -60,21 +121,30 @@ def _where(gi: int, pi: int) -> str:
 
 
 def check_entry(entry: dict[str, Any], p: Tensor, kind: str, block: int, where: str) -> None:
-    """Raise ``ValueError`` unless ``entry`` holds ``kind`` state of ``p`` (in blocks of ``block``)."""
-    n = _numel(p)
+    """Raise ``ValueError`` unless ``entry`` holds ``kind`` state of ``p`` (in blocks of ``block``): flat
+    tensors, or for a sharded ``p`` DTensors laid out as ``p`` (see the module docstring)."""
+    n, sharded = _numel(p), _is_dtensor(p)
     for name in ("exp_avg", "exp_avg_sq"):
-        t = entry.get(name)
-        if kind == "8bit":
-            want = [(name, torch.uint8, n), (name + "_absmax", torch.float32, n_blocks(n, block))]
+        if sharded:
+            shape = tuple(p.shape)
+            want = [(name, torch.uint8 if kind == "8bit" else torch.bfloat16, shape)]
+            if kind == "8bit":
+                want.append((name + "_absmax", torch.float32, (shape[0], n // shape[0] // block)))
+        elif kind == "8bit":
+            want = [(name, torch.uint8, (n,)), (name + "_absmax", torch.float32, (n_blocks(n, block),))]
         else:
-            want = [(name, torch.bfloat16, n)]
-        for key, dtype, count in want:
+            want = [(name, torch.bfloat16, (n,))]
+        for key, dtype, shape in want:
             t = entry.get(key)
-            if not torch.is_tensor(t) or t.dtype != dtype or t.shape != (count,):
+            if (not torch.is_tensor(t) or t.dtype != dtype or tuple(t.shape) != shape or _is_dtensor(t) != sharded
+                    or (sharded and (t.placements != p.placements or t.device_mesh != p.device_mesh))):
                 got = f"{t.dtype} of shape {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
+                if _is_dtensor(t) or (sharded and torch.is_tensor(t)):
+                    got = f"a {type(t).__name__} of {got}" + (f" placed {t.placements}" if _is_dtensor(t) else "")
+                layout = f" (a DTensor placed {p.placements}, as its parameter)" if sharded else ""
                 raise ValueError(
                     f"state of {where} does not match it: its {kind} state ({n} elements, blocks of {block}) "
-                    f"needs {key} of {dtype} of shape ({count},), got {got}"
+                    f"needs {key} of {dtype} of shape {shape}{layout}, got {got}"
                 )
     seed = entry.get("rounding_seed")
     if not torch.is_tensor(seed) or seed.numel() != 1 or seed.dtype != torch.int64:
@@ -94,9 +164,9 @@ def _moments32(entry: dict[str, Any], p: Tensor, kind: str, block: int) -> tuple
     """The entry's moments as flat float32 tensors over ``p``'s real elements."""
     out = []
     for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        t = entry[name]
+        t = _local(entry[name])  # a shard's: over its local elements
         if kind == "8bit":
-            out.append(dequantize_8bit(t, entry[name + "_absmax"], signed, block))
+            out.append(dequantize_8bit(t, _local(entry[name + "_absmax"]), signed, block))
         elif kind == "full":
             out.append((torch.view_as_real(t) if t.is_complex() else t).reshape(-1).float())
         else:
@@ -112,11 +182,15 @@ def convert(entry: dict[str, Any], p: Tensor, source: str, target: str, source_b
         return entry
     m, v = (x.to(p.device) for x in _moments32(entry, p, source, source_block))
     out = {k: val for k, val in entry.items() if k not in _MOMENT_KEYS}
+    sharded = _is_dtensor(p)
     if target == "full":
-        real = torch.view_as_real(p) if p.is_complex() else p
-        for name, x in (("exp_avg", m), ("exp_avg_sq", v)):
-            x = x.view(real.shape).to(real.dtype)
-            out[name] = (torch.view_as_complex(x) if p.is_complex() else x).contiguous()
+        if sharded:  # a shard's full state: of its parameter's dtype and layout
+            out["exp_avg"], out["exp_avg_sq"] = (_like(p, x.to(p.dtype)) for x in (m, v))
+        else:
+            real = torch.view_as_real(p) if p.is_complex() else p
+            for name, x in (("exp_avg", m), ("exp_avg_sq", v)):
+                x = x.view(real.shape).to(real.dtype)
+                out[name] = (torch.view_as_complex(x) if p.is_complex() else x).contiguous()
         out.pop("rounding_seed", None)
         return out
     for name, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
@@ -124,6 +198,8 @@ def convert(entry: dict[str, Any], p: Tensor, source: str, target: str, source_b
             out[name], out[name + "_absmax"] = quantize_8bit(x, signed, block, None)
         else:
             out[name] = x.to(torch.bfloat16)
+    if sharded:
+        _shard_entry(out, p, block)
     if "rounding_seed" not in out:
         out["rounding_seed"] = torch.tensor(seed, dtype=torch.int64)
     return out
@@ -133,7 +209,7 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 
 def _new_entry(p: Tensor, kind: str, block: int, seed: int) -> dict[str, Any]:
-    n = _numel(p)
+    n = p.to_local().numel() if _is_dtensor(p) else _numel(p)
     fmt = FORMATS[kind]
     entry: dict[str, Any] = {"step": torch.zeros((), dtype=V.scalar_dtype())}
     for name, mf, signed in (("exp_avg", fmt.m, True), ("exp_avg_sq", fmt.v, False)):
@@ -141,16 +217,27 @@ def _new_entry(p: Tensor, kind: str, block: int, seed: int) -> dict[str, Any]:
         entry[name] = st.data
         if st.absmax is not None:
             entry[name + "_absmax"] = st.absmax
-    entry["rounding_seed"] = torch.tensor(seed, dtype=torch.int64)
+    if _is_dtensor(p):
+        _shard_entry(entry, p, block)
+    entry["rounding_seed"] = torch.tensor(seed, dtype=torch.int64)  # a plain tensor: the same in every shard
     return entry
 
 
-def _stored(entry: dict[str, Any], kind: str, block: int) -> tuple[Stored, Stored]:
+def _shard_entry(entry: dict[str, Any], p: Tensor, block: int) -> None:
+    """Make the flat local moments of the DTensor ``p``'s entry DTensors laid out as ``p`` (in place)."""
+    for name in ("exp_avg", "exp_avg_sq"):
+        entry[name] = _like(p, entry[name])
+        if name + "_absmax" in entry:
+            entry[name + "_absmax"] = _like(p, entry[name + "_absmax"], p.numel() // p.shape[0] // block)
+
+
+def _stored(entry: dict[str, Any], kind: str, block: int, offset: int = 0) -> tuple[Stored, Stored]:
+    """The entry's moments as records of flat tensors (a shard's local ones, whose first element is the
+    parameter's element ``offset``)."""
     fmt, seed = FORMATS[kind], int(entry["rounding_seed"])
-    return (Stored(entry["exp_avg"], entry.get("exp_avg_absmax"), fmt.m, signed=True, block_size=block,
-                   seed=seed, stream=0),
-            Stored(entry["exp_avg_sq"], entry.get("exp_avg_sq_absmax"), fmt.v, signed=False, block_size=block,
-                   seed=seed, stream=1))
+    m, v, m_absmax, v_absmax = (_local(entry.get(k)) for k in _MOMENT_KEYS)
+    return (Stored(m, m_absmax, fmt.m, signed=True, block_size=block, seed=seed, stream=0, offset=offset),
+            Stored(v, v_absmax, fmt.v, signed=False, block_size=block, seed=seed, stream=1, offset=offset))
 
 
 def _seeds(groups: list[dict[str, Any]]) -> dict[int, int]:
@@ -185,6 +272,9 @@ def check(opt: Any, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], 
                                    "use dense gradients, e.g. nn.Embedding(sparse=False)")
             st = state.get(p)
             source = _detect(st, p) if st else None
+            if _is_dtensor(p) != _is_dtensor(grad):
+                raise RuntimeError(f"the gradient of {_where(gi, pi)} is a {type(grad).__name__}, its parameter "
+                                   f"a {type(p).__name__}")
             if source == "full":
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 if m.shape != p.shape or v.shape != p.shape:
@@ -224,8 +314,12 @@ def build(opt: Any, checked: list[tuple[dict[str, Any], int, list[tuple]]]) -> l
                 moments = st["exp_avg"], st["exp_avg_sq"]
                 lists = full
             else:
-                moments = _stored(st, kind, block)
+                moments = _stored(st, kind, block, _offset(p))
                 lists = low
+                if _is_dtensor(p):  # the kernel steps the local shard (in place: the DTensor's own storage)
+                    if grad.placements != p.placements:
+                        grad = grad.redistribute(p.device_mesh, p.placements)
+                    p, grad = p.to_local(), grad.to_local()
             for lst, x in zip(lists, (p, grad, *moments, st["step"]), strict=True):
                 lst.append(x)
         if full[0]:

@@ -62,14 +62,15 @@ def n_blocks(numel: int, block_size: int) -> int:
 
 class Stored:
     """One moment of one parameter in its stored form: ``data`` (codes or bfloat16/float32 values, flat)
-    and, for 8-bit codes, ``absmax`` (one float32 scale per block)."""
+    and, for 8-bit codes, ``absmax`` (one float32 scale per block). ``offset``: the index of the first
+    element in the numbering of the rounding's random numbers (nonzero for a shard of a parameter)."""
 
-    __slots__ = ("data", "absmax", "fmt", "signed", "block_size", "seed", "stream")
+    __slots__ = ("data", "absmax", "fmt", "signed", "block_size", "seed", "stream", "offset")
 
     def __init__(self, data: Tensor, absmax: Tensor | None, fmt: MomentFormat, *, signed: bool,
-                 block_size: int, seed: int, stream: int) -> None:
+                 block_size: int, seed: int, stream: int, offset: int = 0) -> None:
         self.data, self.absmax, self.fmt, self.signed = data, absmax, fmt, signed
-        self.block_size, self.seed, self.stream = block_size, seed, stream
+        self.block_size, self.seed, self.stream, self.offset = block_size, seed, stream, offset
 
     @staticmethod
     def empty(numel: int, fmt: MomentFormat, *, signed: bool, block_size: int, seed: int, stream: int,
@@ -97,11 +98,11 @@ class Stored:
             x = x.sqrt()
         key = stream_key(self.seed, step, self.stream) if self.fmt.stochastic else None
         if self.fmt.kind == "8bit":
-            codes, absmax = quantize_8bit(x, self.signed, self.block_size, key)
+            codes, absmax = quantize_8bit(x, self.signed, self.block_size, key, self.offset)
             self.data.copy_(codes)
             self.absmax.copy_(absmax)
         elif self.fmt.kind == "bfloat16":
-            self.data.copy_(round_bfloat16(x, key))
+            self.data.copy_(round_bfloat16(x, key, self.offset))
         else:
             self.data.copy_(x)
 

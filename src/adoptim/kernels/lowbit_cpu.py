@@ -3,10 +3,10 @@
 It takes float32 parameters on the CPU whose moments are both 8-bit or both bfloat16
 :class:`~.lowbit.Stored` records, and writes the same parameter bits, codes, scales and bfloat16 values
 as the torch path (:func:`~.lowbit.lowbit_adopt`), whose tables it reads; it returns the indices of the
-tensors it left (other dtypes, complex or non-contiguous tensors, other formats, 8-bit blocks over 4096)
-for the dispatcher to run on the torch path. The compiled functions live in the fused CPU kernel's
-library; an installation built before them lacks them, and then nothing runs here (:func:`available` is
-False).
+tensors it left (other dtypes, complex or non-contiguous tensors, other formats, 8-bit blocks over 4096,
+shards whose first element is not the parameter's first) for the dispatcher to run on the torch path. The
+compiled functions live in the fused CPU kernel's library; an installation built before them lacks them,
+and then nothing runs here (:func:`available` is False).
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def _takes(p: Tensor, g: Tensor, m: Stored, v: Stored) -> str | None:
     if not (type(p) in (Tensor, torch.nn.Parameter) and p.dtype == torch.float32 and p.is_cpu
             and p.is_contiguous() and type(g) is Tensor and g.dtype == torch.float32 and g.layout == torch.strided
             and g.is_cpu and g.is_contiguous() and g.shape == p.shape and not m.fmt.sqrt and not v.fmt.sqrt
-            and m.fmt.kind == v.fmt.kind and m.data.is_contiguous() and v.data.is_contiguous()):
+            and m.fmt.kind == v.fmt.kind and m.data.is_contiguous() and v.data.is_contiguous()
+            and m.offset == v.offset == 0):  # a shard's random numbers start elsewhere: the torch path
         return None
     if m.fmt.kind == "bfloat16":
         return "bfloat16"

@@ -54,12 +54,13 @@ def stream_key(seed: int, step: int, stream: int) -> int:
     return hash32(key ^ (stream & MASK32) ^ ((seed >> 32) & MASK32))
 
 
-def uniform(key: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+def uniform(key: int, n: int, device: torch.device | str = "cpu", offset: int = 0) -> Tensor:
     """``n`` float32 numbers in ``[0, 1)``, element ``i`` a function of ``(key, i)`` alone: the top 24 bits
-    of ``hash32((i mod 2**32) ^ key ^ hash32(i >> 32))`` times ``2**-24`` (exact in float32)."""
-    idx = torch.arange(n, dtype=torch.int64, device=device)
+    of ``hash32((i mod 2**32) ^ key ^ hash32(i >> 32))`` times ``2**-24`` (exact in float32), for the
+    indices ``i = offset .. offset + n - 1`` (a shard of a parameter draws its elements' numbers)."""
+    idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     x = (idx & MASK32) ^ key
-    if n > 1 << 32:  # hash32(0) is 0: the term changes nothing below 2**32 elements
+    if offset + n > 1 << 32:  # hash32(0) is 0: the term changes nothing below 2**32 elements
         x = x ^ hash32(idx >> 32)
     return (hash32(x) >> 8).to(torch.float32) * (2.0 ** -24)
 
@@ -139,13 +140,14 @@ def _count(x: Tensor, signed: bool, bounds: str) -> Tensor:
     return c + above
 
 
-def quantize_8bit(x: Tensor, signed: bool, block_size: int, key: int | None) -> tuple[Tensor, Tensor]:
+def quantize_8bit(x: Tensor, signed: bool, block_size: int, key: int | None, offset: int = 0) -> tuple[Tensor, Tensor]:
     """Codes (``uint8``, flat) and block scales (float32) of the flat float32 tensor ``x``.
 
     ``key`` ``None``: nearest rounding (a value on a midpoint takes the lower code); else stochastic
     rounding with the numbers :func:`uniform` draws from ``key``: the code above ``x`` with probability
     ``(x - below) / (above - below)`` (in float32), where ``below <= x < above`` are neighbours in the map.
-    Non-finite values are not defined here (the step that made them has already failed).
+    Non-finite values are not defined here (the step that made them has already failed). ``offset``: the
+    index of ``x``'s first element in the numbering of the random numbers (:func:`uniform`).
     """
     n = x.numel()
     rows = _blocks(x.float(), block_size)
@@ -159,7 +161,7 @@ def quantize_8bit(x: Tensor, signed: bool, block_size: int, key: int | None) -> 
         lo = (_count(scaled, signed, "table") - 1).clamp_(0, table.numel() - 2)
         below, above = table[lo], table[lo + 1]
         frac = (scaled - below) / (above - below)
-        codes = lo + (uniform(key, n, x.device) < frac)
+        codes = lo + (uniform(key, n, x.device, offset) < frac)
     return codes.to(torch.uint8), absmax
 
 
@@ -174,19 +176,19 @@ def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool, block_size: int
     return (values.view(-1, block_size) * absmax[:, None]).reshape(-1)[:n]
 
 
-def round_bfloat16(x: Tensor, key: int | None) -> Tensor:
+def round_bfloat16(x: Tensor, key: int | None, offset: int = 0) -> Tensor:
     """``x`` (float32) in bfloat16: nearest-even (``key`` ``None``) or stochastic rounding.
 
     Stochastic: 16 random bits (the top ones of :func:`uniform`'s 24) are added to the low half of the
     float32 bit pattern, which is then cut off; the magnitude rounds up with probability equal to the cut
     fraction, whatever the sign. Infinities and NaNs are rounded to nearest (the addition could turn a
-    large finite value into one, or a NaN into infinity).
+    large finite value into one, or a NaN into infinity). ``offset`` as in :func:`quantize_8bit`.
     """
     x = x.float()
     if key is None:
         return x.to(torch.bfloat16)
     bits = x.contiguous().view(torch.int32).to(torch.int64)
-    noise = (uniform(key, x.numel(), x.device).view(x.shape) * 65536.0).to(torch.int64)
+    noise = (uniform(key, x.numel(), x.device, offset).view(x.shape) * 65536.0).to(torch.int64)
     cut = ((bits + noise) & ~0xFFFF).to(torch.int32).view(torch.float32)
     finite = torch.isfinite(cut) & torch.isfinite(x)
     return torch.where(finite, cut, x).to(torch.bfloat16)

@@ -1,0 +1,105 @@
+"""Low-precision state (``state_precision`` "8bit" and "bfloat16") under DDP, FSDP2 and distributed checkpoints.
+
+Every comparison is bit for bit (``torch.equal``): the expectation is the same optimizer in this process
+on the same gradient, and a 2-process gradient average is the same bits as the one computed here (see
+``dist_lowp_workers.averaged_run``). Under FSDP2 the second process's shards do not start at the
+parameter's first element, so they step on the torch path of the low-precision kernel while this process
+steps whole parameters with the fused one: the comparison checks that a shard draws the random numbers of
+its elements' places in the whole parameter, and that its 8-bit blocks are the whole parameter's.
+"""
+
+from __future__ import annotations
+
+import dist_lowp_workers as L
+import pytest
+import torch
+from dist_harness import launch, needs_gloo
+
+FIRST, TOTAL = 3, 6
+PRECISIONS = ["8bit", "bfloat16"]
+STATE_DTYPE = {"8bit": torch.uint8, "bfloat16": torch.bfloat16}
+
+pytestmark = needs_gloo
+
+
+def _assert_equal(res: dict, params: list[torch.Tensor], opt, what: str) -> None:
+    """``res`` (a worker's snapshot: whole parameters and state) equals the one-process ``params`` and ``opt``."""
+    for i, (a, b) in enumerate(zip(res["params"], params, strict=True)):
+        assert torch.equal(a, b), f"{what}: parameter {i} differs by {(a - b).abs().max():.3g}"
+    expected = [opt.state[p] for p in opt.param_groups[0]["params"]]
+    for i, (got, exp) in enumerate(zip(res["state"], expected, strict=True)):
+        assert got.keys() == exp.keys(), f"{what}: parameter {i} state keys"
+        for k in exp:
+            # A shard's codes and scales are laid out as its parameter; the one-process state is flat.
+            assert torch.equal(got[k].reshape(-1), exp[k].reshape(-1)), f"{what}: parameter {i} {k} differs"
+
+
+def _moved(params: list[torch.Tensor]) -> None:
+    """The run moved every parameter element (so equality says something)."""
+    for i, (p, p0) in enumerate(zip(params, L.make_model().parameters(), strict=True)):
+        assert (p != p0).all(), f"parameter {i} has elements that did not move"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_ddp_equals_one_process_on_the_averaged_gradient_and_resumes_exactly(precision, tmp_path):
+    params, opt = L.averaged_run(precision, TOTAL, 2)
+    _moved(params)
+    assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].dtype == STATE_DTYPE[precision]
+    path = str(tmp_path / "step3")
+    for rank, res in enumerate(launch(L.ddp, 2, precision, path, FIRST, TOTAL)):
+        _assert_equal(res, params, opt, f"DDP rank {rank}")
+    # A fresh 2-process group loads the checkpoint of step 3 and trains on: where the run ended.
+    for rank, res in enumerate(launch(L.ddp_resume, 2, precision, path, FIRST, TOTAL)):
+        _assert_equal(res, params, opt, f"resumed DDP rank {rank}")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fsdp2_shards_step_as_the_whole_parameters(precision):
+    params, opt = L.averaged_run(precision, TOTAL, 2)
+    results = launch(L.fsdp2, 2, precision, TOTAL)
+    for rank, res in enumerate(results):
+        _assert_equal(res, params, opt, f"FSDP2 rank {rank}")
+        weights = [res["layout"][0], res["layout"][2]]
+        rows = [res["local_rows"][0], res["local_rows"][2]]
+        assert rows == ([4, 3] if rank == 0 else [4, 2])
+        for layout, n_rows, cols in zip(weights, rows, (L.IN, L.HIDDEN)):
+            # The local shard's state, as DTensors: codes of its rows, one scale per block of each row.
+            assert layout["exp_avg"] == (STATE_DTYPE[precision], True, (n_rows, cols))
+            if precision == "8bit":
+                assert layout["exp_avg_sq_absmax"] == (torch.float32, True, (n_rows, cols // L.BLOCK))
+            assert layout["rounding_seed"][:2] == (torch.int64, False)
+        # Rows that are not whole blocks (8-bit), or a 1-D parameter, keep full state, as a small parameter.
+        for shape, state in zip(("(4, 12)", "(40,)"), res["unaligned"]):
+            aligned = precision == "bfloat16"
+            want = STATE_DTYPE[precision] if aligned else torch.float32
+            assert state["exp_avg"] == (want, True), f"{precision} state of a {shape} shard: {state}"
+            assert ("rounding_seed" in state) == aligned
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fsdp2_checkpoint_resumes_exactly_on_one_two_and_four_processes(precision, tmp_path):
+    params, opt = L.fixed_run(precision, TOTAL)
+    _moved(params)
+    path = str(tmp_path / "step3")
+    uninterrupted = launch(L.fsdp2_fixed, 2, precision, path, FIRST, TOTAL, False)
+    for rank, res in enumerate(uninterrupted):
+        _assert_equal(res, params, opt, f"uninterrupted FSDP2 rank {rank}")
+    for world_size in (2, 1, 4):
+        results = launch(L.fsdp2_fixed, world_size, precision, path, FIRST, TOTAL, True, timeout=120)
+        for rank, res in enumerate(results):
+            _assert_equal(res, params, opt, f"resumed on {world_size} processes, rank {rank}")
+        if world_size == 4:  # the second weight's 5 rows as 2 + 2 + 1 + 0: an empty shard resumed too
+            assert [res["local_rows"][2] for res in results] == [2, 2, 1, 0]
+
+
+def test_a_shard_draws_the_random_numbers_of_its_places_in_the_whole_parameter():
+    from adoptim.kernels.quant import quantize_8bit, round_bfloat16, uniform
+
+    whole = uniform(12345, 1000)
+    assert torch.equal(uniform(12345, 300, offset=700), whole[700:])
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    codes, absmax = quantize_8bit(x, True, 8, 99)
+    part = quantize_8bit(x[400:], True, 8, 99, offset=400)  # 400: a block boundary
+    assert torch.equal(part[0], codes[400:]) and torch.equal(part[1], absmax[50:])
+    assert torch.equal(round_bfloat16(x[400:], 99, offset=400), round_bfloat16(x, 99)[400:])
+    assert not torch.equal(round_bfloat16(x[400:], 99), round_bfloat16(x, 99)[400:])  # the offset matters
