@@ -241,7 +241,7 @@ def plot(cfg: RlConfig, results: list[RunResult], out: Path) -> None:
                               label=None if name in colors else name)
             colors.setdefault(name, line.get_color())
         ax.set_xlabel("environment steps")
-        ax.set_ylabel("training episode return", fontsize=9)
+        ax.set_ylabel("training episode return\n(sum of rewards, last 100 episodes)", fontsize=9)
         ax.set_title(f"SB3 PPO on {env}, {cfg.seeds} seeds", fontsize=9)
         ax.legend(fontsize=8)
     report.save(fig, out / "rl.png")
