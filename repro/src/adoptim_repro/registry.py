@@ -28,8 +28,9 @@ RUN_TIMES: dict[str, str] = {
     "cifar10": f"default 62 min for the six runs at load (measured 2026-11-28); --quick 42 s (measured {_LOADED})",
     "imagenet": "not measured (checked 2026-12-03: the measuring machine has no torchvision); the full scale "
                 "is days on 8 GPUs",
-    "rl": f"default 7 min idle, 52 min at load (both measured 2026-11-28), 9.9 min with --threads 1 beside other jobs "
-          f"(measured 2026-12-03); --quick 16 s (measured {_LOADED})",
+    "rl": "default 17 min with --threads 1 as two processes, one per environment (HalfCheetah-v5 11.4 min, Ant-v5 "
+          "16.8 min, side by side at load about 2; about 28 min as one process), --quick 9 s (both measured "
+          "2026-12-03)",
 }
 
 
