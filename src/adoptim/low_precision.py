@@ -364,12 +364,24 @@ def load_entries(saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]
             entry = saved_state.get(key)
             if not isinstance(entry, dict) or not entry:
                 continue
-            kind = _kind(saved, p)
+            # The entry's own format: a sharded and an unsharded run may keep one parameter's state in two.
+            kind = _detect(entry, p)
             if kind == "full":
                 continue
+            entry = entry if _is_dtensor(p) else _unshard(entry, p)
             check_entry(entry, p, kind, block, _where(gi, pi))
-            low[id(p)] = (rest.pop(key), kind, block)
+            rest.pop(key)
+            low[id(p)] = (entry, kind, block)
     return rest, low
+
+
+def _unshard(entry: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """A sharded run's entry gathered whole (``get_state_dict`` with ``full_state_dict=True``: codes of the
+    parameter's shape, scales per row) as the flat entry of the same blocks; any other entry as it is."""
+    m = entry.get("exp_avg")
+    if p.dim() < 2 or not torch.is_tensor(m) or m.shape != p.shape:
+        return entry
+    return {k: (v.reshape(-1) if k in _MOMENT_KEYS and torch.is_tensor(v) else v) for k, v in entry.items()}
 
 
 def place_loaded(opt: Any, low: dict[int, tuple[dict, str, int]]) -> None:

@@ -175,3 +175,45 @@ def fsdp2_fixed(rank: int, world_size: int, precision: str, path: str | None, fi
         save(path, model, opt)
     train_fixed(model, opt, range(first, total))
     return {**snapshot(model, opt), **_layout(model, opt)}
+
+
+def fsdp2_gathered(rank: int, world_size: int, precision: str, first: int) -> dict[str, Any]:
+    """Train ``first`` steps with fixed gradients; the whole state dicts (``full_state_dict=True``) on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    model = fsdp2_model(world_size)
+    opt = make_opt(model, precision)
+    train_fixed(model, opt, range(first))
+    model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"model": model_sd, "optim": optim_sd} if rank == 0 else None
+
+
+def fsdp2_bad_state(rank: int, world_size: int, precision: str, steps: int) -> dict[str, Any]:
+    """``opt.load_state_dict`` of state that does not fit the shards: the errors, and whether anything changed."""
+    model = fsdp2_model(world_size)
+    opt = make_opt(model, precision)
+    train_fixed(model, opt, range(steps))
+    before = snapshot(model, opt)
+    weight = next(model.parameters())
+    errors = {}
+    good = opt.state_dict()
+    key = "exp_avg_absmax" if precision == "8bit" else "exp_avg"
+    for case in ("wrong shape", "plain tensor"):
+        sd = {**good, "state": {k: dict(v) for k, v in good["state"].items()}}
+        t = sd["state"][0][key]
+        if case == "wrong shape":  # the scales (or values) of another block size: one column more per row
+            local = t.to_local()
+            wrong = torch.cat([local, local[:, :1]], dim=1)
+            sd["state"][0][key] = DTensor.from_local(wrong, weight.device_mesh, weight.placements, run_check=False,
+                                                     shape=(t.shape[0], t.shape[1] + 1), stride=(t.shape[1] + 1, 1))
+        else:  # an unsharded run's flat tensor
+            sd["state"][0][key] = t.full_tensor().reshape(-1)
+        try:
+            opt.load_state_dict(sd)
+            errors[case] = None
+        except ValueError as exc:
+            errors[case] = str(exc)
+    after = snapshot(model, opt)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before["params"], after["params"])) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(before["state"], after["state"]))
+    return {"errors": errors, "unchanged": unchanged}

@@ -103,3 +103,29 @@ def test_a_shard_draws_the_random_numbers_of_its_places_in_the_whole_parameter()
     assert torch.equal(part[0], codes[400:]) and torch.equal(part[1], absmax[50:])
     assert torch.equal(round_bfloat16(x[400:], 99, offset=400), round_bfloat16(x, 99)[400:])
     assert not torch.equal(round_bfloat16(x[400:], 99), round_bfloat16(x, 99)[400:])  # the offset matters
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_whole_state_dict_of_a_sharded_run_loads_into_one_unsharded_process(precision):
+    # get_state_dict(full_state_dict=True) gathers the shards: codes of the parameter's shape and scales
+    # per row, which an unsharded optimizer takes as its flat state of the same blocks.
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    gathered = launch(L.fsdp2_gathered, 2, precision, FIRST)[0]
+    model = L.make_model()
+    opt = L.make_opt(model, precision)
+    set_state_dict(model, opt, model_state_dict=gathered["model"], optim_state_dict=gathered["optim"])
+    assert opt.state[model[0].weight]["exp_avg"].shape == (L.HIDDEN * L.IN,)
+    L.train_fixed(model, opt, range(FIRST, TOTAL))
+    params, expected = L.fixed_run(precision, TOTAL)
+    _assert_equal(L.snapshot(model, opt), params, expected, "gathered state resumed in one process")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_sharded_state_that_does_not_fit_is_refused_naming_the_parameter(precision):
+    for rank, res in enumerate(launch(L.fsdp2_bad_state, 2, precision, 2)):
+        assert res["unchanged"], f"rank {rank}: a refused load changed the parameters or the state"
+        for case, error in res["errors"].items():
+            assert error is not None and "\n" not in error, f"rank {rank}, {case}: {error!r}"
+            assert error.startswith("state of param group 0 parameter 0 does not match it"), error
+            assert "(a DTensor placed (Shard(dim=0),), as its parameter)" in error, error
