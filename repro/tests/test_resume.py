@@ -80,7 +80,7 @@ def test_mnist_killed_mid_unit_resumes_to_the_same_summary(tmp_path):
     assert run_cli(*args, "--out", whole) == 0
 
     def mid_run(out: Path) -> bool:
-        lines = out / "metrics" / "adopt-s0.jsonl"
+        lines = out / "metrics" / "adopt-s0-seeds1.jsonl"  # the ensemble unit of adopt's one seed
         return any(out.glob("checkpoints/*.pt")) and lines.exists() and len(lines.read_text().splitlines()) >= 8
 
     _interrupted_then_resumed(args, resumed, mid_run)

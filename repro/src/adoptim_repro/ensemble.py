@@ -21,13 +21,15 @@ given to both, so it stays shared.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
-__all__ = ["Ensemble"]
+__all__ = ["Ensemble", "ensemble_units", "seed_histories"]
 
 
 class Ensemble(nn.Module):
@@ -82,3 +84,30 @@ class Ensemble(nn.Module):
     def sum_of_means(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, target: Tensor) -> Tensor:
         """The sum over members of each member's mean loss (``loss_fn`` with mean reduction, per member)."""
         return torch.vmap(loss_fn)(out, target).sum()
+
+
+def ensemble_units(cfg: Any) -> list[Any]:
+    """An experiment's units when its seeds train as one ensemble: one per optimizer, holding seeds
+    0..``cfg.seeds``-1 (its key ``adam-s0-seeds8``; each seed is still its own record)."""
+    from .config import ConfigError
+    from .runner import Unit
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("config key 'ensemble' trains every seed in one process: under torchrun use "
+                          "--set ensemble=false")
+    return [Unit(name, 0, (("seeds", cfg.seeds),)) for name in cfg.optimizers]
+
+
+def seed_histories(results: Sequence[Any]) -> dict[str, list[list[dict[str, Any]]]]:
+    """Each optimizer's metric histories, one per seed, from the runner's results: a unit of one seed has
+    its own; an ensemble unit's lines hold a list over its seeds, split here into one history per seed."""
+    out: dict[str, list[list[dict[str, Any]]]] = {}
+    for res in results:
+        size = dict(res.unit.setting).get("seeds")
+        if size is None:
+            out.setdefault(res.unit.optimizer, []).append(res.history)
+            continue
+        for k in range(size):
+            out.setdefault(res.unit.optimizer, []).append(
+                [{key: (v[k] if isinstance(v, list) else v) for key, v in line.items()} for line in res.history])
+    return out

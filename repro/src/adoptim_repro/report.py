@@ -46,6 +46,60 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float | None]:
     return s.mean, s.ci95
 
 
+def interval(values: Sequence[float], difference: bool = False) -> dict[str, Any]:
+    """``mean``, ``ci95`` (the 95% t-interval's half-width), its ends ``lo`` and ``hi`` and ``n`` of ``values``;
+    with ``difference``, also ``excludes_zero``: whether the interval lies on one side of 0 (``None`` for one value)."""
+    s = stats(values)
+    lo = None if s.ci95 is None else s.mean - s.ci95
+    hi = None if s.ci95 is None else s.mean + s.ci95
+    row: dict[str, Any] = {"mean": s.mean, "ci95": s.ci95, "lo": lo, "hi": hi, "n": s.n}
+    if difference:
+        row["excludes_zero"] = None if lo is None or hi is None else bool(lo > 0 or hi < 0)
+    return row
+
+
+def paired_differences(records: Sequence[dict[str, Any]], metrics: Sequence[str], reference: str = "adopt",
+                       key: str = "seed") -> list[dict[str, Any]]:
+    """``reference`` minus each other optimizer, paired by ``key`` (the seed: same initialisation and batches),
+    per metric: one row per (optimizer, metric) with :func:`interval` of the differences over the shared seeds.
+
+    Records are dicts with ``optimizer``, ``key`` and the metrics; a seed only one side has is left out.
+    """
+    by = {(r["optimizer"], r[key]): r for r in records}
+    names = list(dict.fromkeys(r["optimizer"] for r in records))
+    if reference not in names:
+        return []
+    rows = []
+    for other in names:
+        if other == reference:
+            continue
+        seeds = [s for (o, s) in by if o == reference and (other, s) in by]
+        for metric in metrics:
+            diffs = [by[(reference, s)][metric] - by[(other, s)][metric] for s in seeds]
+            if diffs:
+                rows.append({"optimizer": other, "metric": metric, **interval(diffs, difference=True)})
+    return rows
+
+
+def with_paired(rows: list[dict[str, Any]], records: Sequence[dict[str, Any]], metrics: Sequence[str],
+                reference: str = "adopt") -> list[dict[str, Any]]:
+    """``rows`` (one per optimizer) with the paired difference ``reference`` minus that optimizer of each metric:
+    columns ``adopt-x <metric>`` (mean over seeds), ``ci95`` and ``excludes 0`` (empty in the reference's row)."""
+    diffs = {(d["optimizer"], d["metric"]): d for d in paired_differences(records, metrics, reference)}
+    out = []
+    for row in rows:
+        row = dict(row)
+        for metric in metrics:
+            d = diffs.get((row["optimizer"], metric))
+            col = f"{reference}-x {metric}"
+            row[col] = d["mean"] if d else None
+            row[f"{col} ci95"] = d["ci95"] if d else None
+            row[f"{col} excludes 0"] = (None if d["excludes_zero"] is None else
+                                        ("yes" if d["excludes_zero"] else "no")) if d else None
+        out.append(row)
+    return out
+
+
 def t975(df: int) -> float:
     """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom.
 

@@ -9,7 +9,6 @@ A seed that diverged counts as making no progress: its loss is the loss at initi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,6 @@ def capped(r: Record) -> float:
     if r["diverged_step"] is not None or r["test_loss"] is None:
         return r["init_loss"]
     return min(r["test_loss"], r["init_loss"])
-
-
-def _interval(values: Sequence[float], difference: bool = False) -> Record:
-    s = report.stats(values)
-    lo = None if s.ci95 is None else s.mean - s.ci95
-    hi = None if s.ci95 is None else s.mean + s.ci95
-    row = {"mean": s.mean, "ci95": s.ci95, "lo": lo, "hi": hi, "n": s.n}
-    if difference:
-        row["excludes_zero"] = None if lo is None else bool(lo > 0 or hi < 0)
-    return row
 
 
 def summarize(cfg: Any, records: list[Record]) -> Record:
@@ -81,21 +70,21 @@ def summarize(cfg: Any, records: list[Record]) -> Record:
     for o in opts:
         for b in beta2s:
             vals = [capped(by[(o, b, best_lr[o], s)]) for s in seeds]
-            at_best.append({"optimizer": o, "beta2": b, "lr": best_lr[o], **_interval(vals)})
+            at_best.append({"optimizer": o, "beta2": b, "lr": best_lr[o], **report.interval(vals)})
             sens = []
             for s in seeds:
                 losses = [capped(by[(o, b, lr, s)]) for lr in lrs]
                 sens.append(sum(losses) / len(losses) - min(losses))
             per_seed_sens[(o, b)] = sens
-            sens_rows.append({"optimizer": o, "beta2": b, **_interval(sens)})
+            sens_rows.append({"optimizer": o, "beta2": b, **report.interval(sens)})
     paired = []
     if "adam" in opts and "adopt" in opts:
         for b in beta2s:
             d_loss = [capped(by[("adopt", b, best_lr["adopt"], s)]) - capped(by[("adam", b, best_lr["adam"], s)])
                       for s in seeds]
             d_sens = [x - y for x, y in zip(per_seed_sens[("adopt", b)], per_seed_sens[("adam", b)], strict=True)]
-            paired.append({"beta2": b, "metric": "test loss at best lr", **_interval(d_loss, True)})
-            paired.append({"beta2": b, "metric": "lr sensitivity", **_interval(d_sens, True)})
+            paired.append({"beta2": b, "metric": "test loss at best lr", **report.interval(d_loss, True)})
+            paired.append({"beta2": b, "metric": "lr sensitivity", **report.interval(d_sens, True)})
     out = {"final": final, "best_lr": best_lr, "at_best_lr": at_best, "sensitivity": sens_rows, "paired": paired}
     if records and all("spikes" in r for r in records):
         out["spikes"] = spikes(cfg, records)
@@ -113,7 +102,7 @@ def spikes(cfg: Any, records: list[Record]) -> list[Record]:
             peaks = [r["peak_ratio"] for r in rs if r.get("peak_ratio") is not None]
             top = max(rs, key=lambda r: r.get("peak_ratio") or 0.0)
             rows.append({"optimizer": o, "beta2": b, "runs": len(rs), "spiked": sum(r["spikes"] > 0 for r in rs),
-                         **_interval([float(r["spikes"]) for r in rs]),
+                         **report.interval([float(r["spikes"]) for r in rs]),
                          "diverged": sum(r["diverged_step"] is not None for r in rs),
                          "peak_ratio": max(peaks) if peaks else None, "peak_lr": top["lr"] if peaks else None})
     return rows

