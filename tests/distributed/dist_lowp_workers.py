@@ -214,6 +214,8 @@ def fsdp2_bad_state(rank: int, world_size: int, precision: str, steps: int) -> d
         except ValueError as exc:
             errors[case] = str(exc)
     after = snapshot(model, opt)
-    unchanged = all(torch.equal(a, b) for a, b in zip(before["params"], after["params"])) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(before["state"], after["state"]))
+    same_params = all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+    same_state = all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                     for x, y in zip(before["state"], after["state"]))
+    unchanged = same_params and same_state
     return {"errors": errors, "unchanged": unchanged}
