@@ -88,8 +88,9 @@ def _readme_commands() -> list[list[str]]:
         indented = [line for line in re.sub(r"^ *```.*?^ *```", "", text, flags=re.M | re.S).splitlines()
                     if line.startswith("    ")]
         code = re.sub(r"\\\n\s*", " ", "\n".join(fenced + indented))  # join continued lines
-        for line in code.splitlines():
-            line = line.split(" #")[0].strip().removeprefix("$ ")
+        lines = [part.strip() for line in code.splitlines()
+                 for part in re.split(r"&&|;|&(?!>)", line.split(" #")[0].strip().removeprefix("$ "))]
+        for line in lines:  # each command of a shell line (a ';' or '&&' list, a '&' in the background)
             if line.startswith("adoptim "):
                 argv = shlex.split(line)[1:]
             elif "-m adoptim_repro " in line:

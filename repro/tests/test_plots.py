@@ -55,8 +55,9 @@ def _results(name: str, cfg) -> list[RunResult]:
                 h = [{"step": 1251 * e, "epoch": e, "val_top1": 0.3 + e / 500} for e in range(1, 301)]
                 out.append(RunResult(Unit(opt, seed), [{}], h))
             elif name == "rl":
-                h = [{"step": 2048 * i, "train_return": -300 + 7 * i} for i in range(1, 74)]
-                out.append(RunResult(Unit(opt, seed), [{}], h))
+                for env in cfg.env_ids:
+                    h = [{"step": 2048 * i, "train_return": -300 + 7 * i} for i in range(1, 74)]
+                    out.append(RunResult(Unit(opt, seed, (("env", env),)), [{}], h))
     return out
 
 

@@ -56,7 +56,8 @@ def test_summaries_print_accuracy_in_percent_and_no_zero_interval_for_one_seed()
                                        "epochs": 1, "train_images": 10}])
     assert row["test_acc_%"] == 50.0 and row["ci95"] is None and row["std"] is None
     (row,) = rl.summarize(resolve(rl.RlConfig, validate=False),
-                          [{"optimizer": "adam", "seed": 0, "eval_return": -3.0, "steps": 10}])
+                          [{"env": "HalfCheetah-v5", "optimizer": "adam", "seed": 0, "eval_return": -3.0,
+                            "steps": 10}])
     assert row["ci95"] is None and row["std"] is None
     cfg = resolve(toy.ToyConfig, [("runs", 7), ("seeds", 2)])
     rows = toy.summarize(cfg, [{"optimizer": "adam", "seed": s, "k": 10, "beta2": 0.5, "median": 1.0, "q25": 1.0,
