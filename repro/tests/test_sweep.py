@@ -191,8 +191,8 @@ def test_a_seed_of_a_cell_is_the_mnist_experiments_run(data: Path, tmp_path: Pat
     # training loss over the 20 steps (one log window) and its test accuracy are the sweep's.
     out = tmp_path / "mnist"
     assert run_cli("mnist", "--out", out, "--set", f"data_dir={data}", "hidden=16", "batch_size=32", "steps=20",
-                   "seeds=1", "optimizers=adopt", "adopt.lr=1e-2", "adopt.betas=0.9,0.5", "eval_every=20",
-                   "log_every=20") == 0
+                   "seeds=1", "ensemble=false", "optimizers=adopt", "adopt.lr=1e-2", "adopt.betas=0.9,0.5",
+                   "eval_every=20", "log_every=20") == 0
     alone = json.loads((out / "runs" / "adopt-s0.json").read_text())["records"][0]
     cfg = MnistSweepConfig(data_dir=str(data), hidden=16, batch_size=32, steps=20, seeds=2)
     for batched in (True, False):
@@ -207,7 +207,7 @@ def test_a_seed_of_a_vae_cell_is_the_vae_experiments_run(data: Path, tmp_path: P
     # negative ELBO is the sweep's, batched (conv under vmap sums in another order: rel 1e-4) or not.
     out = tmp_path / "vae"
     assert run_cli("vae", "--out", out, "--set", f"data_dir={data}", "channels=4", "latent=4", "batch_size=32",
-                   "steps=10", "seeds=1", "optimizers=adopt", "adopt.lr=1e-2", "adopt.betas=0.9,0.9",
+                   "steps=10", "seeds=1", "ensemble=false", "optimizers=adopt", "adopt.lr=1e-2", "adopt.betas=0.9,0.9",
                    "eval_every=10", "log_every=10") == 0
     alone = json.loads((out / "runs" / "adopt-s0.json").read_text())["records"][0]
     cfg = sweep.VaeSweepConfig(data_dir=str(data), channels=4, latent=4, batch_size=32, steps=10, seeds=2)

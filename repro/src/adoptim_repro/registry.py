@@ -20,9 +20,10 @@ _LOADED = "2026-12-03, load 3-5"
 RUN_TIMES: dict[str, str] = {
     "toy": f"default 3.6 min idle (measured 2026-11-28), 7.4 min at load 3-4 (measured {_LOADED}); --quick "
            f"7.7 min at load 4-5 (measured {_LOADED}; it runs uncompiled, the default compiles)",
-    "mnist": f"default 9.5 min idle (measured 2026-11-29), 21 min with --threads 1 at load 6-8 (measured "
+    "mnist": f"default 24 min with --threads 1 at load 2-4 (5 seeds as one ensemble per optimizer, measured "
              f"2026-12-03); --quick 41 s (measured {_LOADED})",
-    "vae": f"default 2.5 min idle (measured 2026-11-29); --quick 2.6 min (measured {_LOADED})",
+    "vae": f"default 19 min with --threads 1 at load 2-4 (8 seeds as one ensemble per optimizer, measured "
+           f"2026-12-03); --quick 2.6 min (measured {_LOADED})",
     "gpt": f"default 53 min at load (measured 2026-11-28); --quick 7 s (measured {_LOADED})",
     "llama": f"default 20 min per seed at load (measured 2026-11-28); --quick 11 s (measured {_LOADED})",
     "cifar10": f"default 62 min for the six runs at load (measured 2026-11-28); --quick 42 s (measured {_LOADED})",

@@ -7,7 +7,7 @@ GPUs; here a two-layer convolutional VAE (16 and 32 channels) with a 16-dimensio
 and a Bernoulli decoder trains for 1500 steps, which keeps the comparison (same model, data and schedule; only the
 optimizer changes) and runs here in minutes.
 
-Run: ``adoptim vae`` (1500 steps x 3 seeds x 2 optimizers; ``adoptim vae --quick`` proves the code path,
+Run: ``adoptim vae`` (1500 steps x 8 seeds x 2 optimizers; ``adoptim vae --quick`` proves the code path,
 not the claim).
 """
 
@@ -232,7 +232,7 @@ def plot(cfg: VaeConfig, results: list[RunResult], out: Path) -> None:
 EXPERIMENT = Experiment(
     name="vae",
     summary="conv VAE on binarised MNIST (scaled-down NVAE experiment): adamax vs adopt, test -ELBO in nats",
-    paper_scale="NVAE on MNIST, hundreds of epochs on GPUs; the default here: 1500 steps x 3 seeds",
+    paper_scale="NVAE on MNIST, hundreds of epochs on GPUs; the default here: 1500 steps x 8 seeds",
     config=VaeConfig,
     quick={"steps": 200, "seeds": 2, "eval_every": 100, "log_every": 25},
     units=units,
