@@ -411,6 +411,51 @@ def test_checkpoint_that_does_not_match(key: str, value: torch.Tensor, match: st
         assert torch.equal(opt.state[model[0].weight][k], v)
 
 
+@pytest.mark.parametrize("target", ["full", "bfloat16"])
+def test_8bit_codes_cast_into_another_formats_template_are_refused(target: str) -> None:
+    # What torch.distributed.checkpoint does when an 8-bit checkpoint is loaded into an optimizer of another
+    # state_precision: it fills the loading optimizer's own state tensors (its template) from the saved ones
+    # of the same keys with copy_, so the codes become floats of 0..255 and the scales, not in the template,
+    # are left out. Loading that would train from garbage moments without a word.
+    model = _model()
+    opt8 = ADOPT(model.parameters(), state_precision="8bit")
+    _train(model, opt8, range(3))
+    saved = _roundtrip(opt8.state_dict())
+    other = ADOPT(model.parameters(), state_precision=target)
+    _train(model, other, range(1))
+    template = _roundtrip(other.state_dict())
+    for key, entry in template["state"].items():
+        for name, t in entry.items():
+            t.copy_(saved["state"][key][name].reshape(t.shape))
+    template["param_groups"] = saved["param_groups"]
+    before = {k: v.clone() for k, v in other.state[model[0].weight].items()}
+    with pytest.raises(ValueError, match=r"param group 0 parameter 0 is 8-bit codes cast to .*state_precision='8bit'"):
+        other.load_state_dict(template)
+    for k, v in before.items():
+        assert torch.equal(other.state[model[0].weight][k], v)
+    # The way it names: load into an 8-bit optimizer, then change the group's precision.
+    opt = ADOPT(model.parameters(), state_precision="8bit")
+    opt.load_state_dict(saved)
+    opt.param_groups[0]["state_precision"] = target
+    _train(model, opt, range(3, 4))
+    assert opt.state[model[0].weight]["exp_avg"].dtype == {"full": torch.float32, "bfloat16": torch.bfloat16}[target]
+
+
+def test_full_state_under_an_8bit_group_still_loads() -> None:
+    # A group switched to 8-bit and saved before its next step holds full moments (converted at that step):
+    # real moments, fractional, and m exactly 0 after the first step; neither is taken for cast codes.
+    for steps in (1, 3):
+        model = _model()
+        opt = ADOPT(model.parameters())
+        _train(model, opt, range(steps))
+        opt.param_groups[0]["state_precision"] = "8bit"
+        sd = _roundtrip(opt.state_dict())
+        assert sd["state"][0]["exp_avg"].dtype == torch.float32
+        fresh = ADOPT(model.parameters())
+        fresh.load_state_dict(sd)
+        assert torch.equal(fresh.state[model[0].weight]["exp_avg_sq"], opt.state[model[0].weight]["exp_avg_sq"])
+
+
 def test_state_that_does_not_match_at_step_changes_nothing() -> None:
     model = _model()
     opt = ADOPT(model.parameters(), state_precision="8bit")

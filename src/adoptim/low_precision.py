@@ -38,7 +38,7 @@ from .kernels.common import dtensor_type
 from .kernels.lowbit import FORMATS, Stored, n_blocks
 from .kernels.quant import dequantize_8bit, quantize_8bit
 
-__all__ = ["STORAGE_KEYS", "build", "check", "load_entries", "place_loaded", "run_keys"]
+__all__ = ["STORAGE_KEYS", "build", "check", "load_entries", "place_loaded", "run_keys", "to_full"]
 
 # The group options that say how state is stored: the run's own, like its layout, when a state_dict is loaded.
 STORAGE_KEYS = ("state_precision", "state_block_size", "state_min_size")
@@ -366,6 +366,15 @@ def load_entries(saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]
                 continue
             # The entry's own format: a sharded and an unsharded run may keep one parameter's state in two.
             kind = _detect(entry, p)
+            if saved.get("state_precision") == "8bit" and kind != "8bit" and _cast_codes(entry):
+                raise ValueError(
+                    f"state of {_where(gi, pi)} is 8-bit codes cast to {_local(entry['exp_avg']).dtype} without "
+                    f"their scales: its group saved 8-bit state, and exp_avg and exp_avg_sq hold integers in "
+                    f"0..255 with no exp_avg_absmax (a checkpoint loaded through the state layout of an optimizer "
+                    f"of another state_precision, as torch.distributed.checkpoint does); load it into a new "
+                    f"optimizer with state_precision='8bit' and the same state_block_size, then change the "
+                    f"group's state_precision (its state is converted at the next step)"
+                )
             if kind == "full":
                 continue
             entry = entry if _is_dtensor(p) else _unshard(entry, p)
@@ -375,6 +384,17 @@ def load_entries(saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]
     return rest, low
 
 
+def _cast_codes(entry: dict[str, Any]) -> bool:
+    """Whether ``entry``'s moments are 8-bit codes cast to a float dtype (as a distributed checkpoint loads
+    them into another format's tensors): every value of both an integer in 0..255, the signed codes of m not
+    all 0. Moments an optimizer computes are not: m is exactly 0 everywhere after the first step and fractional
+    after it, and the signed map's code of 0 is not 0."""
+    m, v = (_local(entry.get(k)) for k in ("exp_avg", "exp_avg_sq"))
+    if not all(torch.is_tensor(t) and t.is_floating_point() and t.numel() for t in (m, v)):
+        return False
+    return bool(m.any()) and all(bool(((t >= 0) & (t <= 255) & (t == t.round())).all()) for t in (m, v))
+
+
 def _unshard(entry: dict[str, Any], p: Tensor) -> dict[str, Any]:
     """A sharded run's entry gathered whole (``get_state_dict`` with ``full_state_dict=True``: codes of the
     parameter's shape, scales per row) as the flat entry of the same blocks; any other entry as it is."""
@@ -382,6 +402,22 @@ def _unshard(entry: dict[str, Any], p: Tensor) -> dict[str, Any]:
     if p.dim() < 2 or not torch.is_tensor(m) or m.shape != p.shape:
         return entry
     return {k: (v.reshape(-1) if k in _MOMENT_KEYS and torch.is_tensor(v) else v) for k, v in entry.items()}
+
+
+def to_full(opt: Any, group: dict[str, Any], p: Tensor) -> dict[str, Any] | None:
+    """``p``'s state made full precision, if it is low-precision state (a group switched back to "full"):
+    dequantized once in place of the entry, which is returned; ``None`` (nothing changed) for other state."""
+    entry = opt.state.get(p)
+    source = _detect(entry, p) if entry else "full"
+    if source == "full":
+        return None
+    block = int(group.get("state_block_size", 256))
+    check_entry(entry, p, source, block, "a parameter")
+    out = convert(dict(entry), p, source, "full", block, block, 0)
+    if torch.is_tensor(out.get("step")):  # where the group's kernel keeps steps (as ADOPT._create_state)
+        device = p.device if group["capturable"] or group["fused"] else _CPU
+        out["step"] = out["step"].to(dtype=V.scalar_dtype(), device=device)
+    return _put(opt.state, p, out)
 
 
 def place_loaded(opt: Any, low: dict[int, tuple[dict, str, int]]) -> None:

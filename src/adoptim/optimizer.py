@@ -315,12 +315,20 @@ class ADOPT(Optimizer):
             if st:
                 m, v, s = st["exp_avg"], st["exp_avg_sq"], st["step"]
                 shape = p.shape
+                dtype = p.dtype
+                if (m.shape != shape or m.dtype is not dtype) and not torch.compiler.is_compiling():
+                    # Low-precision state of a group switched back to "full": dequantized once, here (the
+                    # values are kept, so a check that fails later leaves the same moments).
+                    try:
+                        st = low_precision.to_full(self, group, p) or st
+                    except ValueError as exc:
+                        raise RuntimeError(f"param group {gi} parameter {pi}: {exc}") from None
+                    m, v, s = st["exp_avg"], st["exp_avg_sq"], st["step"]
                 if m.shape != shape or v.shape != shape:
                     raise RuntimeError(
                         f"state of param group {gi} parameter {pi} does not match it: parameter shape "
                         f"{tuple(shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq {tuple(v.shape)}"
                     )
-                dtype = p.dtype
                 if m.dtype is not dtype or v.dtype is not dtype:  # rare: wider state passes, narrower raises
                     _check_state_dtype(gi, pi, p, m, v)
                 if differentiable and s.requires_grad:

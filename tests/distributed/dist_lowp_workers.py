@@ -18,6 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from dist_harness import HYPER, local_slice
 from dist_workers import load, snapshot
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -219,3 +220,20 @@ def fsdp2_bad_state(rank: int, world_size: int, precision: str, steps: int) -> d
                      for x, y in zip(before["state"], after["state"]))
     unchanged = same_params and same_state
     return {"errors": errors, "unchanged": unchanged}
+
+
+def fsdp2_load_into(rank: int, world_size: int, precision: str, path: str) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` through DCP into an FSDP2 model whose optimizer keeps ``precision``
+    state: the error, and whether the optimizer's state changed."""
+    model = fsdp2_model(world_size)
+    opt = make_opt(model, precision)
+    train_fixed(model, opt, range(1))
+    before = snapshot(model, opt)["state"]
+    try:
+        load(path, model, opt)
+        error = kind = None
+    except (Exception, CheckpointException) as exc:  # which one it is is the result (DCP's is a BaseException)
+        error, kind = str(exc), type(exc).__name__
+    after = snapshot(model, opt)["state"]
+    unchanged = all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(before, after))
+    return {"error": error, "kind": kind, "unchanged": unchanged}

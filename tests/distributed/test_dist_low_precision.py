@@ -129,3 +129,32 @@ def test_sharded_state_that_does_not_fit_is_refused_naming_the_parameter(precisi
             assert error is not None and "\n" not in error, f"rank {rank}, {case}: {error!r}"
             assert error.startswith("state of param group 0 parameter 0 does not match it"), error
             assert "(a DTensor placed (Shard(dim=0),), as its parameter)" in error, error
+
+
+@pytest.mark.parametrize("target", ["full", "bfloat16"])
+def test_an_8bit_checkpoint_loaded_through_dcp_into_another_precision_is_refused(target, tmp_path):
+    # DCP fills the loading optimizer's own state tensors from the saved ones of the same keys: 8-bit codes
+    # cast to floats, without their scales. The load names the parameter and the way that works. (dcp.load
+    # writes into the tensors get_state_dict handed it, the optimizer's own, before the optimizer sees
+    # anything: its state is the cast codes whatever load_state_dict does, which the docs say.)
+    path = str(tmp_path / "8bit")
+    launch(L.fsdp2_fixed, 2, "8bit", path, FIRST, FIRST, False)
+    for rank, res in enumerate(launch(L.fsdp2_load_into, 2, target, path)):
+        error = res["error"]
+        assert res["kind"] == "ValueError" and "\n" not in error, f"rank {rank}: {res['kind']} {error!r}"
+        assert error.startswith("state of param group 0 parameter 0 is 8-bit codes cast to"), error
+        assert "state_precision='8bit'" in error, error
+        assert not res["unchanged"], f"rank {rank}: dcp.load wrote no state (the case this test is about)"
+
+
+@pytest.mark.parametrize(("saved", "target"), [("full", "8bit"), ("full", "bfloat16"), ("bfloat16", "8bit")])
+def test_a_dcp_checkpoint_without_the_keys_of_another_precision_fails_in_dcp_load(saved, target, tmp_path):
+    # The loading optimizer's template asks for keys the checkpoint lacks (the scales, the rounding seeds):
+    # dcp.load itself fails, and the optimizer's state is as it was.
+    path = str(tmp_path / saved)
+    launch(L.fsdp2_fixed, 2, saved, path, FIRST, FIRST, False)
+    for rank, res in enumerate(launch(L.fsdp2_load_into, 2, target, path)):
+        assert res["error"] is not None, f"rank {rank}: loaded"
+        missing = "exp_avg_absmax" if target == "8bit" else "rounding_seed"
+        assert missing in res["error"], f"rank {rank}: {res['kind']}: {res['error'][:300]}"
+        assert res["unchanged"], f"rank {rank}: the failed load changed the optimizer's state"

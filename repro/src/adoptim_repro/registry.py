@@ -11,19 +11,19 @@ from .runner import Experiment
 EXPERIMENT_MODULES = ("toy", "mnist", "vae", "gpt", "llama", "cifar10", "imagenet", "rl")
 
 # Wall-clock run times, the one place they are kept (``adoptim list`` and ``--help`` print them; the docs
-# point here). All with the default thread count (2) on the project's 2-core AMD EPYC virtual machine:
-# "idle" runs had the machine to themselves; "load 3-5" ran beside other jobs, and on two cores that
-# costs a factor of 2 to 4 (torch's two threads wait for each other). The --quick times and the toy
-# default were measured on 2026-12-03 with /usr/bin/time; the other defaults are the earlier
+# point here). With the default thread count (2) unless they say --threads 1, on the project's 2-core AMD
+# EPYC virtual machine: "idle" runs had the machine to themselves; "load 3-5" ran beside other jobs, and on
+# two cores that costs a factor of 2 to 4 (torch's two threads wait for each other). The --quick times and
+# the toy default were measured with /usr/bin/time on the dates given; the other defaults are the
 # measurements recorded with the results they produced (the commits of those dates).
 _LOADED = "2026-12-03, load 3-5"
 RUN_TIMES: dict[str, str] = {
     "toy": f"default 3.6 min idle (measured 2026-11-28), 7.4 min at load 3-4 (measured {_LOADED}); --quick "
            f"7.7 min at load 4-5 (measured {_LOADED}; it runs uncompiled, the default compiles)",
     "mnist": f"default 24 min with --threads 1 at load 2-4 (5 seeds as one ensemble per optimizer, measured "
-             f"2026-12-03); --quick 41 s (measured {_LOADED})",
+             f"2026-12-03); --quick 19 s at load 1-2 (measured 2026-12-04)",
     "vae": f"default 19 min with --threads 1 at load 2-4 (8 seeds as one ensemble per optimizer, measured "
-           f"2026-12-03); --quick 2.6 min (measured {_LOADED})",
+           f"2026-12-03); --quick 27 s at load 1-2 (measured 2026-12-04)",
     "gpt": f"default 53 min at load (measured 2026-11-28); --quick 7 s (measured {_LOADED})",
     "llama": f"default 20 min per seed at load (measured 2026-11-28); --quick 11 s (measured {_LOADED})",
     "cifar10": f"default 62 min for the six runs at load (measured 2026-11-28); --quick 42 s (measured {_LOADED})",
