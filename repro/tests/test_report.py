@@ -67,3 +67,42 @@ def test_summaries_print_accuracy_in_percent_and_no_zero_interval_for_one_seed()
     assert row["runs"] == 14 and "seeds" not in row  # 7 runs in each of 2 seeds
     assert row["at_optimum_%"] == pytest.approx(12.5) and row["median_hit_step"] == "never"
     assert "None" not in markdown("toy", rows)
+
+
+def _paired_expectation(diffs: list[float]) -> tuple[float, float]:
+    """Mean and 95% t half-width of paired differences, written out: t(0.975, n-1) * sd / sqrt(n). The
+    summaries' t table has three decimals (4.303 for 2 degrees of freedom), so half-widths agree to 2e-4."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    t = {2: 4.302653, 3: 3.182446}[n - 1]
+    return mean, t * sd / math.sqrt(n)
+
+
+def test_gpt_and_llama_summaries_pair_adopt_with_each_other_optimizer_by_seed() -> None:
+    from adoptim_repro import gpt, llama
+
+    val = {("adamw", 2): [2.50, 2.44, 2.47], ("adoptw", 2): [2.49, 2.45, 2.43],
+           ("adamw", 16): [1.90, 1.88, 1.89], ("adoptw", 16): [1.77, 1.78, 1.74]}
+    records = [{"batch": b, "optimizer": o, "seed": s, "final_train_loss": v[s] + 0.1, "val_loss": v[s], "spikes": s}
+               for (o, b), v in val.items() for s in range(3)]
+    rows = {(r["batch"], r["optimizer"]): r for r in gpt.summarize(None, records)}
+    for b in (2, 16):
+        mean, half = _paired_expectation([x - y for x, y in zip(val[("adoptw", b)], val[("adamw", b)])])
+        row = rows[(b, "adamw")]
+        assert row["adoptw-x val_loss"] == pytest.approx(mean)
+        assert row["adoptw-x val_loss ci95"] == pytest.approx(half, rel=2e-4)
+        assert row["adoptw-x val_loss excludes 0"] == ("yes" if abs(mean) > half else "no")
+        assert rows[(b, "adoptw")]["adoptw-x val_loss"] is None and rows[(b, "adamw")]["spikes"] == 3
+    assert rows[(16, "adamw")]["adoptw-x val_loss excludes 0"] == "yes"  # -0.127 +- 0.04: the batches apart
+
+    held = {"adamw": [1.60, 1.54, 1.58, 1.57], "adopt": [1.59, 1.53, 1.57, 1.555]}
+    records = [{"stage": "pretrain", "optimizer": "adamw", "seed": s, "final_train_loss": 1.9} for s in range(4)]
+    records += [{"stage": "finetune", "optimizer": o, "seed": s, "final_train_loss": 1.5, "heldout_loss": v[s]}
+                for o, v in held.items() for s in range(4)]
+    rows = {(r["stage"], r["optimizer"]): r for r in llama.summarize(None, records)}
+    mean, half = _paired_expectation([x - y for x, y in zip(held["adopt"], held["adamw"])])
+    row = rows[("finetune", "adamw")]
+    assert row["adopt-x heldout_loss"] == pytest.approx(mean)
+    assert row["adopt-x heldout_loss ci95"] == pytest.approx(half, rel=2e-4)
+    assert row["adopt-x heldout_loss excludes 0"] == "yes" and "adopt-x heldout_loss" not in rows[("pretrain", "adamw")]

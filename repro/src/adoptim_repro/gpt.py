@@ -245,14 +245,21 @@ def units(cfg: GptConfig) -> list[Unit]:
 
 
 def summarize(cfg: GptConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (batch, optimizer): mean and 95% interval over seeds, the spikes of all seeds, and the ADOPT
+    variant compared (the first ``adopt*`` name) minus each other optimizer, paired by seed."""
     rows = []
-    for (batch, opt), recs in report.group(records, "batch", "optimizer").items():
-        row: dict[str, Any] = {"batch": batch, "optimizer": opt, "seeds": len(recs)}
-        for key in ("final_train_loss", "val_loss"):
-            mean, ci = report.mean_ci95([r[key] for r in recs])
-            row[key], row[f"{key}_ci95"] = mean, ci
-        row["spikes"] = sum(r["spikes"] for r in recs)
-        rows.append(row)
+    names = list(dict.fromkeys(r["optimizer"] for r in records))
+    reference = next((n for n in names if n.startswith("adopt")), "adopt")
+    for (batch,), batch_recs in report.group(records, "batch").items():
+        batch_rows = []
+        for (opt,), recs in report.group(batch_recs, "optimizer").items():
+            row: dict[str, Any] = {"batch": batch, "optimizer": opt, "seeds": len(recs)}
+            for key in ("final_train_loss", "val_loss"):
+                mean, ci = report.mean_ci95([r[key] for r in recs])
+                row[key], row[f"{key}_ci95"] = mean, ci
+            row["spikes"] = sum(r["spikes"] for r in recs)
+            batch_rows.append(row)
+        rows += report.with_paired(batch_rows, batch_recs, ["final_train_loss", "val_loss"], reference)
     return rows
 
 

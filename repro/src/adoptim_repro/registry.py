@@ -20,12 +20,12 @@ _LOADED = "2026-12-03, load 3-5"
 RUN_TIMES: dict[str, str] = {
     "toy": f"default 3.6 min idle (measured 2026-11-28), 7.4 min at load 3-4 (measured {_LOADED}); --quick "
            f"7.7 min at load 4-5 (measured {_LOADED}; it runs uncompiled, the default compiles)",
-    "mnist": f"default 24 min with --threads 1 at load 2-4 (5 seeds as one ensemble per optimizer, measured "
-             f"2026-12-03); --quick 19 s at load 1-2 (measured 2026-12-04)",
-    "vae": f"default 19 min with --threads 1 at load 2-4 (8 seeds as one ensemble per optimizer, measured "
-           f"2026-12-03); --quick 27 s at load 1-2 (measured 2026-12-04)",
+    "mnist": "default 24 min with --threads 1 at load 2-4 (5 seeds as one ensemble per optimizer, measured "
+             "2026-12-03); --quick 19 s at load 1-2 (measured 2026-12-04)",
+    "vae": "default 19 min with --threads 1 at load 2-4 (8 seeds as one ensemble per optimizer, measured "
+           "2026-12-03); --quick 27 s at load 1-2 (measured 2026-12-04)",
     "gpt": f"default 53 min at load (measured 2026-11-28); --quick 7 s (measured {_LOADED})",
-    "llama": f"default 20 min per seed at load (measured 2026-11-28); --quick 11 s (measured {_LOADED})",
+    "llama": f"default (3 seeds) 20 min per seed at load (measured 2026-11-28); --quick 11 s (measured {_LOADED})",
     "cifar10": f"default 62 min for the six runs at load (measured 2026-11-28); --quick 42 s (measured {_LOADED})",
     "imagenet": "not measured (checked 2026-12-03: the measuring machine has no torchvision); the full scale "
                 "is days on 8 GPUs",
