@@ -21,6 +21,7 @@ given to both, so it stays shared.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -111,3 +112,49 @@ def seed_histories(results: Sequence[Any]) -> dict[str, list[list[dict[str, Any]
             out.setdefault(res.unit.optimizer, []).append(
                 [{key: (v[k] if isinstance(v, list) else v) for key, v in line.items()} for line in res.history])
     return out
+
+
+def train_seeds(ens: Ensemble, opt: torch.optim.Optimizer, ctx: Any, seeds: Sequence[int], steps: int,
+                log_every: int, eval_every: int, losses_at: Callable[[int], Tensor],
+                evaluate: Callable[[], dict[str, list[float]]], loss_name: str,
+                before_step: Callable[[int], None] | None = None, name: str = "",
+                stop_on_nonfinite: bool = False) -> list[float]:
+    """An experiment's ensemble unit from ``ctx``'s checkpoint (if any) to ``steps``; returns each seed's
+    mean loss over the last ``log_every`` steps.
+
+    Each step calls ``before_step(step)`` (a schedule), takes ``losses_at(step)`` (each seed's mean loss,
+    shape ``(len(seeds),)``) and steps on their sum: member k's gradient is its own loss's, the members
+    share nothing. Every ``log_every`` steps it logs ``loss_name`` (a list over the seeds), with
+    ``evaluate()``'s metrics every ``eval_every``, and checkpoints. With ``stop_on_nonfinite`` a seed whose
+    loss is NaN or infinite ends the unit with a ``FloatingPointError`` naming it and the step."""
+    step, window = 0, []
+    saved = ctx.resume()
+    if saved is not None:
+        ens.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        step, window = saved["step"], saved["window"]
+
+    def means() -> list[float]:
+        return [sum(w[k] for w in window) / len(window) for k in range(len(seeds))]
+
+    ctx.progress(steps, step)
+    while step < steps:
+        if before_step is not None:
+            before_step(step)
+        losses = losses_at(step)
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+        step += 1
+        window = (window + [losses.detach().tolist()])[-log_every:]
+        bad = [k for k, v in enumerate(window[-1]) if not math.isfinite(v)]
+        if stop_on_nonfinite and bad:
+            raise FloatingPointError(f"{name} seed {seeds[bad[0]]}: the loss became {window[-1][bad[0]]} at "
+                                     f"step {step}")
+        if step % log_every == 0 or step == steps:
+            metrics: dict[str, Any] = {loss_name: means()}
+            if step % eval_every == 0 or step == steps:
+                metrics.update(evaluate())
+            ctx.log(step, **metrics)
+            ctx.checkpoint({"model": ens.state_dict(), "opt": opt.state_dict(), "step": step, "window": window})
+    return means()

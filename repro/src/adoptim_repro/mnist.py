@@ -21,7 +21,7 @@ from torch import nn
 
 from . import report
 from .config import check_evaluations_at_logs
-from .ensemble import ensemble_units, seed_histories
+from .ensemble import ensemble_units, seed_histories, train_seeds
 from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer, set_lr
 from .runner import Experiment, RunContext, RunResult, Unit, seed_units
@@ -136,33 +136,13 @@ def run_ensemble(cfg: MnistConfig, unit: Unit, ctx: RunContext) -> list[dict[str
     ens = Ensemble(members).to(ctx.device)
     spec = cfg.optim[unit.optimizer]
     opt = make_optimizer(unit.optimizer, ens.parameters(), spec)
-    step, window = 0, []
-    saved = ctx.resume()
-    if saved is not None:
-        ens.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        step, window = saved["step"], saved["window"]
-
-    def mean(k: int) -> float:
-        return sum(w[k] for w in window) / len(window)
-
-    ctx.progress(cfg.steps, step)
-    while step < cfg.steps:
-        set_lr(opt, spec.lr / math.sqrt(step + 1))
-        losses = _mnist_losses(ens, _mnist_batch(cfg, feed, seeds, step, ctx.device))  # each seed's mean loss
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()  # seed k's gradient is its own loss's: the members share nothing
-        opt.step()
-        step += 1
-        window = (window + [losses.detach().tolist()])[-cfg.log_every:]
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics: dict[str, Any] = {"train_loss": [mean(k) for k in seeds]}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics["test_accuracy"] = _mnist_evaluate(ens, len(seeds), feed)[1]
-            ctx.log(step, **metrics)
-            ctx.checkpoint({"model": ens.state_dict(), "opt": opt.state_dict(), "step": step, "window": window})
+    final = train_seeds(
+        ens, opt, ctx, seeds, cfg.steps, cfg.log_every, cfg.eval_every,
+        losses_at=lambda step: _mnist_losses(ens, _mnist_batch(cfg, feed, seeds, step, ctx.device)),
+        evaluate=lambda: {"test_accuracy": _mnist_evaluate(ens, len(seeds), feed)[1]}, loss_name="train_loss",
+        before_step=lambda step: set_lr(opt, spec.lr / math.sqrt(step + 1)))
     acc = _mnist_evaluate(ens, len(seeds), feed)[1]
-    return [{"seed": s, "test_accuracy": acc[k], "train_loss_final": mean(k)} for k, s in enumerate(seeds)]
+    return [{"seed": s, "test_accuracy": acc[k], "train_loss_final": final[k]} for k, s in enumerate(seeds)]
 
 
 def units(cfg: MnistConfig) -> list[Unit]:

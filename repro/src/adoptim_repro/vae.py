@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from . import report
 from .config import check_evaluations_at_logs
-from .ensemble import ensemble_units, seed_histories
+from .ensemble import ensemble_units, seed_histories, train_seeds
 from .mnist_data import batch_indices, check_available, load_mnist
 from .optimizers import OptimSpec, default_specs, make_optimizer
 from .runner import Experiment, RunContext, RunResult, Unit, seed_units
@@ -162,36 +162,13 @@ def run_ensemble(cfg: VaeConfig, unit: Unit, ctx: RunContext) -> list[dict[str, 
         members.append(ConvVAE(cfg.latent, cfg.channels))
     ens = Ensemble(members).to(ctx.device)
     opt = make_optimizer(unit.optimizer, ens.parameters(), cfg.optim[unit.optimizer])
-    step, window = 0, []
-    saved = ctx.resume()
-    if saved is not None:
-        ens.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        step, window = saved["step"], saved["window"]
-
-    def mean(k: int) -> float:
-        return sum(w[k] for w in window) / len(window)
-
-    ctx.progress(cfg.steps, step)
-    while step < cfg.steps:
-        losses = _vae_losses(ens, _vae_batch(cfg, feed, seeds, step, ctx.device))  # each seed's mean -ELBO
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()  # seed k's gradient is its own loss's: the members share nothing
-        opt.step()
-        step += 1
-        window = (window + [losses.detach().tolist()])[-cfg.log_every:]
-        bad = [s for s, v in zip(seeds, window[-1], strict=True) if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"{unit.optimizer} seed {bad[0]}: the loss became {window[-1][bad[0]]} at "
-                                     f"step {step}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics: dict[str, Any] = {"train_nelbo": [mean(k) for k in seeds]}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics["test_nelbo"] = _vae_evaluate(ens, len(seeds), feed)[0]
-            ctx.log(step, **metrics)
-            ctx.checkpoint({"model": ens.state_dict(), "opt": opt.state_dict(), "step": step, "window": window})
+    final = train_seeds(
+        ens, opt, ctx, seeds, cfg.steps, cfg.log_every, cfg.eval_every,
+        losses_at=lambda step: _vae_losses(ens, _vae_batch(cfg, feed, seeds, step, ctx.device)),
+        evaluate=lambda: {"test_nelbo": _vae_evaluate(ens, len(seeds), feed)[0]}, loss_name="train_nelbo",
+        name=unit.optimizer, stop_on_nonfinite=True)
     test = _vae_evaluate(ens, len(seeds), feed)[0]
-    return [{"seed": s, "test_nelbo": test[k], "train_nelbo_final": mean(k)} for k, s in enumerate(seeds)]
+    return [{"seed": s, "test_nelbo": test[k], "train_nelbo_final": final[k]} for k, s in enumerate(seeds)]
 
 
 def units(cfg: VaeConfig) -> list[Unit]:
