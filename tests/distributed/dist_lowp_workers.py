@@ -17,11 +17,10 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from dist_harness import HYPER, local_slice
-from dist_workers import load, snapshot
+from dist_workers import load, shard_fsdp2, snapshot
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -123,12 +122,7 @@ def ddp_resume(rank: int, world_size: int, precision: str, path: str, first: int
 
 
 def fsdp2_model(world_size: int) -> torch.nn.Module:
-    model = make_model()
-    mesh = init_device_mesh("cpu", (world_size,))
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return shard_fsdp2(make_model(), world_size)
 
 
 def _layout(model: torch.nn.Module, opt: ADOPT) -> dict[str, Any]:

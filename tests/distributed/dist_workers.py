@@ -43,14 +43,18 @@ def ddp(rank: int, world_size: int, kernel: dict[str, Any], steps: int) -> dict[
     return snapshot(model.module, opt)
 
 
-def fsdp2_model(world_size: int) -> torch.nn.Module:
-    """The problem's model with each linear layer, and then the whole, sharded by FSDP2."""
-    model = make_model()
+def shard_fsdp2(model: torch.nn.Module, world_size: int) -> torch.nn.Module:
+    """``model`` (linear, activation, linear) with each linear layer, and then the whole, sharded by FSDP2."""
     mesh = init_device_mesh("cpu", (world_size,))
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def fsdp2_model(world_size: int) -> torch.nn.Module:
+    """The problem's model sharded by FSDP2."""
+    return shard_fsdp2(make_model(), world_size)
 
 
 def fsdp2(rank: int, world_size: int, kernel: dict[str, Any], steps: int) -> dict[str, Any]:
