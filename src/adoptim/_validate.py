@@ -97,6 +97,27 @@ def check_group(group: dict[str, Any]) -> None:
     if group.get("flat") and group["differentiable"]:
         raise ValueError("Invalid flat: True together with differentiable=True (the flat buffers are updated in place)")
     check_state_precision(group)
+    check_param_rounding(group)
+
+
+# The values of the ``param_rounding`` option: how a bfloat16 parameter takes its float32 update.
+PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
+
+
+def check_param_rounding(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for a ``param_rounding`` no kernel serves (a group's, at construction)."""
+    mode = group.get("param_rounding", "nearest")
+    if mode not in PARAM_ROUNDINGS:
+        choices = ", ".join(map(repr, PARAM_ROUNDINGS))
+        raise ValueError(f"Invalid param_rounding: {mode!r} (must be one of {choices})")
+    if mode == "nearest":
+        return
+    for flag in ("fused", "foreach", "capturable", "differentiable", "flat"):
+        if group.get(flag):
+            raise ValueError(
+                f"Invalid param_rounding: {mode!r} together with {flag}=True (bfloat16 parameters are then "
+                "stepped by the torch for-loop path, which does not take that option)"
+            )
 
 
 def check_state_precision(group: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from itertools import repeat
 from operator import attrgetter
 
@@ -21,7 +22,7 @@ from .kernels import fused_cpu, lowbit_cpu
 from .kernels.common import PLAIN_TENSOR_TYPES, dtensor_type
 from .kernels.contract import FUSED_DEVICES, Hyper, Kernel, KernelPlan, check_kernel_choice
 from .kernels.foreach import foreach_adopt
-from .kernels.lowbit import lowbit_adopt
+from .kernels.lowbit import MomentFormat, ParamWrite, Stored, lowbit_adopt
 from .kernels.single_tensor import single_tensor_adopt
 
 __all__ = ["adopt", "default_foreach", "default_fused", "run_fused_kernel"]
@@ -112,6 +113,9 @@ def adopt(
     maximize: bool,
     plan: KernelPlan | None = None,
     state_precision: str = "full",
+    param_rounding: str = "nearest",
+    rounding_seeds: Sequence[int | Tensor | None] | None = None,
+    kahan_comps: Sequence[Tensor | None] | None = None,
 ) -> None:
     r"""Run one ADOPT step in place on ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``.
 
@@ -137,6 +141,15 @@ def adopt(
     low-precision kernels run (:class:`~adoptim.ADOPT`'s ``state_precision`` makes them): the fused 8-bit
     and bfloat16 CPU kernel where it takes the tensors (float32 on the CPU) unless ``fused=False``, which
     writes the same bits as the torch path that runs everywhere else.
+
+    ``param_rounding``: how bfloat16 parameters take their update (:class:`~adoptim.ADOPT`'s option of that
+    name). ``"nearest"`` (default): as any parameter, in the kernel chosen above. ``"stochastic"`` and
+    ``"kahan"``: their step is computed in float32 by the torch for-loop path
+    (:func:`~adoptim.kernels.lowbit.lowbit_adopt`, full-precision moments read and stored in their own dtype)
+    and written back stochastically rounded, keyed by ``rounding_seeds[i]`` (an integer or a one-element
+    integer tensor), or Kahan-compensated with ``kahan_comps[i]`` (a bfloat16 tensor of the parameter's
+    shape, zeros at first, updated in place). Entries of parameters of other dtypes are ignored (may be
+    ``None``); those parameters step as with ``"nearest"``.
 
     Example::
 
@@ -173,6 +186,11 @@ def adopt(
         grad_scale=grad_scale, found_inf=found_inf,
     )
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if param_rounding != "nearest":
+        lists = _run_rounded(lists, hyper, param_rounding, rounding_seeds, kahan_comps, foreach, fused)
+        if not lists[0]:
+            return
+        plan = None  # the plan was made for all of the lists
     if state_precision != "full":  # its records say how each moment is stored
         _run_eager(lowbit_adopt if fused is False else _lowbit_fused, lists, hyper)
         return
@@ -227,6 +245,58 @@ def _route(params: list[Tensor], fused: bool | None, foreach: bool | None, diffe
             f"fused=True supports parameters on cpu and cuda, got one on {other[0]}; use foreach=True there"
         )
     return by_device
+
+
+def _run_rounded(lists: tuple[list, ...], hyper: Hyper, mode: str, seeds: Sequence | None, comps: Sequence | None,
+                 foreach: bool | None, fused: bool | None) -> tuple[list, ...]:
+    """Step the bfloat16 parameters of ``lists`` with ``param_rounding`` ``mode`` (see :func:`adopt`) and return
+    the lists of the others. Everything is checked before anything changes."""
+    params = lists[0]
+    if mode not in ("stochastic", "kahan"):
+        raise ValueError(f"Invalid param_rounding: {mode!r} (must be one of 'nearest', 'stochastic', 'kahan')")
+    name, given = ("rounding_seeds", seeds) if mode == "stochastic" else ("kahan_comps", comps)
+    if given is None or len(given) != len(params):
+        raise ValueError(f"param_rounding={mode!r} needs {name}, one entry per parameter, got "
+                         f"{'none' if given is None else len(given)} for {len(params)} parameters")
+    for flag, value in (("foreach", foreach), ("fused", fused), ("capturable", hyper.capturable),
+                        ("differentiable", hyper.differentiable)):
+        if value:
+            raise ValueError(f"Invalid param_rounding: {mode!r} together with {flag}=True (bfloat16 parameters "
+                             "are then stepped by the torch for-loop path, which does not take that option)")
+    mine = [i for i, p in enumerate(params) if p.dtype is torch.bfloat16]
+    if not mine:
+        return lists
+    writes = []
+    for i in mine:
+        p, x = params[i], given[i]
+        if mode == "kahan":
+            if not (torch.is_tensor(x) and x.dtype is torch.bfloat16 and x.shape == p.shape and x.device == p.device):
+                got = f"{x.dtype} of shape {tuple(x.shape)} on {x.device}" if torch.is_tensor(x) else repr(x)
+                raise ValueError(f"kahan_comps[{i}] must be a bfloat16 tensor of its parameter's shape "
+                                 f"{tuple(p.shape)} on {p.device}, got {got}")
+            writes.append(ParamWrite(mode, comp=x))
+        else:
+            if torch.is_tensor(x) and x.numel() == 1 and not x.is_floating_point() and not x.is_complex():
+                x = int(x)
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise ValueError(f"rounding_seeds[{i}] must be an integer or a one-element integer tensor, got {x!r}")
+            writes.append(ParamWrite(mode, seed=x))
+    picked = [[x[i] for i in mine] for x in lists]
+    back = []  # full-precision moments stepped through flat copies (not views): copied back after the step
+    for k in (2, 3):
+        for j, m in enumerate(picked[k]):
+            if isinstance(m, Stored):
+                continue
+            data = m.view(-1) if m.is_contiguous() else m.reshape(-1)
+            if not m.is_contiguous():
+                back.append((m, data))
+            kind = "bfloat16" if m.dtype is torch.bfloat16 else "float32"
+            picked[k][j] = Stored(data, None, MomentFormat(kind), signed=k == 2, block_size=1, seed=0, stream=k - 2)
+    _run_eager(partial(lowbit_adopt, param_writes=writes), picked, hyper)
+    for m, data in back:
+        m.copy_(data.view(m.shape))
+    rest = [i for i in range(len(params)) if params[i].dtype is not torch.bfloat16]
+    return tuple([x[i] for i in rest] for x in lists)
 
 
 def _lowbit_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list, exp_avg_sqs: list,

@@ -16,7 +16,7 @@ from . import low_precision, migration
 from ._flat import FlatGroups, check_flat_params, common_step
 from ._plan import KeptPlans, ParamState, StateDict
 from .functional import adopt
-from .kernels.common import state_holds
+from .kernels.common import dtensor_type, state_holds
 from .kernels.contract import KernelPlan
 
 _CPU = torch.device("cpu")
@@ -52,6 +52,23 @@ def _check_state_dtype(gi: int, pi: int, p: Tensor, m: Tensor, v: Tensor) -> Non
                 f"parameter's {p.dtype} (was the parameter cast after some steps?); reload the state with "
                 "opt.load_state_dict(opt.state_dict()), which casts it to its parameter's dtype and device"
             )
+
+
+def _saved_seeds(saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]],
+                 param_groups: list[dict[str, Any]]) -> list[tuple[Tensor, Tensor]]:
+    """The ``param_rounding_seed`` of each parameter's saved state (int64, on the host), checked."""
+    out = []
+    for gi, (saved, own) in enumerate(zip(saved_groups, param_groups, strict=True)):
+        for pi, (key, p) in enumerate(zip(saved["params"], own["params"], strict=True)):
+            entry = saved_state.get(key)
+            seed = entry.get("param_rounding_seed") if isinstance(entry, dict) else None
+            if seed is None:
+                continue
+            if not torch.is_tensor(seed) or seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
+                raise ValueError(f"state of param group {gi} parameter {pi}: param_rounding_seed must be a "
+                                 f"one-element integer tensor, got {seed!r}")
+            out.append((p, seed.detach().reshape(()).to(device=_CPU, dtype=torch.int64, copy=True)))
+    return out
 
 
 class ADOPT(Optimizer):
@@ -113,6 +130,21 @@ class ADOPT(Optimizer):
         state_block_size: elements per scale of ``"8bit"`` state, a power of two (default 256).
         state_min_size: parameters with fewer elements keep full-precision state whatever
             ``state_precision`` says (default 4096, as bitsandbytes: biases and norms).
+        param_rounding: how bfloat16 parameters (a model in pure bfloat16, no float32 master weights) take
+            their update. ``"nearest"`` (default): in the parameter's own arithmetic, as any dtype, so an
+            update under half an ulp of the parameter (about 0.4% of it) is lost. ``"stochastic"``: the
+            step is computed in float32 and written back rounded stochastically (torchao's
+            ``bf16_stochastic_round``), reproducibly: the random numbers are a hash of the parameter's
+            ``param_rounding_seed`` (kept in its state), the step and the element's index. ``"kahan"``: a
+            bfloat16 ``kahan_comp`` per parameter (2 more bytes per element, in its state) keeps what the
+            rounding cut off and adds it back at the next step (Kahan summation, as optimi's
+            ``kahan_sum``). One option of three values rather than two flags (which could both be set);
+            the values are the methods' usual names. Parameters of other dtypes step as with
+            ``"nearest"``. The bfloat16 parameters take the torch for-loop path (moments read and stored
+            in their format: use ``state_precision="bfloat16"`` for stochastically rounded moments too);
+            ``fused=True``, ``foreach``, ``capturable``, ``differentiable``, ``flat`` and
+            ``torch.compile`` are refused with it. See the docs' Low-precision state page, which measures
+            the three.
 
     Example::
 
@@ -141,13 +173,14 @@ class ADOPT(Optimizer):
         state_precision: str = "full",
         state_block_size: int = 256,
         state_min_size: int = 4096,
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, clip_exponent=clip_exponent,
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
             fused=fused, flat=flat, state_precision=state_precision, state_block_size=state_block_size,
-            state_min_size=state_min_size,
+            state_min_size=state_min_size, param_rounding=param_rounding,
         )
         V.check_group(defaults)
         super().__init__(params, defaults)
@@ -259,6 +292,7 @@ class ADOPT(Optimizer):
             except ValueError as exc:
                 raise ValueError(f"param group {gi} of the state_dict: {exc}") from None
         state = migration.cast_complex_state(saved_state, groups, self.param_groups)
+        seeds = _saved_seeds(state_dict["state"], groups, self.param_groups)
         # torch.optim's load_state_dict would run the pre-hooks a second time: hand it none.
         hooks = self._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -268,6 +302,9 @@ class ADOPT(Optimizer):
             self._optimizer_load_state_dict_pre_hooks = hooks
         if low or any(g["state_precision"] != "full" for g in self.param_groups):
             low_precision.place_loaded(self, low)
+        for p, seed in seeds:  # torch.optim cast them to their parameter's dtype
+            if p in self.state:
+                self.state[p]["param_rounding_seed"] = seed
 
     # ------------------------------------------------------------------ step
     def _init_group(
@@ -394,6 +431,8 @@ class ADOPT(Optimizer):
         if torch.compiler.is_compiling():
             if any(g["state_precision"] != "full" for g in groups):
                 raise RuntimeError("state_precision other than 'full' has no compiled step yet: step it eagerly")
+            if any(g.get("param_rounding", "nearest") != "nearest" for g in groups):
+                raise RuntimeError("param_rounding other than 'nearest' has no compiled step: step it eagerly")
             out = []
             for group in groups:
                 lists: list[list[Tensor]] = [[], [], [], [], []]
@@ -441,7 +480,10 @@ class ADOPT(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps), plan in self._collect():
+        collected = self._collect()
+        rounding = self._rounding_state(collected)
+        for (group, (params, grads, exp_avgs, exp_avg_sqs, state_steps), plan), extra in zip(
+                collected, rounding, strict=True):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -452,9 +494,65 @@ class ADOPT(Optimizer):
                 differentiable=group["differentiable"], beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                 clip_exponent=group["clip_exponent"], eps=group["eps"], maximize=group["maximize"], plan=plan,
-                state_precision=group["state_precision"],
+                state_precision=group["state_precision"], **extra,
             )
         return loss
+
+    def _rounding_state(self, collected: list[tuple[dict[str, Any], list[list[Tensor]], Any]]) -> list[dict[str, Any]]:
+        """Per entry of :meth:`_collect`, the keywords of ``param_rounding`` for :func:`adopt`: the groups'
+        option and each bfloat16 parameter's ``param_rounding_seed`` or ``kahan_comp`` (made at its first
+        step: its position in the optimizer, or zeros). All are checked before any is made or stepped."""
+        if all(g.get("param_rounding", "nearest") == "nearest" for g, _, _ in collected):
+            return [{} for _ in collected]
+        where = {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
+        dtensor = dtensor_type()
+        todo: list[tuple[dict[str, Any], str, Tensor]] = []
+        for group, lists, _ in collected:
+            mode = group.get("param_rounding", "nearest")
+            if mode == "nearest":
+                continue
+            key = "kahan_comp" if mode == "kahan" else "param_rounding_seed"
+            for p in lists[0]:
+                if p.dtype is not torch.bfloat16:
+                    continue
+                gi, pi = where.get(id(p), ("?", "?"))
+                if dtensor is not None and (isinstance(p, dtensor) or id(p) not in where):
+                    raise RuntimeError(f"param_rounding={mode!r} takes no sharded (DTensor) parameter, got one in "
+                                       f"param group {gi}")
+                st, x = self.state[p], self.state[p].get(key)
+                bad = x is not None and not (
+                    torch.is_tensor(x) and (
+                        (x.dtype is torch.bfloat16 and x.shape == p.shape and x.device == p.device) if mode == "kahan"
+                        else (x.dtype == torch.int64 and x.numel() == 1)))
+                if bad:
+                    want = f"bfloat16 of shape {tuple(p.shape)} on {p.device}" if mode == "kahan" else \
+                        "a one-element int64 tensor"
+                    got = f"{x.dtype} of shape {tuple(x.shape)} on {x.device}" if torch.is_tensor(x) else repr(x)
+                    raise RuntimeError(f"state of param group {gi} parameter {pi} does not match it: its {key} "
+                                       f"must be {want}, got {got}")
+                todo.append((st, key, p))
+        for st, key, p in todo:
+            if key not in st:
+                st[key] = torch.zeros_like(p) if key == "kahan_comp" else \
+                    torch.tensor(self._position(p), dtype=torch.int64)
+        out = []
+        for group, lists, _ in collected:
+            mode = group.get("param_rounding", "nearest")
+            if mode == "nearest":
+                out.append({})
+                continue
+            key = "kahan_comp" if mode == "kahan" else "param_rounding_seed"
+            values = [self.state[p][key] if p.dtype is torch.bfloat16 else None for p in lists[0]]
+            out.append({"param_rounding": mode, ("kahan_comps" if mode == "kahan" else "rounding_seeds"): values})
+        return out
+
+    def _position(self, p: Tensor) -> int:
+        """``p``'s position in the optimizer (its state_dict key): the seed of its stochastic rounding."""
+        seen: dict[int, int] = {}
+        for g in self.param_groups:
+            for q in g["params"]:
+                seen.setdefault(id(q), len(seen))
+        return seen[id(p)]
 
 
 class ADOPTW(ADOPT):
@@ -478,10 +576,11 @@ class ADOPTW(ADOPT):
         state_precision: str = "full",
         state_block_size: int = 256,
         state_min_size: int = 4096,
+        param_rounding: str = "nearest",
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
             clip_exponent=clip_exponent, maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused, flat=flat, state_precision=state_precision,
-            state_block_size=state_block_size, state_min_size=state_min_size,
+            state_block_size=state_block_size, state_min_size=state_min_size, param_rounding=param_rounding,
         )
