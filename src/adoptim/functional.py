@@ -139,8 +139,9 @@ def adopt(
     ``state_precision``: ``"full"`` (the moments are tensors of their parameters' dtypes and shapes), or
     ``"8bit"``/``"bfloat16"``: the moments are :class:`~adoptim.kernels.lowbit.Stored` records and the
     low-precision kernels run (:class:`~adoptim.ADOPT`'s ``state_precision`` makes them): the fused 8-bit
-    and bfloat16 CPU kernel where it takes the tensors (float32 on the CPU) unless ``fused=False``, which
-    writes the same bits as the torch path that runs everywhere else.
+    and bfloat16 kernels where they take the tensors (float32 parameters: the C kernel on the CPU, the
+    Triton kernel on CUDA) unless ``fused=False``; they write the same bits as the torch path that runs
+    everywhere else.
 
     ``param_rounding``: how bfloat16 parameters take their update (:class:`~adoptim.ADOPT`'s option of that
     name). ``"nearest"`` (default): as any parameter, in the kernel chosen above. ``"stochastic"`` and
@@ -301,14 +302,44 @@ def _run_rounded(lists: tuple[list, ...], hyper: Hyper, mode: str, seeds: Sequen
 
 def _lowbit_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list, exp_avg_sqs: list,
                   state_steps: list[Tensor], hyper: Hyper, plan: KernelPlan | None = None) -> tuple[()]:
-    """The fused low-precision CPU kernel on the tensors it takes, the torch path on the rest (the same bits)."""
-    rest = lowbit_cpu.lowbit_cpu_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper) \
-        if lowbit_cpu.available() else None
-    if rest is None:
-        lowbit_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper)
-    elif rest:
-        lowbit_adopt(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps)), hyper)
+    """The fused low-precision kernels on the tensors they take (the Triton kernel on CUDA where Triton is
+    installed, the C kernel on the CPU), the torch path on the rest: all of them write the same bits."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    gpu = [i for i, p in enumerate(params) if _lowbit_triton_takes(p)]
+    kernel = _lowbit_triton() if gpu else None
+    if kernel is not None:
+        if len(gpu) == len(params):
+            run_lowbit_kernel(kernel, lists, hyper)
+            return ()
+        run_lowbit_kernel(kernel, tuple([x[i] for i in gpu] for x in lists), hyper)
+        rest = sorted(set(range(len(params))) - set(gpu))
+        lists = tuple([x[i] for i in rest] for x in lists)
+    if lowbit_cpu.available():
+        run_lowbit_kernel(lowbit_cpu.lowbit_cpu_adopt, lists, hyper)
+    else:
+        lowbit_adopt(*lists, hyper)
     return ()
+
+
+def _lowbit_triton_takes(p: Tensor) -> bool:
+    """Whether a low-precision parameter goes to the Triton kernel (which takes or leaves it)."""
+    return p.is_cuda
+
+
+def _lowbit_triton() -> Kernel | None:
+    """The Triton low-precision kernel, or None where Triton is not installed (the torch path runs)."""
+    try:
+        from .kernels.triton_lowbit import triton_lowbit_adopt
+    except ImportError:
+        return None
+    return triton_lowbit_adopt
+
+
+def run_lowbit_kernel(kernel: Kernel, lists: Sequence[list], hyper: Hyper) -> None:
+    """Run a fused low-precision kernel, then the torch path on the tensors it left."""
+    rest = kernel(*lists, hyper)
+    if rest:
+        lowbit_adopt(*([x[i] for i in rest] for x in lists), hyper)
 
 
 def run_fused_kernel(kernel: Kernel, lists: Sequence[list[Tensor]], hyper: Hyper,
