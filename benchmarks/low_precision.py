@@ -26,6 +26,17 @@ their own results block::
         --json benchmarks/results/low_precision/vae.json
     python benchmarks/low_precision.py --render benchmarks/results/low_precision/vae.json --page docs/low_precision.md
 
+``--task gpt-bf16`` trains the gpt experiment the same way with its model in pure bfloat16 (parameters and
+state, no float32 master weights; the run's own code, with the model cast to bfloat16 after it is built and
+the optimizer built with the candidate's options in place of the suite's ``adopt``): today's plain bfloat16
+step, the bfloat16 update rounded to nearest, stochastically, or Kahan-compensated (``param_rounding``),
+against the same run with float32 parameters::
+
+    python benchmarks/low_precision.py --task gpt-bf16 --steps 200 --batch 16 --seed0 0 --seeds 5 \
+        --json benchmarks/results/low_precision/gpt_bf16.json
+    python benchmarks/low_precision.py --render benchmarks/results/low_precision/gpt_bf16.json \
+        --page docs/low_precision.md
+
 A run is appended to ``--json`` as soon as it ends (the file replaced atomically), and a rerun with the
 same file skips the runs it holds: an interrupted measurement resumes where it stopped. ``--page``
 rewrites the part of the page between ``<!-- results: low_precision -->`` and
@@ -36,6 +47,8 @@ of the page is hand-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import math
 import os
@@ -43,6 +56,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +90,29 @@ CANDIDATES: dict[str, tuple[StateFormat | None, str]] = {
 SUITE_CANDIDATES = {"32-bit": "adopt", "bf16 stochastic": "adopt-bf16", "8bit stochastic": "adopt-8bit"}
 
 
+# The gpt experiment in pure bfloat16: candidate -> (the parameters' dtype, ADOPT's options, bytes per parameter
+# element of weights and state). Every bfloat16 candidate but the plain one stores the moments as
+# state_precision="bfloat16" (stochastic rounding, which the measurements above chose), so the runs differ in
+# how the parameter takes its update. (Mixed precision with float32 master weights and bfloat16 state would be
+# 4 + 2 + 4 = 10 bytes.)
+BF16_PARAM_CANDIDATES: dict[str, tuple[torch.dtype, dict[str, str], float]] = {
+    "32-bit": (torch.float32, {}, 12.0),
+    "bf16 plain": (torch.bfloat16, {}, 6.0),
+    "bf16 nearest": (torch.bfloat16, {"state_precision": "bfloat16"}, 6.0),
+    "bf16 stochastic": (torch.bfloat16, {"state_precision": "bfloat16", "param_rounding": "stochastic"}, 6.0),
+    "bf16 kahan": (torch.bfloat16, {"state_precision": "bfloat16", "param_rounding": "kahan"}, 8.0),
+}
+
+
 class Task:
     """A measured task: its candidates, the metrics of its table (key, heading, heading of the paired
-    difference, digits) and the table's title."""
+    difference, digits), the table's title, and the bytes column (heading, bytes per candidate; by default
+    the state of the candidate's format)."""
 
-    def __init__(self, candidates: list[str], metrics: list[tuple[str, str, str, int]], title: str) -> None:
+    def __init__(self, candidates: list[str], metrics: list[tuple[str, str, str, int]], title: str,
+                 bytes_head: str = "bytes of state / param", bytes_of: dict[str, float] | None = None) -> None:
         self.candidates, self.metrics, self.title = candidates, metrics, title
+        self.bytes_head, self.bytes_of = bytes_head, bytes_of
 
 
 TASKS = {
@@ -97,6 +128,14 @@ TASKS = {
                 "The suite's gpt experiment (byte-level GPT on Shakespeare, batch {batch}, lr 2e-3 with {warmup} "
                 "warm-up steps and a cosine decay, no weight decay, betas (0.9, 0.9999)), {steps} steps, {seeds} "
                 "seeds, one torch thread, torch {torch}"),
+    "gpt-bf16": Task(list(BF16_PARAM_CANDIDATES),
+                     [("val_loss", "held-out loss (nats/byte)", "Δ held-out vs 32-bit", 4),
+                      ("final_train_loss", "train loss (nats/byte)", "Δ train", 4)],
+                     "The suite's gpt experiment in pure bfloat16 (no float32 master weights) against float32 "
+                     "parameters (byte-level GPT on Shakespeare, batch {batch}, lr 2e-3 with {warmup} warm-up "
+                     "steps and a cosine decay, no weight decay, betas (0.9, 0.9999)), {steps} steps, {seeds} "
+                     "seeds, one torch thread, torch {torch}",
+                     "bytes of weights + state / param", {k: v[2] for k, v in BF16_PARAM_CANDIDATES.items()}),
 }
 
 
@@ -167,18 +206,17 @@ def gpt_warmup(steps: int) -> int:
 def train_suite(task: str, name: str, steps: int, seed: int, batch: int = 16) -> dict[str, float]:
     """One run of the suite's experiment ``task`` as ``adoptim <task>`` runs it, with ``--steps``, and the
     median relative error of the stored v of its largest parameter against a float32 v of its gradients."""
-    import importlib
-
     from adoptim_repro.distributed import Dist
     from adoptim_repro.runner import RunContext, Unit
 
-    module = importlib.import_module(f"adoptim_repro.{task}")
-    optimizer = SUITE_CANDIDATES[name]
+    experiment = "gpt" if task == "gpt-bf16" else task
+    module = importlib.import_module(f"adoptim_repro.{experiment}")
+    optimizer = "adopt" if task == "gpt-bf16" else SUITE_CANDIDATES[name]
     cfg = module.EXPERIMENT.config(steps=steps, seeds=1, optimizers=(optimizer,))
-    if task == "gpt":
+    if experiment == "gpt":
         cfg.batch_sizes, cfg.warmup = (batch,), gpt_warmup(steps)
     cfg.validate()
-    unit = Unit(optimizer, seed, (("batch", batch),) if task == "gpt" else ())
+    unit = Unit(optimizer, seed, (("batch", batch),) if experiment == "gpt" else ())
     tracked: dict[str, Any] = {}
 
     def follow_v(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -200,7 +238,8 @@ def train_suite(task: str, name: str, steps: int, seed: int, batch: int = 16) ->
         with tempfile.TemporaryDirectory() as out:
             ctx = RunContext(Path(out), unit, Dist(), checkpoint_every=math.inf, say=lambda line: None)
             try:
-                result = module.run(cfg, unit, ctx)
+                with _bf16_model(module, name) if task == "gpt-bf16" else contextlib.nullcontext():
+                    result = module.run(cfg, unit, ctx)
             finally:
                 ctx.close()
     finally:
@@ -210,6 +249,28 @@ def train_suite(task: str, name: str, steps: int, seed: int, batch: int = 16) ->
     rel = ((v[live] - shadow[live]).abs() / shadow[live]).median().item()
     metrics = {key: float(result[key]) for key, *_ in TASKS[task].metrics}
     return {**metrics, "v_rel_err": rel}
+
+
+@contextlib.contextmanager
+def _bf16_model(module: Any, name: str) -> Iterator[None]:
+    """While it is open, ``module.run`` builds its model in candidate ``name``'s dtype and its optimizer as the
+    suite's ``adopt`` (the same lr, betas, eps and decay) with the candidate's options."""
+    dtype, options, _ = BF16_PARAM_CANDIDATES[name]
+    build, make = module.build_model, module.make_optimizer
+
+    def build_model(cfg: Any, vocab: int) -> nn.Module:
+        return build(cfg, vocab).to(dtype)
+
+    def make_optimizer(opt_name: str, params: Any, spec: Any) -> torch.optim.Optimizer:
+        assert opt_name == "adopt", opt_name
+        return ADOPT(params, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay,
+                     **options)
+
+    module.build_model, module.make_optimizer = build_model, make_optimizer
+    try:
+        yield
+    finally:
+        module.build_model, module.make_optimizer = build, make
 
 
 def _ci95(xs: list[float]) -> float:
@@ -238,14 +299,15 @@ def render(paths: list[Path]) -> tuple[str, str]:
         spec.title.format(**meta) + "; mean ± 95% interval over seeds; the paired difference is the candidate "
         "minus 32-bit on the same seed.",
         "",
-        f"| candidate | bytes of state / param{heads} | median rel. error of v |",
+        f"| candidate | {spec.bytes_head}{heads} | median rel. error of v |",
         "|---|---|" + "---|---|" * len(spec.metrics) + "---|",
     ]
     for name in meta["candidates"]:
         rs = [r for r in runs if r["candidate"] == name]
         if not rs:
             continue
-        cells = [name, f"{_bytes(CANDIDATES[name][0]):.2f}"]
+        size = spec.bytes_of[name] if spec.bytes_of is not None else _bytes(CANDIDATES[name][0])
+        cells = [name, f"{size:.2f}"]
         for key, _, _, digits in spec.metrics:
             xs = [r[key] for r in rs]
             ds = [r[key] - base[r["seed"]][key] for r in rs if r["seed"] in base]
@@ -317,12 +379,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=list(TASKS), default="mnist",
                     help="mnist: the candidates on the MNIST MLP; vae, gpt: the suite's experiment with each "
-                         "shipped option")
+                         "shipped option; gpt-bf16: gpt in pure bfloat16 with each param_rounding")
     ap.add_argument("--steps", type=int, default=1500, help="training steps per run")
     ap.add_argument("--seeds", type=int, default=3, help="seeds SEED0..SEED0+N-1")
     ap.add_argument("--seed0", type=int, default=0, help="the first seed (to split the seeds over processes)")
     ap.add_argument("--candidates", nargs="*", default=None,
-                    help="names, as in CANDIDATES (mnist) or SUITE_CANDIDATES (vae, gpt); default all of them")
+                    help="names, as in CANDIDATES (mnist), SUITE_CANDIDATES (vae, gpt) or BF16_PARAM_CANDIDATES "
+                         "(gpt-bf16); default all of them")
     ap.add_argument("--batch", type=int, default=16, help="gpt: sequences per step")
     ap.add_argument("--json", type=Path, help="write (and resume) the runs here")
     ap.add_argument("--render", type=Path, nargs="+", help="print the Markdown table of JSON files and exit")
@@ -364,7 +427,7 @@ def main() -> None:
         raise SystemExit(f"unknown candidate {unknown[0]!r} for task {args.task}; known: {', '.join(spec.candidates)}")
     meta = {"task": args.task, "steps": args.steps, "seeds": args.seeds, "seed0": args.seed0,
             "candidates": candidates, "torch": torch.__version__}
-    if args.task == "gpt":
+    if args.task in ("gpt", "gpt-bf16"):
         meta["batch"], meta["warmup"] = args.batch, gpt_warmup(args.steps)
     if args.task == "mnist":
         del meta["task"]  # the files written before there were tasks say none

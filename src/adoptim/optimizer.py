@@ -515,10 +515,10 @@ class ADOPT(Optimizer):
             for p in lists[0]:
                 if p.dtype is not torch.bfloat16:
                     continue
-                gi, pi = where.get(id(p), ("?", "?"))
                 if dtensor is not None and (isinstance(p, dtensor) or id(p) not in where):
-                    raise RuntimeError(f"param_rounding={mode!r} takes no sharded (DTensor) parameter, got one in "
-                                       f"param group {gi}")
+                    raise RuntimeError(f"param_rounding={mode!r} takes no sharded (DTensor) parameter; keep "
+                                       "'nearest' in the param groups of sharded bfloat16 parameters")
+                gi, pi = where[id(p)]
                 st, x = self.state[p], self.state[p].get(key)
                 bad = x is not None and not (
                     torch.is_tensor(x) and (
