@@ -15,7 +15,7 @@ Full scale: ``--set data_file=PATH/train.bin`` (nanoGPT's uint16 GPT-2 token fil
 it) ``--set model=gpt2-124m`` plus the paper's batch sizes and schedule (see ``PAPER_COMMAND``), under
 ``torchrun`` on GPUs.
 
-Run: ``adoptim gpt`` (1000 steps at batch 2 and 16, adamw and adoptw; ``adoptim gpt --quick`` proves the
+Run: ``adoptim gpt`` (1000 steps at batch 2 and 16, adamw and adoptw, 5 seeds; ``adoptim gpt --quick`` proves the
 code path, not the claim).
 """
 
@@ -38,7 +38,7 @@ from .schedule import WarmupCosine
 MODELS = ("tiny", "gpt2-124m")
 
 PAPER_COMMAND = (
-    "torchrun --nproc_per_node 8 -m adoptim_repro gpt --device cuda --set data_file=DATA/train.bin "
+    "torchrun --nproc_per_node 8 -m adoptim_repro gpt --device cuda --seeds 1 --set data_file=DATA/train.bin "
     "--set model=gpt2-124m --set block_size=1024 --set batch_sizes=96,480 --set micro_batch=12 "
     "--set steps=100000 --set warmup=2000 --set adamw.lr=6e-4 --set adoptw.lr=6e-4 --set eval_every=1000 "
     "--set eval_seqs=960"
@@ -58,8 +58,9 @@ def _specs() -> dict[str, OptimSpec]:
 class GptConfig:
     """The scaled-down default; every field can be set with ``--set key=value``."""
 
-    seeds: int = 1
-    """seeds 0..N-1 are run for each optimizer (mean and 95% interval over them)"""
+    seeds: int = 5
+    """seeds 0..N-1 are run for each optimizer and batch (mean and 95% interval over them; ADOPT minus each other
+    optimizer, paired by seed)"""
     optimizers: tuple[str, ...] = ("adamw", "adoptw")
     """the optimizers compared, by name (adam, adamw, amsgrad, adamax, adopt, adopt-noclip, adoptw, adopt-8bit,
     adopt-bf16; the last two are adopt with 8-bit or bfloat16 state)"""
@@ -133,7 +134,7 @@ class GptConfig:
 
 
 QUICK: dict[str, Any] = {
-    "steps": 40, "warmup": 5, "batch_sizes": (2, 8), "block_size": 32, "n_layer": 2, "n_head": 2,
+    "seeds": 1, "steps": 40, "warmup": 5, "batch_sizes": (2, 8), "block_size": 32, "n_layer": 2, "n_head": 2,
     "n_embd": 32, "eval_every": 20, "eval_seqs": 8, "final_window": 10, "spike_window": 10,
 }
 

@@ -24,7 +24,8 @@ RUN_TIMES: dict[str, str] = {
              "2026-12-03); --quick 19 s at load 1-2 (measured 2026-12-04)",
     "vae": "default 19 min with --threads 1 at load 2-4 (8 seeds as one ensemble per optimizer, measured "
            "2026-12-03); --quick 27 s at load 1-2 (measured 2026-12-04)",
-    "gpt": f"default 53 min at load (measured 2026-11-28); --quick 7 s (measured {_LOADED})",
+    "gpt": f"default (5 seeds) 49 min with --threads 1 at load 2-3 (measured 2026-12-04); --quick 7 s (measured "
+           f"{_LOADED})",
     "llama": f"default (3 seeds) 20 min per seed at load (measured 2026-11-28); --quick 11 s (measured {_LOADED})",
     "cifar10": f"default 62 min for the six runs at load (measured 2026-11-28); --quick 42 s (measured {_LOADED})",
     "imagenet": "not measured (checked 2026-12-03: the measuring machine has no torchvision); the full scale "
