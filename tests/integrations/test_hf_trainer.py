@@ -159,6 +159,16 @@ def test_the_helper_trains_as_the_same_kwargs_given_by_hand(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(helped, make_model().parameters()))  # it did train
 
 
+def test_pure_bfloat16_options_reach_adopt(tmp_path):
+    from adoptim.integrations.hf import optimizer_cls_and_kwargs
+
+    targs = args(tmp_path, optim_args="state_precision=bfloat16,param_rounding=stochastic")
+    cls, kwargs = optimizer_cls_and_kwargs(targs)
+    assert kwargs["param_rounding"] == "stochastic" and kwargs["state_precision"] == "bfloat16"
+    opt = cls(make_model().to(torch.bfloat16).parameters(), **kwargs)
+    assert all(g["param_rounding"] == "stochastic" for g in opt.param_groups)
+
+
 def test_keyword_overrides_come_last_and_adams_betas_are_not_taken(tmp_path):
     from adoptim.integrations.hf import optimizer_cls_and_kwargs
 
@@ -175,6 +185,7 @@ def test_keyword_overrides_come_last_and_adams_betas_are_not_taken(tmp_path):
     ("maximize=yes", "optim_args maximize='yes': expects true or false"),
     ("state_precision=4bit", "Invalid state_precision: '4bit'"),
     ("state_block_size=100", "state_block_size"),
+    ("param_rounding=up", "param_rounding"),
 ])
 def test_a_bad_optim_args_entry_is_one_line_naming_it(tmp_path, optim_args, message):
     from adoptim.integrations.hf import optimizer_cls_and_kwargs

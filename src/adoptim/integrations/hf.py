@@ -46,6 +46,7 @@ OPTIM_ARGS: dict[str, tuple[Any, str]] = {
     "decoupled_weight_decay": _FLAG, "clip_exponent": (_optional(float), "a number or none"), "maximize": _FLAG,
     "foreach": (_optional(_bool), "true, false or none"), "fused": (_optional(_bool), "true, false or none"),
     "state_precision": (str, "a name"), "state_block_size": _INT, "state_min_size": _INT,
+    "param_rounding": (str, "a name"),
 }
 
 
