@@ -26,6 +26,14 @@ their own results block::
         --json benchmarks/results/low_precision/vae.json
     python benchmarks/low_precision.py --render benchmarks/results/low_precision/vae.json --page docs/low_precision.md
 
+``--task llama`` does the same with the llama finetune (``--steps`` finetuning steps): each seed is
+pretrained once, with AdamW as the experiment does, and its three finetunes start from those weights::
+
+    python benchmarks/low_precision.py --task llama --steps 300 --seed0 0 --seeds 4 \
+        --json benchmarks/results/low_precision/llama_s0.json
+    python benchmarks/low_precision.py --render benchmarks/results/low_precision/llama_s*.json \
+        --page docs/low_precision.md
+
 ``--task gpt-bf16`` trains the gpt experiment the same way with its model in pure bfloat16 (parameters and
 state, no float32 master weights; the run's own code, with the model cast to bfloat16 after it is built and
 the optimizer built with the candidate's options in place of the suite's ``adopt``): today's plain bfloat16
@@ -136,6 +144,14 @@ TASKS = {
                      "steps and a cosine decay, no weight decay, betas (0.9, 0.9999)), {steps} steps, {seeds} "
                      "seeds, one torch thread, torch {torch}",
                      "bytes of weights + state / param", {k: v[2] for k, v in BF16_PARAM_CANDIDATES.items()}),
+    "llama": Task(list(SUITE_CANDIDATES),
+                  [("heldout_loss", "held-out response loss (nats/byte)", "Δ held-out vs 32-bit", 4),
+                   ("final_train_loss", "train loss (nats/byte)", "Δ train", 4),
+                   ("shakespeare_val_loss", "Shakespeare held-out loss", "Δ Shakespeare", 4)],
+                  "The suite's llama finetune (a 0.67M-parameter LlamaForCausalLM pretrained on Shakespeare with "
+                  "AdamW, once per seed, then finetuned on King James Bible records, batch 8, lr 1e-3 with 3% "
+                  "warm-up and a cosine decay, clipping 1.0, betas (0.9, 0.9999)), {steps} finetuning steps, "
+                  "{seeds} seeds, one torch thread, torch {torch}"),
 }
 
 
@@ -216,7 +232,11 @@ def train_suite(task: str, name: str, steps: int, seed: int, batch: int = 16) ->
     if experiment == "gpt":
         cfg.batch_sizes, cfg.warmup = (batch,), gpt_warmup(steps)
     cfg.validate()
-    unit = Unit(optimizer, seed, (("batch", batch),) if experiment == "gpt" else ())
+    setting = {"gpt": (("batch", batch),), "llama": (("stage", "finetune"),)}.get(experiment, ())
+    unit = Unit(optimizer, seed, setting)
+    # llama finetunes the seed's pretrained weights: pretrained once per seed and process (before the hook
+    # below, which follows the finetune's optimizer), in a folder kept while the process runs.
+    out_dir = _llama_pretrained(module, cfg, seed) if experiment == "llama" else None
     tracked: dict[str, Any] = {}
 
     def follow_v(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -235,7 +255,7 @@ def train_suite(task: str, name: str, steps: int, seed: int, batch: int = 16) ->
 
     hook = register_optimizer_step_pre_hook(follow_v)
     try:
-        with tempfile.TemporaryDirectory() as out:
+        with contextlib.nullcontext(out_dir) if out_dir else tempfile.TemporaryDirectory() as out:
             ctx = RunContext(Path(out), unit, Dist(), checkpoint_every=math.inf, say=lambda line: None)
             try:
                 with _bf16_model(module, name) if task == "gpt-bf16" else contextlib.nullcontext():
@@ -249,6 +269,30 @@ def train_suite(task: str, name: str, steps: int, seed: int, batch: int = 16) ->
     rel = ((v[live] - shadow[live]).abs() / shadow[live]).median().item()
     metrics = {key: float(result[key]) for key, *_ in TASKS[task].metrics}
     return {**metrics, "v_rel_err": rel}
+
+
+_PRETRAINED: dict[tuple[int, int], str] = {}  # (seed, pretraining steps) -> the folder holding its weights
+_KEEP: list[tempfile.TemporaryDirectory] = []  # the folders, removed when the process ends
+
+
+def _llama_pretrained(module: Any, cfg: Any, seed: int) -> str:
+    """A folder in which the llama experiment finds seed ``seed``'s pretrained weights (pretrained here, with
+    the experiment's own pretraining unit, the first time a seed is asked for)."""
+    from adoptim_repro.distributed import Dist
+    from adoptim_repro.runner import RunContext, Unit
+
+    key = (seed, cfg.pretrain_steps)
+    if key not in _PRETRAINED:
+        _KEEP.append(tempfile.TemporaryDirectory(prefix=f"llama-pretrained-s{seed}-"))
+        out = _KEEP[-1].name
+        unit = Unit("adamw", seed, (("stage", "pretrain"),))
+        ctx = RunContext(Path(out), unit, Dist(), checkpoint_every=math.inf, say=lambda line: None)
+        try:
+            module.run(cfg, unit, ctx)
+        finally:
+            ctx.close()
+        _PRETRAINED[key] = out
+    return _PRETRAINED[key]
 
 
 @contextlib.contextmanager
@@ -274,10 +318,12 @@ def _bf16_model(module: Any, name: str) -> Iterator[None]:
 
 
 def _ci95(xs: list[float]) -> float:
+    """The half-width of the 95% t-interval of the mean of ``xs`` (the suite's t quantiles)."""
+    from adoptim_repro.report import t975
+
     if len(xs) < 2:
         return float("nan")
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57}.get(len(xs), 2.45)
-    return t * statistics.stdev(xs) / math.sqrt(len(xs))
+    return t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def render(paths: list[Path]) -> tuple[str, str]:
@@ -378,13 +424,13 @@ def speed(tensors: int = 10, size: int = 100_000, repeats: int = 5) -> list[dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=list(TASKS), default="mnist",
-                    help="mnist: the candidates on the MNIST MLP; vae, gpt: the suite's experiment with each "
-                         "shipped option; gpt-bf16: gpt in pure bfloat16 with each param_rounding")
+                    help="mnist: the candidates on the MNIST MLP; vae, gpt, llama: the suite's experiment with "
+                         "each shipped option; gpt-bf16: gpt in pure bfloat16 with each param_rounding")
     ap.add_argument("--steps", type=int, default=1500, help="training steps per run")
     ap.add_argument("--seeds", type=int, default=3, help="seeds SEED0..SEED0+N-1")
     ap.add_argument("--seed0", type=int, default=0, help="the first seed (to split the seeds over processes)")
     ap.add_argument("--candidates", nargs="*", default=None,
-                    help="names, as in CANDIDATES (mnist), SUITE_CANDIDATES (vae, gpt) or BF16_PARAM_CANDIDATES "
+                    help="names, as in CANDIDATES (mnist), SUITE_CANDIDATES (vae, gpt, llama) or BF16_PARAM_CANDIDATES "
                          "(gpt-bf16); default all of them")
     ap.add_argument("--batch", type=int, default=16, help="gpt: sequences per step")
     ap.add_argument("--json", type=Path, help="write (and resume) the runs here")

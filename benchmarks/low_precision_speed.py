@@ -7,12 +7,16 @@ each bound steps once, taking turns (each goes first, second, ... in turn), so t
 same conditions on a shared machine. Reported per contender: the median step, the first step, the bytes
 of optimizer state per parameter (counted from its state tensors, step counters left out), the fraction
 of a bound with the same memory traffic (the median per round of bound time over step time), and the
-ratio to torch's ``AdamW(fused=True)`` (the median per round). The bound is ``csrc/bandwidth.c``'s
-STREAM-like kernel (28 bytes per float32 element) over as many elements as carry the contender's
-traffic: 28 bytes per element of full state, 16 + 16/256 of 8-bit state (p read and written, g read,
-two codes read and written, their scales), 20 of bfloat16 state; tensors under 4096 elements keep full
-state in ADOPT and in the peers. The peers (bitsandbytes' and torchao's ``AdamW8bit``) are timed where
-they import; torchao's step is compiled with ``torch.compile`` in its first step.
+ratio to torch's ``AdamW(fused=True)`` (the median per round), and the peak resident memory of a
+process of its own that builds the layout's parameters and gradients, then the contender, and steps it
+``1 + --warmup`` times (``VmHWM`` of ``/proc/self/status``, with the part above what the parameters and
+gradients took before the optimizer was built: its state and whatever its steps allocate at their
+peak). The bound is ``csrc/bandwidth.c``'s STREAM-like kernel (28 bytes per float32 element) over as
+many elements as carry the contender's traffic: 28 bytes per element of full state, 16 + 16/256 of
+8-bit state (p read and written, g read, two codes read and written, their scales), 20 of bfloat16
+state; tensors under 4096 elements keep full state in ADOPT and in the peers. The peers (bitsandbytes'
+and torchao's ``AdamW8bit``) are timed where they import; torchao's step is compiled with
+``torch.compile`` in its first step.
 
     python benchmarks/low_precision_speed.py --json benchmarks/results/low_precision_speed/cpu.json
     python benchmarks/low_precision_speed.py --render benchmarks/results/low_precision_speed/cpu.json \\
@@ -28,9 +32,11 @@ and ``bounds`` (per storage: ``traffic_bytes``, ``times_ms``).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -92,7 +98,57 @@ def traffic(numels: list[int], storage: str) -> float:
     return sum(n * BYTES["full" if n < MIN_SIZE else storage] for n in numels)
 
 
-def run_layout(key: str, rounds: int, warmup: int) -> dict:
+def _status_mb(field: str) -> float:
+    """A memory line of ``/proc/self/status`` (kB there) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_child(key: str, name: str, warmup: int) -> dict[str, float]:
+    """In this process (started for it alone): layout ``key``'s parameters and gradients, then contender
+    ``name``, stepped ``1 + warmup`` times; the peak resident memory (MiB) and what of it was there before
+    the optimizer was built."""
+    _, shapes_fn = step_time.LAYOUTS[key]
+    factory, _ = contenders()[name]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes_fn()]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    # What a first step loads once per process (imports, libraries, tables) is not the optimizer's memory:
+    # a throwaway copy of the contender steps a small tensor (above the low-precision size) first.
+    small = torch.nn.Parameter(torch.zeros(2 * MIN_SIZE))
+    small.grad = torch.ones(2 * MIN_SIZE)
+    warm = factory([small])
+    for _ in range(2):
+        warm.step()
+    del warm, small
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # what the throwaway freed goes back to the system (glibc keeps it else)
+    # The peaks before this point are not the optimizer's either: "5" resets VmHWM to VmRSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mb("VmRSS")
+    opt = factory(params)
+    for _ in range(1 + warmup):
+        opt.step()
+    return {"peak_rss_mb": _status_mb("VmHWM"), "base_rss_mb": base}
+
+
+def peak_rss(key: str, name: str, warmup: int, threads: int) -> dict[str, float | str]:
+    """:func:`peak_rss_child` run in a new process (the peak of this one holds every contender's)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", key, name, "--warmup", str(warmup),
+           "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"rss_error": f"failed: {tail}"[:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_layout(key: str, rounds: int, warmup: int, threads: int = 1, rss: bool = True) -> dict:
     from adoptim.kernels.bandwidth import bandwidth_bound
 
     title, shapes_fn = step_time.LAYOUTS[key]
@@ -127,6 +183,11 @@ def run_layout(key: str, rounds: int, warmup: int) -> dict:
             continue
         row["state_bytes_per_param"] = state_bytes(opt) / numel
         steps[name] = opt.step
+    if rss and sys.platform.startswith("linux"):
+        for name, row in out["contenders"].items():
+            if "error" not in row:
+                print(f"[{key}] {name}: peak RSS in a process of its own", file=sys.stderr, flush=True)
+                row.update(peak_rss(key, name, warmup, threads))
     for storage in BYTES:
         n32 = int(traffic(numels, storage) // 28)  # elements of the 28-byte kernel with the same traffic
         bufs = [torch.full((n32,), 0.5) for _ in range(4)]
@@ -162,17 +223,26 @@ def render(doc: dict) -> str:
         rows = []
         for name, row in res["contenders"].items():
             if "times_ms" not in row:
-                rows.append([name, row.get("error", "not run"), "", "", "", "", ""])
+                rows.append([name, row.get("error", "not run"), "", "", "", "", "", ""])
                 continue
             t, b = row["times_ms"], bounds[row["storage"]]["times_ms"]
             rows.append([name, f"{statistics.median(t):.1f}", f"{row['first_ms']:.1f}",
                          f"{row['state_bytes_per_param']:.3f}",
                          f"{statistics.median(b):.1f} ({row['traffic_bytes'] / lay['numel']:.1f})",
                          f"{statistics.median(x / y for x, y in zip(b, t, strict=True)):.2f}",
-                         f"{statistics.median(x / y for x, y in zip(t, ref, strict=True)):.2f}" if ref else "n/a"])
+                         f"{statistics.median(x / y for x, y in zip(t, ref, strict=True)):.2f}" if ref else "n/a",
+                         _rss_cell(row)])
         lines += _table(["optimizer", "step ms", "first-step ms", "bytes of state / param",
-                         "bound ms (bytes moved / param)", "of bound", "vs AdamW fused"], "lrrrrrr", rows) + [""]
+                         "bound ms (bytes moved / param)", "of bound", "vs AdamW fused",
+                         "peak RSS MiB (above params + grads)"], "lrrrrrrr", rows) + [""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _rss_cell(row: dict) -> str:
+    """The peak RSS cell of a contender's row: total and the part above the parameters and gradients."""
+    if "peak_rss_mb" in row:
+        return f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - row['base_rss_mb']:.0f})"
+    return row.get("rss_error", "not measured")
 
 
 def write_block(page: Path, text: str) -> None:
@@ -194,7 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--render", type=Path, help="print (or with --page write) the tables of a results file and exit")
     ap.add_argument("--page", type=Path, help="with --render: the page whose results block to rewrite")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    ap.add_argument("--rss-child", nargs=2, metavar=("LAYOUT", "CONTENDER"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rss_child:
+        torch.set_num_threads(args.threads)
+        warnings.simplefilter("ignore")
+        print(json.dumps(peak_rss_child(*args.rss_child, args.warmup)))
+        return
     if args.render:
         table = render(json.loads(args.render.read_text()))
         if args.page is None:
@@ -208,9 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # the peers' warnings would bury the tables
     results: dict = {}
-    settings = {"layouts": args.layouts, "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup}
+    settings = {"layouts": args.layouts, "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
+                "rss": not args.no_rss}
     for key in args.layouts:
-        results[key] = run_layout(key, args.rounds, args.warmup)
+        results[key] = run_layout(key, args.rounds, args.warmup, args.threads, rss=not args.no_rss)
         if args.json:
             results_file.write(args.json, "low_precision_speed", settings, results, threads=args.threads)
     if args.json:

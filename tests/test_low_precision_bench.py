@@ -53,10 +53,21 @@ def test_the_paired_difference_and_its_interval_are_the_closed_form(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| 8bit stochastic"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # Differences 0.1, 0.2, 0.3: mean 0.2, standard deviation 0.1, t(0.975, 2 dof) = 4.303.
-    assert cells[3] == f"+0.200 ± {4.30 * 0.1 / math.sqrt(3):.3f}"
-    assert cells[2] == f"95.200 ± {4.30 * statistics_stdev([90.1, 95.2, 100.3]) / math.sqrt(3):.3f}"
-    assert cells[5] == f"+0.400 ± {4.30 * 0.2 / math.sqrt(3):.3f}"  # the train -ELBO is twice the test one
+    assert cells[3] == f"+0.200 ± {4.303 * 0.1 / math.sqrt(3):.3f}"
+    assert cells[2] == f"95.200 ± {4.303 * statistics_stdev([90.1, 95.2, 100.3]) / math.sqrt(3):.3f}"
+    assert cells[5] == f"+0.400 ± {4.303 * 0.2 / math.sqrt(3):.3f}"  # the train -ELBO is twice the test one
     assert task == "vae" and cells[1] == "2.03"
+
+
+def test_the_interval_of_eight_seeds_takes_the_t_quantile_of_seven_degrees_of_freedom(tmp_path):
+    base = [90.0 + 5 * k for k in range(8)]
+    diffs = [0.1 * (k % 4) for k in range(8)]  # 0, .1, .2, .3 twice: mean 0.15
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(_runs({"32-bit": base, "8bit stochastic": [b + d for b, d in zip(base, diffs)]})))
+    row = next(line for line in bench.render([path])[1].splitlines() if line.startswith("| 8bit stochastic"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # t(0.975, 7 dof) = 2.365 (Student's t table), not a larger-sample approximation.
+    assert cells[3] == f"+0.150 ± {2.365 * statistics_stdev(diffs) / math.sqrt(8):.3f}"
 
 
 def statistics_stdev(xs: list[float]) -> float:
