@@ -548,20 +548,39 @@ def test_fused_kernel_leaves_what_it_cannot_take(lowbit_lib) -> None:
     gen = torch.Generator().manual_seed(21)
     kw = dict(seed=0, device=torch.device("cpu"))
     mixed = StateFormat(MomentFormat("8bit", True), MomentFormat("bfloat16", True))
-    # float32 8-bit; float64; bfloat16 state (taken); strided; 8-bit m with bfloat16 v; blocks over 4096
+    # float32 8-bit; float64; bfloat16 state (taken); strided; 8-bit m with bfloat16 v; blocks over 4096; a
+    # lazily negated gradient (its memory holds minus its values)
     fmts = [(FORMATS["8bit"], 256), (FORMATS["8bit"], 256), (FORMATS["bfloat16"], 256), (FORMATS["8bit"], 256),
-            (mixed, 256), (FORMATS["8bit"], 8192)]
+            (mixed, 256), (FORMATS["8bit"], 8192), (FORMATS["bfloat16"], 256)]
     params = [torch.randn(n, generator=gen) for _ in fmts]
     params[1] = params[1].double()
     params[3] = torch.randn(2 * n, generator=gen)[::2]
     grads = [torch.randn(n, generator=gen) for _ in params]
     grads[1] = grads[1].double()
+    grads[6] = torch._neg_view(grads[6])
     ms = [Stored.empty(n, f.m, signed=True, stream=0, block_size=b, **kw) for f, b in fmts]
     vs = [Stored.empty(n, f.v, signed=False, stream=1, block_size=b, **kw) for f, b in fmts]
     steps = [torch.tensor(0.0) for _ in params]
     hyper = Hyper(**HYPER)
-    assert lowbit_cpu.lowbit_cpu_adopt(params, grads, ms, vs, steps, hyper, lib=lowbit_lib) == [1, 3, 4, 5]
-    assert [s.item() for s in steps] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert lowbit_cpu.lowbit_cpu_adopt(params, grads, ms, vs, steps, hyper, lib=lowbit_lib) == [1, 3, 4, 5, 6]
+    assert [s.item() for s in steps] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("kind", ["8bit", "bfloat16"])
+def test_a_lazily_negated_gradient_steps_as_its_values(kind: str) -> None:
+    """A gradient whose memory holds minus its values (torch's neg bit) steps as an equal plain gradient does."""
+    runs = []
+    for negated in (False, True):
+        p = torch.nn.Parameter(torch.randn(8192, generator=torch.Generator().manual_seed(0)))
+        opt = ADOPT([p], state_precision=kind)
+        for k in range(3):
+            g = torch.randn(8192, generator=torch.Generator().manual_seed(k))
+            p.grad = torch._neg_view(-g) if negated else g
+            opt.step()
+        runs.append((p.detach(), opt.state[p]))
+    (a, sa), (b, sb) = runs
+    assert torch.equal(a, b)
+    assert all(torch.equal(sa[key], sb[key]) for key in sa)
 
 
 @pytest.mark.parametrize("kind", ["8bit", "bfloat16"])

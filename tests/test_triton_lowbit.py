@@ -153,14 +153,15 @@ def test_edge_cases_write_the_torch_paths_bits(rounding: str, kind: str, n: int,
 
 @pytest.mark.usefixtures("interpret")
 def test_tensors_it_does_not_take_go_to_the_torch_path_in_the_same_call() -> None:
-    """float64, strided, mixed formats, the square-root format, blocks over 4096 and a shard are left; the
-    dispatcher's run_lowbit_kernel steps them on the torch path: the whole call is the torch path's."""
+    """float64, strided, mixed formats, the square-root format, blocks over 4096, a shard and a lazily negated
+    gradient are left; the dispatcher's run_lowbit_kernel steps them on the torch path: the whole call is the
+    torch path's."""
     n = 600
     gen = torch.Generator().manual_seed(7)
     mixed = StateFormat(MomentFormat("8bit", True), MomentFormat("bfloat16", True))
     sqrt = StateFormat(MomentFormat("8bit", True), MomentFormat("8bit", True, sqrt=True))
     fmts = [(FORMATS["8bit"], 256), (FORMATS["8bit"], 256), (FORMATS["bfloat16"], 256), (FORMATS["8bit"], 256),
-            (mixed, 256), (sqrt, 256), (FORMATS["8bit"], 8192), (FORMATS["bfloat16"], 256)]
+            (mixed, 256), (sqrt, 256), (FORMATS["8bit"], 8192), (FORMATS["bfloat16"], 256), (FORMATS["8bit"], 256)]
     runs = []
     for _ in range(2):
         base = torch.randn(2 * n, generator=torch.Generator().manual_seed(8))
@@ -175,11 +176,12 @@ def test_tensors_it_does_not_take_go_to_the_torch_path_in_the_same_call() -> Non
     for t in range(3):
         grads = [torch.randn(n, generator=gen) for _ in fmts]
         grads[1] = grads[1].double()
+        grads[8] = torch._neg_view(-grads[8])  # its memory holds minus its values
         lowbit_adopt(runs[0][0], grads, runs[0][1], runs[0][2], runs[0][3], hyper)
         lists = (runs[1][0], grads, runs[1][1], runs[1][2], runs[1][3])
         if t == 0:
-            assert K.triton_lowbit_adopt(*lists, hyper) == [1, 3, 4, 5, 6, 7]
-            lowbit_adopt(*([x[i] for i in [1, 3, 4, 5, 6, 7]] for x in lists), hyper)
+            assert K.triton_lowbit_adopt(*lists, hyper) == [1, 3, 4, 5, 6, 7, 8]
+            lowbit_adopt(*([x[i] for i in [1, 3, 4, 5, 6, 7, 8]] for x in lists), hyper)
         else:
             functional.run_lowbit_kernel(K.triton_lowbit_adopt, lists, hyper)
         for i in range(len(fmts)):

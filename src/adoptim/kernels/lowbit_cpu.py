@@ -110,6 +110,7 @@ def _takes(p: Tensor, g: Tensor, m: Stored, v: Stored) -> str | None:
     if not (type(p) in (Tensor, torch.nn.Parameter) and p.dtype == torch.float32 and p.is_cpu
             and p.is_contiguous() and type(g) is Tensor and g.dtype == torch.float32 and g.layout == torch.strided
             and g.is_cpu and g.is_contiguous() and g.shape == p.shape and not m.fmt.sqrt and not v.fmt.sqrt
+            and not p.is_neg() and not g.is_neg()  # a lazy negation: the memory holds minus the values
             and m.fmt.kind == v.fmt.kind and m.data.is_contiguous() and v.data.is_contiguous()
             and m.offset == v.offset == 0):  # a shard's random numbers start elsewhere: the torch path
         return None

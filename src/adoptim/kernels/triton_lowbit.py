@@ -208,6 +208,7 @@ def _kind(p: Tensor, g: Tensor, m: Stored, v: Stored) -> str | None:
     if not (type(p) in (Tensor, torch.nn.Parameter) and p.dtype == torch.float32 and p.is_contiguous()
             and type(g) is Tensor and g.dtype == torch.float32 and g.layout == torch.strided and g.is_contiguous()
             and g.device == dev and g.shape == p.shape and p.numel() < 1 << 31
+            and not p.is_neg() and not g.is_neg()  # a lazy negation: the memory holds minus the values
             and m.fmt.kind == v.fmt.kind and not m.fmt.sqrt and not v.fmt.sqrt and m.offset == v.offset == 0
             and m.data.is_contiguous() and v.data.is_contiguous() and m.data.device == v.data.device == dev):
         return None
