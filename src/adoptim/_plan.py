@@ -22,6 +22,12 @@ the kernels then skip their own checks (:attr:`~adoptim.kernels.contract.KernelP
 same facts are read in Python, and gradients of another dtype, layout or kind are the kernels' business:
 they check them at every call.
 Groups that are differentiable or hold tensor subclasses (DTensor) are collected afresh at every step.
+
+A low-precision group (``state_precision`` ``"8bit"`` or ``"bfloat16"``) steps as two entries, its small
+parameters with full state and the others with :class:`~adoptim.kernels.lowbit.Stored` moments
+(``adoptim/low_precision.py``); :class:`SplitPlan` keeps both behind the same check, over the tensors the
+records hold (codes, scales, the rounding seed), and also notices a change of the group's storage options
+(which decide the split) and a seed written in place (its version counter: the records hold its value).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ _ptr = Tensor.data_ptr
 _stride = Tensor.stride
 _numel = Tensor.numel
 _m, _v, _s = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
+_version = attrgetter("_version")
 
 
 class _CountsWrites:
@@ -160,68 +167,187 @@ def _plain_state(items: dict) -> defaultdict:
 class GroupPlan:
     """One param group's collection (the five lists) and the facts it rests on."""
 
-    __slots__ = ("group", "params_list", "all_params", "mask", "lists", "entries", "untracked",
-                 "facts", "ptrs", "p_strides", "p_numels", "kernel")
+    __slots__ = ("group", "params_list", "all_params", "mask", "lists", "entries", "untracked", "facts", "kernel")
 
     def __init__(self, group: dict[str, Any], lists: list[list[Tensor]], state: StateDict) -> None:
         params, _, exp_avgs, exp_avg_sqs, state_steps = lists
         self.group = group
-        self.params_list = group["params"]
-        self.all_params = list(self.params_list)
-        grads = list(map(_grad, self.all_params))
-        self.mask = None if not any(map(is_, grads, repeat(None))) else list(map(is_not, grads, repeat(None)))
+        self.params_list, self.all_params, self.mask = _params_and_mask(group)
         # The gradients are not kept: each step brings its own (keeping them would hold a step's worth of memory).
         self.lists = [params, None, exp_avgs, exp_avg_sqs, state_steps]
         self.entries = [state[p] for p in params]
         # Entries someone set to a plain dict do not count their writes: those are compared at every step.
         self.untracked = any(type(e) is not ParamState or e._owner is not state for e in self.entries)
-        # The facts of the parameters and their state, checked in one C call per step where the library
-        # allows (kernels/facts.py); else in Python: the data pointers of all (one map and one comparison),
-        # the parameters' strides and sizes.
-        self.facts = kept_facts(params, exp_avgs, exp_avg_sqs, state_steps)
-        if self.facts is None:
-            self.ptrs = list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps)))
-            self.p_strides = list(map(_stride, params))
-            self.p_numels = list(map(_numel, params))
+        self.facts = _Facts(params, exp_avgs, exp_avg_sqs, state_steps)
         self.kernel = KernelPlan()
 
     def current(self) -> list[list[Tensor]] | None:
         """The five lists with this step's gradients, or ``None`` when any fact they rest on changed."""
-        params_list, all_params = self.params_list, self.all_params
-        if self.group["params"] is not params_list or len(params_list) != len(all_params):
+        grads = _same_params_grads(self.group, self.params_list, self.all_params, self.mask)
+        if grads is None:
             return None
-        if not all(map(is_, params_list, all_params)):
-            return None
-        grads = list(map(_grad, all_params))
-        if self.mask is None:
-            if any(map(is_, grads, repeat(None))):
-                return None
-        else:
-            if list(map(is_not, grads, repeat(None))) != self.mask:
-                return None
+        if self.mask is not None:
             grads = [g for g in grads if g is not None]
         params, _, exp_avgs, exp_avg_sqs, state_steps = self.lists
-        facts = self.facts
-        if facts is not None:
-            verified = facts.check(grads)
-            if verified is None:
-                return None
-            # The kernels skip their own checks of these gradients (found by the list's identity).
-            self.kernel.grads = (id(grads), facts.grad_ptrs) if verified else None
-            if not verified and any(map(_is_sparse, grads)):
-                return None
-        else:
-            if any(map(_is_sparse, grads)):
-                return None
-            # Strides and sizes: a view of the same data (same address) with another layout or fewer elements.
-            if list(map(_stride, params)) != self.p_strides or list(map(_numel, params)) != self.p_numels:
-                return None
-            if list(map(_ptr, chain(params, exp_avgs, exp_avg_sqs, state_steps))) != self.ptrs:
-                return None
+        verified = self.facts.check(grads)
+        if verified is None:
+            return None
+        # The kernels skip their own checks of these gradients (found by the list's identity).
+        self.kernel.grads = (id(grads), self.facts.facts.grad_ptrs) if verified else None
         if self.untracked and not (all(map(is_, map(_m, self.entries), exp_avgs))
                                    and all(map(is_, map(_v, self.entries), exp_avg_sqs))
                                    and all(map(is_, map(_s, self.entries), state_steps))):
             return None
+        return [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+
+
+def _params_and_mask(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[bool] | None]:
+    """A group's ``params`` list (the object), a copy of it, and which parameters have gradients (``None``: all)."""
+    params_list = group["params"]
+    all_params = list(params_list)
+    grads = list(map(_grad, all_params))
+    mask = None if not any(map(is_, grads, repeat(None))) else list(map(is_not, grads, repeat(None)))
+    return params_list, all_params, mask
+
+
+def _same_params_grads(group: dict[str, Any], params_list: list[Tensor], all_params: list[Tensor],
+                       mask: list[bool] | None) -> list[Tensor | None] | None:
+    """Every parameter's gradient (``None`` where it has none) when the group holds the same parameters, with
+    gradients where they had them (``mask``), else ``None``."""
+    if group["params"] is not params_list or len(params_list) != len(all_params):
+        return None
+    if not all(map(is_, params_list, all_params)):
+        return None
+    grads = list(map(_grad, all_params))
+    if mask is None:
+        if any(map(is_, grads, repeat(None))):
+            return None
+    elif list(map(is_not, grads, repeat(None))) != mask:
+        return None
+    return grads
+
+
+class _Facts:
+    """The facts of parameters and the tensors a collection keeps beside them, recorded once, and the check
+    of one step: in one C call where the library allows (kernels/facts.py); else in Python, the data
+    pointers of all (one map and one comparison) and the parameters' strides and sizes."""
+
+    __slots__ = ("params", "facts", "ptrs", "p_strides", "p_numels", "tensors")
+
+    def __init__(self, params: list[Tensor], *state: list[Tensor]) -> None:
+        self.params = params
+        self.facts = kept_facts(params, *state)
+        if self.facts is None:
+            self.tensors = state
+            self.ptrs = list(map(_ptr, chain(params, *state)))
+            self.p_strides = list(map(_stride, params))
+            self.p_numels = list(map(_numel, params))
+
+    def check(self, grads: list[Tensor]) -> bool | None:
+        """``None`` when a fact changed or a gradient is sparse; ``True`` when the C check also found the
+        gradients plain, dense, contiguous tensors of their parameters' dtypes, devices and sizes (their
+        addresses in ``facts.grad_ptrs``); ``False`` when the facts hold and the gradients are unverified."""
+        facts = self.facts
+        if facts is not None:
+            verified = facts.check(grads)
+            if verified is None or (not verified and any(map(_is_sparse, grads))):
+                return None
+            return verified
+        if any(map(_is_sparse, grads)):
+            return None
+        params = self.params
+        # Strides and sizes: a view of the same data (same address) with another layout or fewer elements.
+        if list(map(_stride, params)) != self.p_strides or list(map(_numel, params)) != self.p_numels:
+            return None
+        if list(map(_ptr, chain(params, *self.tensors))) != self.ptrs:
+            return None
+        return False
+
+
+class SplitPlan:
+    """A low-precision group's step entries, kept: ``adoptim/low_precision.py``'s ``build`` makes one for its
+    parameters with full state (its small ones) and one for those with :class:`~adoptim.kernels.lowbit.Stored`
+    moments; each is checked as :class:`GroupPlan` checks a group, over the tensors the records hold. The
+    split itself rests on the group's storage options (``option_keys``), compared at every step."""
+
+    __slots__ = ("group", "option_keys", "options", "params_list", "all_params", "mask", "parts")
+
+    def __init__(self, group: dict[str, Any], entries: list[tuple[dict[str, Any], list[list[Any]]]],
+                 state: StateDict, option_keys: tuple[str, ...]) -> None:
+        self.group, self.option_keys = group, option_keys
+        self.options = tuple(map(group.get, option_keys))
+        self.params_list, self.all_params, self.mask = _params_and_mask(group)
+        where = {id(p): i for i, p in enumerate(self.all_params)}
+        self.parts = [_SplitPart(lists, [where[id(p)] for p in lists[0]], state, entry["state_precision"] == "full")
+                      for entry, lists in entries]
+
+    def current(self) -> list[tuple[dict[str, Any], list[list[Any]], KernelPlan | None]] | None:
+        """The entries, as ``build`` makes them, with this step's gradients; ``None`` when anything changed."""
+        group = self.group
+        if tuple(map(group.get, self.option_keys)) != self.options:
+            return None
+        grads = _same_params_grads(group, self.params_list, self.all_params, self.mask)
+        if grads is None:
+            return None
+        out = []
+        for part in self.parts:
+            lists = part.current(grads)
+            if lists is None:
+                return None
+            # A copy of the group for the full-state part, made now: it carries the group's lr of this step.
+            out.append(({**group, "state_precision": "full"} if part.full else group, lists, part.kernel))
+        return out
+
+
+# What a low-precision state entry's records rest on, beside the step (adoptim/low_precision.py).
+_LOW_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "rounding_seed")
+
+
+class _SplitPart:
+    """One entry of a :class:`SplitPlan`: its lists (the gradients left out), where its parameters are in the
+    group, and the facts of what it holds: the state tensors, or the records' tensors and the rounding seeds."""
+
+    __slots__ = ("full", "lists", "positions", "entries", "held", "untracked", "facts", "seeds", "seed_versions",
+                 "kernel")
+
+    def __init__(self, lists: list[list[Any]], positions: list[int], state: StateDict, full: bool) -> None:
+        params, _, exp_avgs, exp_avg_sqs, state_steps = lists
+        self.full, self.lists, self.positions = full, [params, None, exp_avgs, exp_avg_sqs, state_steps], positions
+        self.entries = [state[p] for p in params]
+        self.untracked = any(type(e) is not ParamState or e._owner is not state for e in self.entries)
+        keys = ("exp_avg", "exp_avg_sq", "step") if full else (*_LOW_KEYS, "step")
+        self.held = [tuple(map(e.get, keys)) for e in self.entries]  # compared by identity where untracked
+        if full:
+            self.seeds = self.seed_versions = None
+            self.facts = _Facts(params, exp_avgs, exp_avg_sqs, state_steps)
+            self.kernel: KernelPlan | None = KernelPlan()
+            return
+        self.seeds = [e["rounding_seed"] for e in self.entries]
+        self.seed_versions = list(map(_version, self.seeds))
+        scales = [x.absmax for x in chain(exp_avgs, exp_avg_sqs) if x.absmax is not None]
+        self.facts = _Facts(params, [m.data for m in exp_avgs], [v.data for v in exp_avg_sqs], scales,
+                            state_steps, self.seeds)
+        self.kernel = None
+
+    def current(self, grads: list[Tensor | None]) -> list[list[Any]] | None:
+        grads = [grads[i] for i in self.positions]
+        verified = self.facts.check(grads)
+        if verified is None:
+            return None
+        if self.full:
+            self.kernel.grads = (id(grads), self.facts.facts.grad_ptrs) if verified else None
+        else:
+            # The low-precision collection refuses a gradient of another kind than its parameter (DTensor):
+            # only plain ones step from kept lists; and the records hold each seed's value.
+            if not verified and not set(map(type, grads)) <= PLAIN_TENSOR_TYPES:
+                return None
+            if list(map(_version, self.seeds)) != self.seed_versions:
+                return None
+        if self.untracked:
+            keys = ("exp_avg", "exp_avg_sq", "step") if self.full else (*_LOW_KEYS, "step")
+            if any(not all(map(is_, map(e.get, keys), held)) for e, held in zip(self.entries, self.held)):
+                return None
+        params, _, exp_avgs, exp_avg_sqs, state_steps = self.lists
         return [params, grads, exp_avgs, exp_avg_sqs, state_steps]
 
 
@@ -239,13 +365,20 @@ class KeptPlans:
     def clear(self) -> None:
         self.kept = None
 
-    def lists(self, groups: list[dict[str, Any]], state: Any) -> list[tuple] | None:
-        """(group, lists, kernel plan) per group from the kept plans, or ``None`` when anything changed."""
+    def _plans(self, groups: list[dict[str, Any]], state: Any) -> list | None:
+        """The kept plans when the state and the groups are the ones they were made for."""
         if self.kept is None:
             return None
         kept_state, kept_groups, writes, plans = self.kept
         if not (state is kept_state and state.writes == writes and len(groups) == len(kept_groups)
                 and all(map(is_, groups, kept_groups))):
+            return None
+        return plans
+
+    def lists(self, groups: list[dict[str, Any]], state: Any) -> list[tuple] | None:
+        """(group, lists, kernel plan) per group from the kept plans, or ``None`` when anything changed."""
+        plans = self._plans(groups, state)
+        if plans is None:
             return None
         out = []
         for plan in plans:
@@ -263,3 +396,31 @@ class KeptPlans:
         plans = [GroupPlan(group, lists, state) for group, lists in collected]
         self.kept = (state, tuple(group for group, _ in collected), state.writes, plans)
         return [(group, lists, plan.kernel) for (group, lists), plan in zip(collected, plans, strict=True)]
+
+    def split_lists(self, groups: list[dict[str, Any]], state: Any) -> list[tuple] | None:
+        """The entries of the low-precision ``groups`` from the kept split plans, or ``None``."""
+        plans = self._plans(groups, state)
+        if plans is None:
+            return None
+        out = []
+        for plan in plans:
+            entries = plan.current()
+            if entries is None:
+                return None
+            out.extend(entries)
+        return out
+
+    def keep_split(self, built: list[tuple[dict[str, Any], list[tuple[dict[str, Any], list[list[Any]]]]]],
+                   state: Any, option_keys: tuple[str, ...]) -> list[tuple]:
+        """Keep the entries ``build`` made, per low-precision group (group, [(entry group, lists)]), where every
+        group allows it; the entries as (entry group, lists, kernel plan)."""
+        # Decided on the groups' parameters: the lists of a sharded one hold its local shard, a plain tensor.
+        if not (isinstance(state, StateDict) and all(plannable(group, group["params"]) for group, _ in built)):
+            self.kept = None
+            return [(entry, lists, None) for _, entries in built for entry, lists in entries]
+        plans = [SplitPlan(group, entries, state, option_keys) for group, entries in built]
+        self.kept = (state, tuple(group for group, _ in built), state.writes, plans)
+        out = []
+        for plan, (_, entries) in zip(plans, built, strict=True):
+            out.extend((entry, lists, part.kernel) for (entry, lists), part in zip(entries, plan.parts, strict=True))
+        return out

@@ -291,13 +291,14 @@ def check(opt: Any, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], 
     return out
 
 
-def build(opt: Any, checked: list[tuple[dict[str, Any], int, list[tuple]]]) -> list[tuple[dict, list, None]]:
-    """The step lists of what :func:`check` passed, making or converting state: per group, one entry for
-    its small parameters (the usual state; a copy of the group saying ``state_precision="full"``) and one
-    for its low-precision ones, with :class:`~adoptim.kernels.lowbit.Stored` records for the moments."""
+def build(opt: Any, checked: list[tuple[dict[str, Any], int, list[tuple]]]) -> list[tuple[dict, list[tuple]]]:
+    """The step lists of what :func:`check` passed, making or converting state: per group, ``(group,
+    entries)`` with one entry ``(entry group, lists)`` for its small parameters (the usual state; a copy of the
+    group saying ``state_precision="full"``) and one for its low-precision ones, with
+    :class:`~adoptim.kernels.lowbit.Stored` records for the moments (either left out when it has none)."""
     state = opt.state
     seeds = None
-    out: list[tuple[dict, list, None]] = []
+    out: list[tuple[dict, list[tuple]]] = []
     for g, block, items in checked:
         full: list[list[Any]] = [[], [], [], [], []]
         low: list[list[Any]] = [[], [], [], [], []]
@@ -322,10 +323,12 @@ def build(opt: Any, checked: list[tuple[dict[str, Any], int, list[tuple]]]) -> l
                     p, grad = p.to_local(), grad.to_local()
             for lst, x in zip(lists, (p, grad, *moments, st["step"]), strict=True):
                 lst.append(x)
+        entries: list[tuple] = []
         if full[0]:
-            out.append(({**g, "state_precision": "full"}, full, None))
+            entries.append(({**g, "state_precision": "full"}, full))
         if low[0]:
-            out.append((g, low, None))
+            entries.append((g, low))
+        out.append((g, entries))
     return out
 
 

@@ -186,6 +186,7 @@ class ADOPT(Optimizer):
         super().__init__(params, defaults)
         self.state = StateDict(self.state)  # counts its writes: see _collect
         self._kept = KeptPlans()
+        self._kept_split = KeptPlans()  # the low-precision groups' entries (see _collect)
         self.__dict__.setdefault("_flat", FlatGroups())  # add_param_group (above, in torch's __init__) may have made it
         if fused:
             # GradScaler then hands this optimizer `grad_scale` and `found_inf` instead of unscaling
@@ -215,6 +216,7 @@ class ADOPT(Optimizer):
         super().__setstate__(state)
         self.state = StateDict(self.state)
         self._kept = KeptPlans()
+        self._kept_split = KeptPlans()  # the low-precision groups' entries (see _collect)
         self.__dict__.setdefault("_flat", FlatGroups())  # a flat group of an unpickled optimizer is laid out again
         # A state_dict from an older version (or another port) may lack newer flags and tensor steps.
         migration.upgrade_state(self.param_groups, self.state, self.defaults)
@@ -441,9 +443,14 @@ class ADOPT(Optimizer):
             return out
         for group in groups:  # one look per group (a plain loop: the cheapest), no cost per tensor
             if group["state_precision"] != "full":
-                checked = low_precision.check(self, [g for g in groups if g["state_precision"] != "full"])
+                low = [g for g in groups if g["state_precision"] != "full"]
+                kept = self._kept_split.split_lists(low, self.state)
+                checked = low_precision.check(self, low) if kept is None else None
                 out = self._collect_layouts([g for g in groups if g["state_precision"] == "full"])
-                return out + low_precision.build(self, checked)
+                if kept is None:
+                    kept = self._kept_split.keep_split(low_precision.build(self, checked), self.state,
+                                                       low_precision.STORAGE_KEYS)
+                return out + kept
         return self._collect_layouts(groups)
 
     def _collect_layouts(self, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[list[Tensor]],
