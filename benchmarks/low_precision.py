@@ -393,34 +393,6 @@ def _bytes(fmt: StateFormat | None) -> float:
     return size[fmt.m.kind] + size[fmt.v.kind]
 
 
-def speed(tensors: int = 10, size: int = 100_000, repeats: int = 5) -> list[dict[str, float | str]]:
-    """Step time (ms, median of ``repeats`` after two warm-up steps) and bytes of state per parameter
-    (counted from the state tensors) of ``tensors`` float32 tensors of ``size`` elements, one thread."""
-    from adoptim.kernels import lowbit_cpu
-
-    rows = []
-    for name, kw in (("full, fused C", {}), ("bfloat16, torch", {"state_precision": "bfloat16"}),
-                     ("8bit, torch", {"state_precision": "8bit", "fused": False}),
-                     ("8bit, fused C", {"state_precision": "8bit"})):
-        if name == "8bit, fused C" and not lowbit_cpu.available():
-            continue
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.randn(size, generator=gen).requires_grad_() for _ in range(tensors)]
-        opt = ADOPT(params, **kw)
-        times = []
-        for i in range(repeats + 2):
-            for p in params:
-                p.grad = torch.randn(size, generator=gen)
-            t0 = time.perf_counter()
-            opt.step()
-            if i >= 2:
-                times.append(1e3 * (time.perf_counter() - t0))
-        nbytes = sum(t.numel() * t.element_size() for st in opt.state.values()
-                     for k, t in st.items() if k.startswith("exp_avg"))
-        rows.append({"name": name, "ms": statistics.median(times), "bytes": nbytes / (tensors * size)})
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=list(TASKS), default="mnist",
@@ -436,9 +408,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write (and resume) the runs here")
     ap.add_argument("--render", type=Path, nargs="+", help="print the Markdown table of JSON files and exit")
     ap.add_argument("--page", type=Path, help="with --render: write the table into this page's results block")
-    ap.add_argument("--speed", action="store_true", help="print step times and bytes of state per parameter")
-    ap.add_argument("--library", help="with --speed: a fused CPU library built from this checkout (when the "
-                    "installed one predates the fused 8-bit step)")
     args = ap.parse_args()
     if args.render:
         task, table = render(args.render)
@@ -453,19 +422,6 @@ def main() -> None:
         args.page.write_text(head + start + table + end + rest.split(end, 1)[1])
         return
     torch.set_num_threads(1)
-    if args.speed:
-        if args.library:
-            from adoptim.kernels import lowbit_cpu
-
-            lib = lowbit_cpu.load(args.library)
-            if lib is None:
-                raise SystemExit(f"{args.library} has no adopt_lowbit8_step")
-            lowbit_cpu._installed = lambda: lib  # this run's library, in place of the installed one
-        print(f"10 float32 tensors of 100,000 elements, one thread, torch {torch.__version__}\n")
-        print("| state | step (ms) | bytes of state / param |\n|---|---:|---:|")
-        for row in speed():
-            print(f"| {row['name']} | {row['ms']:.1f} | {row['bytes']:.3f} |")
-        return
     spec = TASKS[args.task]
     candidates = spec.candidates if args.candidates is None else args.candidates
     unknown = [c for c in candidates if c not in spec.candidates]
