@@ -229,6 +229,8 @@ def train_suite(task: str, name: str, steps: int, seed: int, batch: int = 16) ->
     module = importlib.import_module(f"adoptim_repro.{experiment}")
     optimizer = "adopt" if task == "gpt-bf16" else SUITE_CANDIDATES[name]
     cfg = module.EXPERIMENT.config(steps=steps, seeds=1, optimizers=(optimizer,))
+    if getattr(cfg, "ensemble", False):
+        cfg.ensemble = False  # one model per run: the seed's own, whose optimizer the v follower below hooks
     if experiment == "gpt":
         cfg.batch_sizes, cfg.warmup = (batch,), gpt_warmup(steps)
     cfg.validate()

@@ -122,3 +122,15 @@ def test_another_measurement_in_the_json_and_an_unknown_candidate_are_refused(tm
     mixed.write_text(json.dumps({**_runs({"32-bit": [1.0]}), "meta": {"steps": 10, "candidates": ["32-bit"]}}))
     with pytest.raises(SystemExit, match="different tasks"):
         bench.render([out, mixed])
+
+
+@pytest.mark.parametrize("task", ["vae", "gpt"])
+def test_a_suite_run_trains_the_experiment_and_follows_v(task):
+    """A few real steps of the experiment: the metrics are finite, and 32-bit state's v is the float32 v the
+    follower computes from the same gradients (to float32 rounding), where 8-bit codes are percents off."""
+    full = bench.train_suite(task, "32-bit", 3, 0, 2)
+    eight = bench.train_suite(task, "8bit stochastic", 3, 0, 2)
+    for r in (full, eight):
+        assert all(math.isfinite(x) for x in r.values()), r
+    assert full["v_rel_err"] < 1e-5
+    assert 1e-3 < eight["v_rel_err"] < 0.5
