@@ -366,9 +366,16 @@ def render(paths: list[Path]) -> tuple[str, str]:
     return task, "\n".join(lines) + "\n"
 
 
-def block_marks(task: str) -> tuple[str, str]:
-    """The lines that open and close ``task``'s results block in a page."""
+# The length of each task's main table on the page; runs of another length have a block of their own.
+MAIN_STEPS = {"mnist": 1000, "vae": 1500, "gpt": 200, "gpt-bf16": 200, "llama": 300}
+
+
+def block_marks(task: str, steps: int | None = None) -> tuple[str, str]:
+    """The lines that open and close the results block in a page of ``task``'s runs of ``steps`` steps (default
+    the main table's length)."""
     name = "low_precision" if task == "mnist" else f"low_precision {task}"
+    if steps is not None and steps != MAIN_STEPS[task]:
+        name += f" {steps} steps"
     return f"<!-- results: {name} -->\n", f"<!-- /results: {name} -->"
 
 
@@ -417,7 +424,7 @@ def main() -> None:
             sys.stdout.write(table)
             return
         page = args.page.read_text()
-        start, end = block_marks(task)
+        start, end = block_marks(task, json.loads(args.render[0].read_text())["meta"]["steps"])
         if start not in page or end not in page:
             raise SystemExit(f"{args.page} has no results block ({start.strip()} ... {end})")
         head, rest = page.split(start, 1)

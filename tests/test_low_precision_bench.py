@@ -19,23 +19,24 @@ PAGE = ROOT / "docs" / "low_precision.md"
 bench = load_script(ROOT / "benchmarks" / "low_precision.py", "low_precision_bench")
 
 
-def _by_task() -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
+def _by_task() -> dict[tuple[str, int], list[Path]]:
+    out: dict[tuple[str, int], list[Path]] = {}
     for path in sorted(RESULTS.glob("*.json")):
-        out.setdefault(json.loads(path.read_text())["meta"].get("task", "mnist"), []).append(path)
+        meta = json.loads(path.read_text())["meta"]
+        out.setdefault((meta.get("task", "mnist"), meta["steps"]), []).append(path)
     return out
 
 
 def test_every_results_block_of_the_page_is_the_rendering_of_its_runs():
     page = PAGE.read_text()
     tasks = _by_task()
-    assert {"mnist", "vae"} <= set(tasks)
-    for task, paths in tasks.items():
-        start, end = bench.block_marks(task)
+    assert {"mnist", "vae"} <= {task for task, _ in tasks}
+    for (task, steps), paths in tasks.items():
+        start, end = bench.block_marks(task, steps)
         assert start in page and end in page, f"the page has no block for {task}"
         shown = page.split(start, 1)[1].split(end, 1)[0]
         assert shown == bench.render(paths)[1], (
-            f"the {task} table differs from its runs: python benchmarks/low_precision.py --render "
+            f"the {task} table of {steps} steps differs from its runs: python benchmarks/low_precision.py --render "
             f"{' '.join(str(p.relative_to(ROOT)) for p in paths)} --page docs/low_precision.md")
 
 
@@ -134,3 +135,10 @@ def test_a_suite_run_trains_the_experiment_and_follows_v(task):
         assert all(math.isfinite(x) for x in r.values()), r
     assert full["v_rel_err"] < 1e-5
     assert 1e-3 < eight["v_rel_err"] < 0.5
+
+
+def test_runs_of_another_length_have_a_block_of_their_own():
+    assert bench.block_marks("gpt") == bench.block_marks("gpt", 200) == (
+        "<!-- results: low_precision gpt -->\n", "<!-- /results: low_precision gpt -->")
+    assert bench.block_marks("gpt", 1000)[0] == "<!-- results: low_precision gpt 1000 steps -->\n"
+    assert bench.block_marks("mnist", 1000)[0] == "<!-- results: low_precision -->\n"

@@ -43,7 +43,7 @@ class Twins:
         self.params = {name: [torch.nn.Parameter(x.clone()) for x in values] for name in ("kept", "fresh")}
         self.opts = {name: adoptim.ADOPT(ps, lr=1e-2, weight_decay=0.1, state_precision=precision, **options)
                      for name, ps in self.params.items()}
-        self.opts["fresh"]._kept_split.split_lists = lambda groups, state: None
+        self.opts["fresh"]._kept_split.lists = lambda groups, state: None
         self.seed = 100
 
     def both(self, change: Callable[[list[torch.nn.Parameter], adoptim.ADOPT], None]) -> None:

@@ -200,6 +200,11 @@ class GroupPlan:
             return None
         return [params, grads, exp_avgs, exp_avg_sqs, state_steps]
 
+    def step_entries(self) -> list[tuple[dict[str, Any], list[list[Tensor]], KernelPlan]] | None:
+        """The group's step entry (group, lists, kernel plan) as a list of one, or ``None`` (see :meth:`current`)."""
+        lists = self.current()
+        return None if lists is None else [(self.group, lists, self.kernel)]
+
 
 def _params_and_mask(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[bool] | None]:
     """A group's ``params`` list (the object), a copy of it, and which parameters have gradients (``None``: all)."""
@@ -281,7 +286,7 @@ class SplitPlan:
         self.parts = [_SplitPart(lists, [where[id(p)] for p in lists[0]], state, entry["state_precision"] == "full")
                       for entry, lists in entries]
 
-    def current(self) -> list[tuple[dict[str, Any], list[list[Any]], KernelPlan | None]] | None:
+    def step_entries(self) -> list[tuple[dict[str, Any], list[list[Any]], KernelPlan | None]] | None:
         """The entries, as ``build`` makes them, with this step's gradients; ``None`` when anything changed."""
         group = self.group
         if tuple(map(group.get, self.option_keys)) != self.options:
@@ -376,16 +381,17 @@ class KeptPlans:
         return plans
 
     def lists(self, groups: list[dict[str, Any]], state: Any) -> list[tuple] | None:
-        """(group, lists, kernel plan) per group from the kept plans, or ``None`` when anything changed."""
+        """(group, lists, kernel plan) per step entry from the kept plans (one per group, two per
+        low-precision group), or ``None`` when anything changed."""
         plans = self._plans(groups, state)
         if plans is None:
             return None
         out = []
         for plan in plans:
-            lists = plan.current()
-            if lists is None:
+            entries = plan.step_entries()
+            if entries is None:
                 return None
-            out.append((plan.group, lists, plan.kernel))
+            out.extend(entries)
         return out
 
     def keep(self, collected: list[tuple[dict[str, Any], list[list[Tensor]]]], state: Any) -> list[tuple]:
@@ -396,19 +402,6 @@ class KeptPlans:
         plans = [GroupPlan(group, lists, state) for group, lists in collected]
         self.kept = (state, tuple(group for group, _ in collected), state.writes, plans)
         return [(group, lists, plan.kernel) for (group, lists), plan in zip(collected, plans, strict=True)]
-
-    def split_lists(self, groups: list[dict[str, Any]], state: Any) -> list[tuple] | None:
-        """The entries of the low-precision ``groups`` from the kept split plans, or ``None``."""
-        plans = self._plans(groups, state)
-        if plans is None:
-            return None
-        out = []
-        for plan in plans:
-            entries = plan.current()
-            if entries is None:
-                return None
-            out.extend(entries)
-        return out
 
     def keep_split(self, built: list[tuple[dict[str, Any], list[tuple[dict[str, Any], list[list[Any]]]]]],
                    state: Any, option_keys: tuple[str, ...]) -> list[tuple]:

@@ -444,7 +444,7 @@ class ADOPT(Optimizer):
         for group in groups:  # one look per group (a plain loop: the cheapest), no cost per tensor
             if group["state_precision"] != "full":
                 low = [g for g in groups if g["state_precision"] != "full"]
-                kept = self._kept_split.split_lists(low, self.state)
+                kept = self._kept_split.lists(low, self.state)
                 checked = low_precision.check(self, low) if kept is None else None
                 out = self._collect_layouts([g for g in groups if g["state_precision"] == "full"])
                 if kept is None:
