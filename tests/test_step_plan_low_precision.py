@@ -313,3 +313,36 @@ def test_kept_entries_do_not_keep_gradients_alive(precision: str) -> None:
     twins.opts["kept"].zero_grad(set_to_none=True)
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_a_full_and_a_low_precision_group_both_step_from_kept_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside a full-precision group both are kept (the full group's collection once the low group's state
+    exists), and the steps equal fresh ones."""
+    def make(fresh: bool) -> tuple[list, adoptim.ADOPT]:
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((64, 64), (8,), (4096,))]
+        opt = adoptim.ADOPT([{"params": params[:2], "state_precision": "8bit"}, {"params": params[2:]}], lr=1e-2)
+        if fresh:
+            opt._kept_split.lists = lambda groups, state: None
+        return params, opt
+
+    def step(params: list, opt: adoptim.ADOPT, k: int) -> None:
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * k + i))
+        opt.step()
+
+    (a, opt_a), (b, opt_b) = make(False), make(True)
+    for k in range(4):
+        step(a, opt_a, k)
+        step(b, opt_b, k)
+    calls = []
+    real_init, real_check = opt_a._init_group, low_precision.check
+    monkeypatch.setattr(opt_a, "_init_group", lambda *x, **kw: calls.append("init") or real_init(*x, **kw))
+    monkeypatch.setattr(low_precision, "check", lambda *x, **kw: calls.append("check") or real_check(*x, **kw))
+    step(a, opt_a, 4)
+    assert calls == []
+    monkeypatch.undo()
+    step(b, opt_b, 4)
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+        assert all(torch.equal(x, opt_b.state[q][key]) for key, x in opt_a.state[p].items())
