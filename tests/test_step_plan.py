@@ -4,7 +4,7 @@ A steady loop reuses the lists of the step before, with new gradients. Each test
 up until it steps from its kept lists, then changes one thing the lists rest on, and checks the next step
 against the float64 reference taken from the tensors as they are at that moment: what the parameter, its
 gradient and its state hold. A kept list that missed the change would step the old tensor (or none, or
-the wrong one), so each test fails if its check is taken out of ``GroupPlan.current`` (or, for
+the wrong one), so each test fails if its check is taken out of ``GroupPlan.current`` or ``_Part.current`` (or, for
 gradients, out of the fused kernel's ``_KeptTable.takes``). The facts are checked in C where the library
 is built (``kernels/facts.py``) and in Python otherwise: every test runs with each.
 """

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from itertools import chain, repeat
-from operator import attrgetter, is_, is_not, itemgetter
+from operator import attrgetter, is_, is_not
 from typing import Any
 
 from torch import Tensor
@@ -48,7 +48,6 @@ _is_sparse = attrgetter("is_sparse")
 _ptr = Tensor.data_ptr
 _stride = Tensor.stride
 _numel = Tensor.numel
-_m, _v, _s = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
 _version = attrgetter("_version")
 
 
@@ -167,38 +166,20 @@ def _plain_state(items: dict) -> defaultdict:
 class GroupPlan:
     """One param group's collection (the five lists) and the facts it rests on."""
 
-    __slots__ = ("group", "params_list", "all_params", "mask", "lists", "entries", "untracked", "facts", "kernel")
+    __slots__ = ("group", "params_list", "all_params", "mask", "part", "kernel")
 
     def __init__(self, group: dict[str, Any], lists: list[list[Tensor]], state: StateDict) -> None:
-        params, _, exp_avgs, exp_avg_sqs, state_steps = lists
         self.group = group
         self.params_list, self.all_params, self.mask = _params_and_mask(group)
-        # The gradients are not kept: each step brings its own (keeping them would hold a step's worth of memory).
-        self.lists = [params, None, exp_avgs, exp_avg_sqs, state_steps]
-        self.entries = [state[p] for p in params]
-        # Entries someone set to a plain dict do not count their writes: those are compared at every step.
-        self.untracked = any(type(e) is not ParamState or e._owner is not state for e in self.entries)
-        self.facts = _Facts(params, exp_avgs, exp_avg_sqs, state_steps)
-        self.kernel = KernelPlan()
+        # The collection holds the parameters with gradients, in the group's order.
+        positions = None if self.mask is None else [i for i, has in enumerate(self.mask) if has]
+        self.part = _Part(lists, positions, state, full=True)
+        self.kernel = self.part.kernel
 
     def current(self) -> list[list[Tensor]] | None:
         """The five lists with this step's gradients, or ``None`` when any fact they rest on changed."""
         grads = _same_params_grads(self.group, self.params_list, self.all_params, self.mask)
-        if grads is None:
-            return None
-        if self.mask is not None:
-            grads = [g for g in grads if g is not None]
-        params, _, exp_avgs, exp_avg_sqs, state_steps = self.lists
-        verified = self.facts.check(grads)
-        if verified is None:
-            return None
-        # The kernels skip their own checks of these gradients (found by the list's identity).
-        self.kernel.grads = (id(grads), self.facts.facts.grad_ptrs) if verified else None
-        if self.untracked and not (all(map(is_, map(_m, self.entries), exp_avgs))
-                                   and all(map(is_, map(_v, self.entries), exp_avg_sqs))
-                                   and all(map(is_, map(_s, self.entries), state_steps))):
-            return None
-        return [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+        return None if grads is None else self.part.current(grads)
 
     def step_entries(self) -> list[tuple[dict[str, Any], list[list[Tensor]], KernelPlan]] | None:
         """The group's step entry (group, lists, kernel plan) as a list of one, or ``None`` (see :meth:`current`)."""
@@ -283,7 +264,7 @@ class SplitPlan:
         self.options = tuple(map(group.get, option_keys))
         self.params_list, self.all_params, self.mask = _params_and_mask(group)
         where = {id(p): i for i, p in enumerate(self.all_params)}
-        self.parts = [_SplitPart(lists, [where[id(p)] for p in lists[0]], state, entry["state_precision"] == "full")
+        self.parts = [_Part(lists, [where[id(p)] for p in lists[0]], state, entry["state_precision"] == "full")
                       for entry, lists in entries]
 
     def step_entries(self) -> list[tuple[dict[str, Any], list[list[Any]], KernelPlan | None]] | None:
@@ -304,24 +285,28 @@ class SplitPlan:
         return out
 
 
-# What a low-precision state entry's records rest on, beside the step (adoptim/low_precision.py).
-_LOW_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "rounding_seed")
+# What a state entry's lists rest on: full state, and low-precision records (adoptim/low_precision.py).
+_FULL_KEYS = ("exp_avg", "exp_avg_sq", "step")
+_LOW_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "rounding_seed", "step")
 
 
-class _SplitPart:
-    """One entry of a :class:`SplitPlan`: its lists (the gradients left out), where its parameters are in the
-    group, and the facts of what it holds: the state tensors, or the records' tensors and the rounding seeds."""
+class _Part:
+    """One step entry's lists (the gradients left out), where its parameters are in the group (``positions``;
+    ``None``: all of them, in order), and the facts of what it holds: full state tensors (``full``), or the
+    records' tensors and the rounding seeds, whose values the records hold (checked by version counter)."""
 
-    __slots__ = ("full", "lists", "positions", "entries", "held", "untracked", "facts", "seeds", "seed_versions",
-                 "kernel")
+    __slots__ = ("full", "lists", "positions", "entries", "keys", "held", "untracked", "facts", "seeds",
+                 "seed_versions", "kernel")
 
-    def __init__(self, lists: list[list[Any]], positions: list[int], state: StateDict, full: bool) -> None:
+    def __init__(self, lists: list[list[Any]], positions: list[int] | None, state: StateDict, full: bool) -> None:
         params, _, exp_avgs, exp_avg_sqs, state_steps = lists
         self.full, self.lists, self.positions = full, [params, None, exp_avgs, exp_avg_sqs, state_steps], positions
+        # The gradients are not kept: each step brings its own (keeping them would hold a step's worth of memory).
         self.entries = [state[p] for p in params]
+        # Entries someone set to a plain dict do not count their writes: those are compared at every step.
         self.untracked = any(type(e) is not ParamState or e._owner is not state for e in self.entries)
-        keys = ("exp_avg", "exp_avg_sq", "step") if full else (*_LOW_KEYS, "step")
-        self.held = [tuple(map(e.get, keys)) for e in self.entries]  # compared by identity where untracked
+        self.keys = _FULL_KEYS if full else _LOW_KEYS
+        self.held = [tuple(map(e.get, self.keys)) for e in self.entries] if self.untracked else None
         if full:
             self.seeds = self.seed_versions = None
             self.facts = _Facts(params, exp_avgs, exp_avg_sqs, state_steps)
@@ -335,11 +320,15 @@ class _SplitPart:
         self.kernel = None
 
     def current(self, grads: list[Tensor | None]) -> list[list[Any]] | None:
-        grads = [grads[i] for i in self.positions]
+        """The five lists with this step's gradients (of the whole group, ``None`` where a parameter has
+        none), or ``None`` when any fact they rest on changed."""
+        if self.positions is not None:
+            grads = [grads[i] for i in self.positions]
         verified = self.facts.check(grads)
         if verified is None:
             return None
         if self.full:
+            # The kernels skip their own checks of these gradients (found by the list's identity).
             self.kernel.grads = (id(grads), self.facts.facts.grad_ptrs) if verified else None
         else:
             # The low-precision collection refuses a gradient of another kind than its parameter (DTensor):
@@ -348,10 +337,9 @@ class _SplitPart:
                 return None
             if list(map(_version, self.seeds)) != self.seed_versions:
                 return None
-        if self.untracked:
-            keys = ("exp_avg", "exp_avg_sq", "step") if self.full else (*_LOW_KEYS, "step")
-            if any(not all(map(is_, map(e.get, keys), held)) for e, held in zip(self.entries, self.held)):
-                return None
+        if self.untracked and any(not all(map(is_, map(e.get, self.keys), held))
+                                  for e, held in zip(self.entries, self.held)):
+            return None
         params, _, exp_avgs, exp_avg_sqs, state_steps = self.lists
         return [params, grads, exp_avgs, exp_avg_sqs, state_steps]
 
