@@ -506,6 +506,12 @@ def lowbit_lib(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a ct
     return lowbit_cpu.load(str(out))
 
 
+# Every combination of weight decay (none, coupled, decoupled) and maximize: csrc/lowbit.c compiles a loop
+# of its own for each (WITH_FLAGS), with and without a clip among them.
+FLAG_CASES = [(0.0, False, 0.25, False), (0.0, False, None, True), (1e-2, False, None, False),
+              (1e-2, False, 0.25, True), (1e-2, True, 0.25, False), (1e-2, True, 0.25, True)]
+
+
 def _pair(n: int, fmt, block: int, p0: torch.Tensor) -> list[tuple]:
     kw = dict(block_size=block, seed=11, device=torch.device("cpu"))
     return [(p0.clone(), Stored.empty(n, fmt.m, signed=True, stream=0, **kw),
@@ -513,8 +519,7 @@ def _pair(n: int, fmt, block: int, p0: torch.Tensor) -> list[tuple]:
 
 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
-@pytest.mark.parametrize(("wd", "decoupled", "clip", "maximize"), [
-    (0.0, False, 0.25, False), (1e-2, True, 0.25, True), (1e-2, False, None, False)])
+@pytest.mark.parametrize(("wd", "decoupled", "clip", "maximize"), FLAG_CASES)
 @pytest.mark.parametrize("lr", [1e-3, "tensor"])
 def test_fused_8bit_kernel_writes_the_torch_paths_bits(lowbit_lib, rounding: str, wd: float, decoupled: bool,
                                                        clip: float | None, maximize: bool, lr: object) -> None:
@@ -630,8 +635,7 @@ def _same_state(a: tuple, b: tuple) -> None:
 
 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
-@pytest.mark.parametrize(("wd", "decoupled", "clip", "maximize"), [
-    (0.0, False, 0.25, False), (1e-2, True, 0.25, True), (1e-2, False, None, False)])
+@pytest.mark.parametrize(("wd", "decoupled", "clip", "maximize"), FLAG_CASES)
 def test_fused_bfloat16_kernel_writes_the_torch_paths_bits(lowbit_lib, rounding: str, wd: float, decoupled: bool,
                                                            clip: float | None, maximize: bool) -> None:
     from adoptim.kernels import lowbit_cpu

@@ -73,6 +73,15 @@ static inline __attribute__((always_inline)) uint32_t hash32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
+/* hash32(x) >> 16, two operations shorter: its last step, x ^ (x >> 16), leaves the top 16 bits as they are. */
+static inline __attribute__((always_inline)) uint32_t hash32_high16(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x45D9F3Bu;
+    x ^= x >> 16;
+    x *= 0x2C1B3C6Du;
+    return x >> 16;
+}
+
 static inline __attribute__((always_inline)) uint32_t f32_bits(float x) {
     uint32_t b;
     memcpy(&b, &x, 4);
@@ -93,10 +102,11 @@ typedef struct {
 } elem_t;
 
 static inline __attribute__((always_inline)) elem_t adopt_elem(const lowbit_hyper_t *h, float clip, float g0,
-                                                                float p0, float m0, float v0) {
-    float gi = h->maximize ? -g0 : g0;
-    gi = h->coupled ? gi + p0 * h->wd : gi;
-    const float pi = h->decoupled ? p0 - p0 * h->decay : p0;
+                                                                float p0, float m0, float v0, int maximize,
+                                                                int coupled, int decoupled) {
+    float gi = maximize ? -g0 : g0;
+    gi = coupled ? gi + p0 * h->wd : gi;
+    const float pi = decoupled ? p0 - p0 * h->decay : p0;
     float denom = sqrtf(v0);
     denom = denom < h->eps ? h->eps : denom; /* clamp(min=eps); NaN stays NaN */
     float nrm = gi / denom;
@@ -108,20 +118,44 @@ static inline __attribute__((always_inline)) elem_t adopt_elem(const lowbit_hype
     return out;
 }
 
+/* CALL(maximize, coupled, decoupled) with the step's flags as constants (coupled and decoupled weight decay
+ * exclude each other), so that each loop is compiled without the options it does not use. */
+#define WITH_FLAGS(h, CALL)                                                                                     \
+    do {                                                                                                       \
+        if ((h)->maximize) {                                                                                   \
+            if ((h)->coupled) CALL(1, 1, 0);                                                                   \
+            else if ((h)->decoupled) CALL(1, 0, 1);                                                            \
+            else CALL(1, 0, 0);                                                                                \
+        } else {                                                                                               \
+            if ((h)->coupled) CALL(0, 1, 0);                                                                   \
+            else if ((h)->decoupled) CALL(0, 0, 1);                                                            \
+            else CALL(0, 0, 0);                                                                                \
+        }                                                                                                      \
+    } while (0)
+
 static inline __attribute__((always_inline)) float clip_of(const lowbit_hyper_t *h, float bound) {
     return h->has_clip ? bound : INFINITY;
 }
 
 /* ADOPT's arithmetic on len elements: p and m, v (decoded, float32) in place; step > 0. */
+static inline __attribute__((always_inline)) void step_loop(float *restrict p, const float *restrict g,
+                                                             float *restrict m, float *restrict v, int64_t len,
+                                                             const lowbit_hyper_t *h, float clip, int maximize,
+                                                             int coupled, int decoupled) {
+    for (int64_t j = 0; j < len; j++) {
+        const elem_t e = adopt_elem(h, clip, g[j], p[j], m[j], v[j], maximize, coupled, decoupled);
+        p[j] = e.p, m[j] = e.m, v[j] = e.v;
+    }
+}
+
 static inline __attribute__((always_inline)) void step_pass(float *restrict p, const float *restrict g,
                                                              float *restrict m, float *restrict v, int64_t len,
                                                              const lowbit_hyper_t *h, float bound) {
     const lowbit_hyper_t hc = *h; /* a local copy: its fields stay in registers */
     const float clip = clip_of(h, bound);
-    for (int64_t j = 0; j < len; j++) {
-        const elem_t e = adopt_elem(&hc, clip, g[j], p[j], m[j], v[j]);
-        p[j] = e.p, m[j] = e.m, v[j] = e.v;
-    }
+#define STEP_LOOP(mx, cp, dc) step_loop(p, g, m, v, len, &hc, clip, mx, cp, dc)
+    WITH_FLAGS(h, STEP_LOOP);
+#undef STEP_LOOP
 }
 
 /* The first call's v = g*g (after maximize and coupled decay); p and m do not change. */
@@ -241,7 +275,7 @@ static inline __attribute__((always_inline)) void encode_bf16_stochastic(const f
                                                                           uint32_t base, uint32_t k,
                                                                           uint16_t *restrict out) {
     for (int64_t j = 0; j < len; j++)
-        out[j] = bf16_stochastic(f32_bits(x[j]), hash32((base + (uint32_t)j) ^ k) >> 16); /* (u * 65536) truncated */
+        out[j] = bf16_stochastic(f32_bits(x[j]), hash32_high16((base + (uint32_t)j) ^ k)); /* (u * 65536) truncated */
 }
 
 /* x[0..len) in bfloat16, element i = first + j: nearest (key unused) or stochastic rounding. */
@@ -262,6 +296,22 @@ static inline __attribute__((always_inline)) void encode_bf16(const float *restr
 /* One bfloat16 chunk (never across a multiple of 2^32) with both moments rounded stochastically, in one
  * loop: decode, step, encode. The same bits as the passes (step_pass, encode_bf16), in a third less time:
  * the arithmetic runs while the loads of the next elements are in flight. */
+static inline __attribute__((always_inline)) void bf16_stochastic_loop(float *restrict p, const float *restrict g,
+                                                                        uint16_t *restrict m16, uint16_t *restrict v16,
+                                                                        int32_t len, const lowbit_hyper_t *h,
+                                                                        float clip, uint32_t base, uint32_t mk,
+                                                                        uint32_t vk, int maximize, int coupled,
+                                                                        int decoupled) {
+    for (int32_t j = 0; j < len; j++) { /* 32-bit lanes for the counter the hash takes */
+        const elem_t e = adopt_elem(h, clip, g[j], p[j], bits_f32((uint32_t)m16[j] << 16),
+                                    bits_f32((uint32_t)v16[j] << 16), maximize, coupled, decoupled);
+        const uint32_t i = base + (uint32_t)j;
+        p[j] = e.p;
+        m16[j] = bf16_stochastic(f32_bits(e.m), hash32_high16(i ^ mk));
+        v16[j] = bf16_stochastic(f32_bits(e.v), hash32_high16(i ^ vk));
+    }
+}
+
 static inline __attribute__((always_inline)) void step_bf16_stochastic(float *restrict p, const float *restrict g,
                                                                         uint16_t *restrict m16, uint16_t *restrict v16,
                                                                         int64_t len, const lowbit_hyper_t *h,
@@ -269,14 +319,9 @@ static inline __attribute__((always_inline)) void step_bf16_stochastic(float *re
                                                                         uint32_t vk) {
     const lowbit_hyper_t hc = *h;
     const float clip = clip_of(h, bound);
-    for (int64_t j = 0; j < len; j++) {
-        const elem_t e = adopt_elem(&hc, clip, g[j], p[j], bits_f32((uint32_t)m16[j] << 16),
-                                    bits_f32((uint32_t)v16[j] << 16));
-        const uint32_t i = base + (uint32_t)j;
-        p[j] = e.p;
-        m16[j] = bf16_stochastic(f32_bits(e.m), hash32(i ^ mk) >> 16);
-        v16[j] = bf16_stochastic(f32_bits(e.v), hash32(i ^ vk) >> 16);
-    }
+#define BF16_LOOP(mx, cp, dc) bf16_stochastic_loop(p, g, m16, v16, (int32_t)len, &hc, clip, base, mk, vk, mx, cp, dc)
+    WITH_FLAGS(h, BF16_LOOP);
+#undef BF16_LOOP
 }
 
 /* ------------------------------------------------------------------ the jobs */
