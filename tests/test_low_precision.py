@@ -657,6 +657,31 @@ def test_fused_bfloat16_kernel_writes_the_torch_paths_bits(lowbit_lib, rounding:
     assert bool((a[1].data != 0).any())  # it did move m
 
 
+def test_fused_bfloat16_kernel_at_the_top_of_the_float32_range(lowbit_lib) -> None:
+    """Second moments within 2^-8 of the largest float32, where adding the rounding noise can carry into
+    the exponent (the torch path then rounds to nearest: to the largest bfloat16 or to infinity), then
+    infinite ones: the torch path's bits, though the kernel's loop encodes by a shorter form below that
+    top. beta2 = 0.5, so that v can get there (with 0.9999 it stays below: g * g overflows first). The
+    first gradients keep v finite, so no infinity in a chunk hides a wrong encode of the others."""
+    from adoptim.kernels import lowbit_cpu
+
+    n = 3000
+    gen = torch.Generator().manual_seed(26)
+    a, b = _pair(n, FORMATS["bfloat16"], 256, torch.randn(n, generator=gen))
+    hyper = Hyper(**{**HYPER, "beta2": 0.5})
+    in_window = 0
+    for t, (low, high) in enumerate([(1.8411e19, 1.8428e19)] * 4 + [(1.8411e19, 1.85e19)] * 2):
+        g = (low + (high - low) * torch.rand(n, generator=gen)) * torch.sign(torch.randn(n, generator=gen))
+        v_new = a[2].data.view(torch.bfloat16).float() * 0.5 + (g * g) * 0.5  # the float32 v the step encodes
+        bits = v_new.view(torch.int32)
+        in_window += int(((bits > 0x7F7F0000) & (bits < 0x7F800000)).sum()) if t > 0 else 0
+        lowbit_adopt([a[0]], [g], [a[1]], [a[2]], [a[3]], hyper)
+        assert lowbit_cpu.lowbit_cpu_adopt([b[0]], [g], [b[1]], [b[2]], [b[3]], hyper, lib=lowbit_lib) == []
+        _same_state(a, b)
+        assert bool(a[2].data.view(torch.bfloat16).isinf().any()) == (t >= 4)
+    assert in_window > 1000
+
+
 @pytest.mark.parametrize("kind", ["8bit", "bfloat16"])
 @pytest.mark.parametrize(("n", "block"), [(1, 256), (255, 256), (4097, 4096), (3 * 1024 + 17, 1024), (700, 64)])
 def test_fused_kernels_edge_cases_write_the_torch_paths_bits(lowbit_lib, kind: str, n: int, block: int) -> None:

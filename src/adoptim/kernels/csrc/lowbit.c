@@ -293,35 +293,53 @@ static inline __attribute__((always_inline)) void encode_bf16(const float *restr
     }
 }
 
+/* The largest magnitude (bit pattern, sign cleared) for which adding 16 bits of noise cannot carry into
+ * the exponent's all-ones: at or below it bf16_stochastic(b, noise) is (b + noise) >> 16, finite. */
+#define BF16_PLAIN_TOP 0x7F7F0000u
+
 /* One bfloat16 chunk (never across a multiple of 2^32) with both moments rounded stochastically, in one
- * loop: decode, step, encode. The same bits as the passes (step_pass, encode_bf16), in a third less time:
- * the arithmetic runs while the loads of the next elements are in flight. */
-static inline __attribute__((always_inline)) void bf16_stochastic_loop(float *restrict p, const float *restrict g,
-                                                                        uint16_t *restrict m16, uint16_t *restrict v16,
-                                                                        int32_t len, const lowbit_hyper_t *h,
-                                                                        float clip, uint32_t base, uint32_t mk,
-                                                                        uint32_t vk, int maximize, int coupled,
-                                                                        int decoupled) {
+ * loop: decode, step, encode, so the arithmetic runs while the loads of the next elements are in flight.
+ * The encodes take the short form, (b + noise) >> 16, and the new m and v also go to mb and vb; returns
+ * the largest magnitude among them (as bit patterns), and where that is above BF16_PLAIN_TOP (an
+ * infinite or NaN moment, or one within 2^-8 of the float32 range) the caller encodes the chunk again
+ * from mb and vb with bf16_stochastic. The same bits as the passes (step_pass, encode_bf16). */
+static inline __attribute__((always_inline)) uint32_t bf16_stochastic_loop(
+        float *restrict p, const float *restrict g, uint16_t *restrict m16, uint16_t *restrict v16,
+        float *restrict mb, float *restrict vb, int32_t len, const lowbit_hyper_t *h, float clip, uint32_t base,
+        uint32_t mk, uint32_t vk, int maximize, int coupled, int decoupled) {
+    uint32_t top = 0;
     for (int32_t j = 0; j < len; j++) { /* 32-bit lanes for the counter the hash takes */
         const elem_t e = adopt_elem(h, clip, g[j], p[j], bits_f32((uint32_t)m16[j] << 16),
                                     bits_f32((uint32_t)v16[j] << 16), maximize, coupled, decoupled);
-        const uint32_t i = base + (uint32_t)j;
+        const uint32_t i = base + (uint32_t)j, mbits = f32_bits(e.m), vbits = f32_bits(e.v);
         p[j] = e.p;
-        m16[j] = bf16_stochastic(f32_bits(e.m), hash32_high16(i ^ mk));
-        v16[j] = bf16_stochastic(f32_bits(e.v), hash32_high16(i ^ vk));
+        mb[j] = e.m, vb[j] = e.v;
+        const uint32_t ma = mbits & 0x7FFFFFFFu, va = vbits & 0x7FFFFFFFu, big = ma > va ? ma : va;
+        top = big > top ? big : top;
+        m16[j] = (uint16_t)((mbits + hash32_high16(i ^ mk)) >> 16);
+        v16[j] = (uint16_t)((vbits + hash32_high16(i ^ vk)) >> 16);
     }
+    return top;
 }
 
 static inline __attribute__((always_inline)) void step_bf16_stochastic(float *restrict p, const float *restrict g,
                                                                         uint16_t *restrict m16, uint16_t *restrict v16,
-                                                                        int64_t len, const lowbit_hyper_t *h,
-                                                                        float bound, uint32_t base, uint32_t mk,
-                                                                        uint32_t vk) {
+                                                                        float *restrict mb, float *restrict vb,
+                                                                        int64_t len, int64_t first,
+                                                                        const lowbit_hyper_t *h, float bound,
+                                                                        uint32_t m_key, uint32_t v_key) {
     const lowbit_hyper_t hc = *h;
     const float clip = clip_of(h, bound);
-#define BF16_LOOP(mx, cp, dc) bf16_stochastic_loop(p, g, m16, v16, (int32_t)len, &hc, clip, base, mk, vk, mx, cp, dc)
+    const uint32_t hi = hash32((uint32_t)((uint64_t)first >> 32)), base = (uint32_t)first;
+    uint32_t top = 0;
+#define BF16_LOOP(mx, cp, dc) \
+    top = bf16_stochastic_loop(p, g, m16, v16, mb, vb, (int32_t)len, &hc, clip, base, m_key ^ hi, v_key ^ hi, mx, cp, dc)
     WITH_FLAGS(h, BF16_LOOP);
 #undef BF16_LOOP
+    if (top > BF16_PLAIN_TOP) {
+        encode_bf16(mb, len, first, 1, m_key, m16);
+        encode_bf16(vb, len, first, 1, v_key, v16);
+    }
 }
 
 /* ------------------------------------------------------------------ the jobs */
@@ -384,8 +402,7 @@ MULTIVERSION static void run_bf16(void *arg) {
             first_pass(p, g, vb, len, h);
             encode_bf16(vb, len, first, a->v_stochastic, t->v_key, v_data);
         } else if (a->m_stochastic && a->v_stochastic) {
-            const uint32_t hi = hash32((uint32_t)((uint64_t)first >> 32));
-            step_bf16_stochastic(p, g, m_data, v_data, len, h, t->bound, (uint32_t)first, t->m_key ^ hi, t->v_key ^ hi);
+            step_bf16_stochastic(p, g, m_data, v_data, mb, vb, len, first, h, t->bound, t->m_key, t->v_key);
         } else {
             decode_bf16(m_data, mb, len);
             decode_bf16(v_data, vb, len);
