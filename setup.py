@@ -51,7 +51,8 @@ kernel = Extension(
     depends=["src/adoptim/kernels/csrc/adopt_cpu.h"],
     extra_compile_args=_compile_args(),
     # -ldl: dlopen, to find torch's OpenMP runtime (part of libc from glibc 2.34 on).
-    extra_link_args=[] if sys.platform == "win32" else ["-pthread"] + (["-ldl"] if sys.platform.startswith("linux") else []),
+    extra_link_args=[] if sys.platform == "win32" else
+    ["-pthread"] + (["-ldl"] if sys.platform.startswith("linux") else []),
     optional=True,
 )
 

@@ -157,9 +157,30 @@ def threads(doc: Doc) -> list[str]:
                         "llrrr", rows) + [""]
 
 
+def cold_step_table(res: dict[str, Any]) -> list[str]:
+    """``cold_step.py``'s table, its rows in the order measured, and the host budget of a step at twice the bound."""
+    med = {name: statistics.median(t) for name, t in res["times_ms"].items()}
+    n = res["tensors"]
+    rows = [[name.replace("  ", "&nbsp;&nbsp;", 1) if name.startswith("  ") else name, f"{ms:.2f}",
+             f"{ms * 1e3 / n:.2f}"] for name, ms in med.items()]
+    budget = 2 * med["bound"] - med["  its C kernel call"]
+    return _table(["what", "median ms", "µs per tensor"], "lrr", rows) + [
+        "", f"A step at twice the bound leaves {budget:.2f} ms of host work ({budget * 1e3 / n:.2f} µs per "
+        f"tensor) beside the kernel call; reading the gradients cold takes "
+        f"{med['.grad of every parameter, cold']:.2f} ms of it."]
+
+
+def cold_step(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    head = (f"**{res['tensors']} tensors of {s['elements']} float32 elements**, {doc['machine']['torch_threads']} "
+            f"thread(s), {res['rounds']} rounds taking turns, caches evicted ({s['evict_mb']} MB) before every "
+            "timed call")
+    return [head, "", *cold_step_table(res), ""]
+
+
 RENDERERS: dict[str, Callable[[Doc], list[str]]] = {
     "step_time": step_time, "host_overhead": host_overhead, "first_step": first_step,
-    "element_cost": element_cost, "threads": threads,
+    "element_cost": element_cost, "threads": threads, "cold_step": cold_step,
 }
 
 
