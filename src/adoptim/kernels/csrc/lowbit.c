@@ -82,6 +82,16 @@ static inline __attribute__((always_inline)) uint32_t hash32_high16(uint32_t x) 
     return x >> 16;
 }
 
+/* hash32(x) >> 8, one operation shorter: of the last step's x ^ (x >> 16), the top 24 bits are
+ * (x >> 8) ^ (x >> 24). */
+static inline __attribute__((always_inline)) uint32_t hash32_high24(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x45D9F3Bu;
+    x ^= x >> 16;
+    x *= 0x2C1B3C6Du;
+    return (x >> 8) ^ (x >> 24);
+}
+
 static inline __attribute__((always_inline)) uint32_t f32_bits(float x) {
     uint32_t b;
     memcpy(&b, &x, 4);
@@ -200,7 +210,7 @@ static inline __attribute__((always_inline)) void encode_8bit_stochastic(const f
     const uint64_t *restrict buckets = mp->tab_bucket;
     const uint64_t *restrict pairs = mp->pairs;
     const int32_t top = (int32_t)mp->len - 2;
-    for (int64_t j = 0; j < len; j++) {
+    for (int32_t j = 0; j < (int32_t)len; j++) { /* a block: at most MAX_BLOCK; 32-bit lanes for the hash */
         const float s = x[j] / div;
         const uint64_t w = buckets[(f32_bits(s) >> 15) & 0x1FFFFu];
         const int32_t c = (int32_t)(uint32_t)w;
@@ -210,8 +220,7 @@ static inline __attribute__((always_inline)) void encode_8bit_stochastic(const f
         const uint64_t pair = pairs[lo];
         const float below = bits_f32((uint32_t)pair), above = bits_f32((uint32_t)(pair >> 32));
         const float frac = (s - below) / (above - below);
-        const uint32_t hv = hash32((base + (uint32_t)j) ^ k);
-        const float u = (float)(int32_t)(hv >> 8) * 5.9604644775390625e-08f; /* 2^-24 */
+        const float u = (float)(int32_t)hash32_high24((base + (uint32_t)j) ^ k) * 5.9604644775390625e-08f; /* 2^-24 */
         codes[j] = (uint8_t)(lo + (u < frac));
     }
 }
