@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +21,18 @@ def load_script(path: Path, name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` loaded, with ``benchmarks/`` importable while it is in use (the scripts
+    import their neighbours)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        yield load_script(folder / f"{name}.py", name)
+    finally:
+        sys.path.remove(str(folder))
 
 
 def hard_params(dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:

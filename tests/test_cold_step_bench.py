@@ -3,24 +3,16 @@ host work) adds up, every step took the fused kernel, and the table has every ro
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-from optim_helpers import load_script
+from optim_helpers import benchmark_script
 
 from adoptim.kernels import fused_cpu
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its neighbours
-    try:
-        yield load_script(ROOT / "benchmarks" / "cold_step.py", "cold_step")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    with benchmark_script("cold_step") as module:
+        yield module
 
 
 @pytest.mark.skipif(fused_cpu.library() is None, reason="the fused CPU kernel is not built")

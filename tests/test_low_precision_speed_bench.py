@@ -4,22 +4,17 @@ above the parameters and gradients is the optimizer's state (against the bytes i
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
-from optim_helpers import load_script
+from optim_helpers import benchmark_script
 
-ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its neighbours
-    try:
-        yield load_script(ROOT / "benchmarks" / "low_precision_speed.py", "low_precision_speed")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    with benchmark_script("low_precision_speed") as module:
+        yield module
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
