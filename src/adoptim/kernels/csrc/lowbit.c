@@ -65,30 +65,27 @@ typedef struct {
 #define CHUNK 256 /* elements of a bfloat16 step's pass (its scratch); any value gives the same bits */
 #define MAX_BLOCK 4096 /* the largest 8-bit block (its scratch is on the stack); larger ones are left */
 
-static inline __attribute__((always_inline)) uint32_t hash32(uint32_t x) {
+/* hash32 but for its last step, x ^ (x >> 16), which each use below applies in full or in part. */
+static inline __attribute__((always_inline)) uint32_t hash32_mix(uint32_t x) {
     x ^= x >> 16;
     x *= 0x45D9F3Bu;
     x ^= x >> 16;
-    x *= 0x2C1B3C6Du;
+    return x * 0x2C1B3C6Du;
+}
+
+static inline __attribute__((always_inline)) uint32_t hash32(uint32_t x) {
+    x = hash32_mix(x);
     return x ^ (x >> 16);
 }
 
-/* hash32(x) >> 16, two operations shorter: its last step, x ^ (x >> 16), leaves the top 16 bits as they are. */
+/* hash32(x) >> 16, two operations shorter: the last step leaves the top 16 bits as they are. */
 static inline __attribute__((always_inline)) uint32_t hash32_high16(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x45D9F3Bu;
-    x ^= x >> 16;
-    x *= 0x2C1B3C6Du;
-    return x >> 16;
+    return hash32_mix(x) >> 16;
 }
 
-/* hash32(x) >> 8, one operation shorter: of the last step's x ^ (x >> 16), the top 24 bits are
- * (x >> 8) ^ (x >> 24). */
+/* hash32(x) >> 8, one operation shorter: of the last step's result, the top 24 bits are (x >> 8) ^ (x >> 24). */
 static inline __attribute__((always_inline)) uint32_t hash32_high24(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x45D9F3Bu;
-    x ^= x >> 16;
-    x *= 0x2C1B3C6Du;
+    x = hash32_mix(x);
     return (x >> 8) ^ (x >> 24);
 }
 
@@ -257,9 +254,13 @@ static inline __attribute__((always_inline)) void encode_8bit(const float *restr
 
 /* ------------------------------------------------------------------ bfloat16 */
 
+static inline __attribute__((always_inline)) float bf16_value(uint16_t x) {
+    return bits_f32((uint32_t)x << 16);
+}
+
 static inline __attribute__((always_inline)) void decode_bf16(const uint16_t *restrict x, float *restrict out,
                                                                int64_t len) {
-    for (int64_t j = 0; j < len; j++) out[j] = bits_f32((uint32_t)x[j] << 16);
+    for (int64_t j = 0; j < len; j++) out[j] = bf16_value(x[j]);
 }
 
 /* torch's float32 -> bfloat16 conversion: round to nearest even, every NaN to 0xFFFF. */
@@ -277,9 +278,8 @@ static inline __attribute__((always_inline)) uint16_t bf16_stochastic(uint32_t b
     return finite ? (uint16_t)(cut >> 16) : bf16_nearest(b);
 }
 
-/* x[0..len) in bfloat16 by stochastic rounding, element j's number hash32((base + j) ^ k) (as above): its
- * top 16 bits are added to the low half of the bit pattern, which is then cut off; a value that is not
- * finite, or becomes infinite, is rounded to nearest, as quant.round_bfloat16. */
+/* x[0..len) in bfloat16 by stochastic rounding (bf16_stochastic), element j's noise the top 16 bits of
+ * hash32((base + j) ^ k). */
 static inline __attribute__((always_inline)) void encode_bf16_stochastic(const float *restrict x, int64_t len,
                                                                           uint32_t base, uint32_t k,
                                                                           uint16_t *restrict out) {
@@ -318,8 +318,8 @@ static inline __attribute__((always_inline)) uint32_t bf16_stochastic_loop(
         uint32_t mk, uint32_t vk, int maximize, int coupled, int decoupled) {
     uint32_t top = 0;
     for (int32_t j = 0; j < len; j++) { /* 32-bit lanes for the counter the hash takes */
-        const elem_t e = adopt_elem(h, clip, g[j], p[j], bits_f32((uint32_t)m16[j] << 16),
-                                    bits_f32((uint32_t)v16[j] << 16), maximize, coupled, decoupled);
+        const elem_t e = adopt_elem(h, clip, g[j], p[j], bf16_value(m16[j]), bf16_value(v16[j]), maximize, coupled,
+                                    decoupled);
         const uint32_t i = base + (uint32_t)j, mbits = f32_bits(e.m), vbits = f32_bits(e.v);
         p[j] = e.p;
         mb[j] = e.m, vb[j] = e.v;
