@@ -50,6 +50,12 @@ class Twins:
         for name in ("kept", "fresh"):
             change(self.params[name], self.opts[name])
 
+    def step_after(self, change: Callable[[list[torch.nn.Parameter], adoptim.ADOPT], None]) -> None:
+        """The same change on both, then the same new gradients and a step: both must agree after it."""
+        self.both(change)
+        self.grads()
+        self.step()
+
     def grads(self, which: list[int] | None = None) -> None:
         """The same new gradients on both (on the parameters ``which``, default all)."""
         self.seed += 1
@@ -94,6 +100,14 @@ class Twins:
         self.assert_equal()
 
 
+def assert_refused(opt: adoptim.ADOPT, params: list[torch.nn.Parameter], match: str) -> None:
+    """``opt.step()`` raises a RuntimeError matching ``match`` and leaves every parameter as it was."""
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params, strict=True))
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_steady_steps_from_kept_entries_equal_fresh_ones(precision: str) -> None:
     twins = Twins(precision)
@@ -107,9 +121,7 @@ def test_steady_steps_from_kept_entries_equal_fresh_ones(precision: str) -> None
 def test_learning_rate_changed_between_steps_reaches_both_parts(precision: str) -> None:
     twins = Twins(precision)
     twins.warm()
-    twins.both(lambda ps, opt: opt.param_groups[0].__setitem__("lr", 3e-2))  # as a scheduler does
-    twins.grads()
-    twins.step()
+    twins.step_after(lambda ps, opt: opt.param_groups[0].__setitem__("lr", 3e-2))  # as a scheduler does
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -121,9 +133,7 @@ def test_parameter_data_replaced(precision: str, which: int) -> None:
     def change(ps: list, opt: adoptim.ADOPT) -> None:
         ps[which].data = ps[which].data + 1.0
 
-    twins.both(change)
-    twins.grads()
-    twins.step()
+    twins.step_after(change)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -134,9 +144,7 @@ def test_parameter_dtype_changed(precision: str) -> None:
     def change(ps: list, opt: adoptim.ADOPT) -> None:
         ps[2].data = ps[2].data.double()  # no longer a float32 parameter: the torch path steps it
 
-    twins.both(change)
-    twins.grads()
-    twins.step()
+    twins.step_after(change)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -146,9 +154,7 @@ def test_storage_option_changed_between_steps(precision: str, option: str) -> No
     twins.warm()
     value = {"state_precision": "bfloat16" if precision == "8bit" else "8bit",
              "state_min_size": 5000}[option]  # 5000: the 4096-element parameters become small (full state)
-    twins.both(lambda ps, opt: opt.param_groups[0].__setitem__(option, value))
-    twins.grads()
-    twins.step()
+    twins.step_after(lambda ps, opt: opt.param_groups[0].__setitem__(option, value))
     twins.grads()
     twins.step()
 
@@ -161,10 +167,7 @@ def test_block_size_changed_between_steps_is_refused_as_on_a_fresh_step() -> Non
     twins.both(lambda ps, opt: opt.param_groups[0].__setitem__("state_block_size", 128))
     twins.grads()
     for ps, opt in zip(twins.params.values(), twins.opts.values(), strict=True):
-        before = [p.detach().clone() for p in ps]
-        with pytest.raises(RuntimeError, match="param group 0 parameter 0 does not match it.*blocks of 128"):
-            opt.step()
-        assert all(torch.equal(a, p.detach()) for a, p in zip(before, ps, strict=True))
+        assert_refused(opt, ps, "param group 0 parameter 0 does not match it.*blocks of 128")
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -190,9 +193,7 @@ def test_param_group_added(precision: str) -> None:
         ps.append(torch.nn.Parameter(extra.clone()))
         opt.add_param_group({"params": [ps[-1]], "lr": 5e-2})
 
-    twins.both(change)
-    twins.grads()
-    twins.step()
+    twins.step_after(change)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -205,9 +206,7 @@ def test_load_state_dict_replaces_the_state(precision: str) -> None:
     twins.warm()
     saved = other.opts["fresh"].state_dict()
     # Each its own copy: load_state_dict may take the tensors of the dict as they are.
-    twins.both(lambda ps, opt: opt.load_state_dict(copy.deepcopy(saved)))
-    twins.grads()
-    twins.step()
+    twins.step_after(lambda ps, opt: opt.load_state_dict(copy.deepcopy(saved)))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -216,9 +215,7 @@ def test_rounding_seed_written_in_place(precision: str) -> None:
     into the tensors of a state_dict) must reach the next step's rounding."""
     twins = Twins(precision)
     twins.warm()
-    twins.both(lambda ps, opt: opt.state[ps[0]]["rounding_seed"].fill_(12345))
-    twins.grads()
-    twins.step()
+    twins.step_after(lambda ps, opt: opt.state[ps[0]]["rounding_seed"].fill_(12345))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -231,9 +228,7 @@ def test_state_key_replaced(precision: str) -> None:
         st["exp_avg_sq"] = st["exp_avg_sq"].clone()  # a new tensor of equal values
         st["exp_avg"].zero_() if precision == "bfloat16" else st["exp_avg_absmax"].mul_(2)
 
-    twins.both(change)
-    twins.grads()
-    twins.step()
+    twins.step_after(change)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -256,9 +251,7 @@ def test_plain_entry_then_key(precision: str) -> None:
     def change(ps: list, opt: adoptim.ADOPT) -> None:
         entries[id(opt)][key] = entries[id(opt)][key].clone() * 4
 
-    twins.both(change)
-    twins.grads()
-    twins.step()
+    twins.step_after(change)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -270,11 +263,8 @@ def test_state_data_replaced_by_a_shorter_tensor_is_refused_by_name(precision: s
     opt, ps = twins.opts["kept"], twins.params["kept"]
     codes = opt.state[ps[0]]["exp_avg"]
     codes.data = codes.data[:100].clone()
-    before = [p.detach().clone() for p in ps]
     twins.grads()
-    with pytest.raises(RuntimeError, match="param group 0 parameter 0"):
-        opt.step()
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, ps, strict=True))
+    assert_refused(opt, ps, "param group 0 parameter 0")
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -297,12 +287,9 @@ def test_sparse_gradient_after_steady_steps_is_refused_by_name(precision: str) -
     twins = Twins(precision)
     twins.warm()
     opt, ps = twins.opts["kept"], twins.params["kept"]
-    before = [p.detach().clone() for p in ps]
     twins.grads()
     ps[0].grad = ps[0].grad.to_sparse()
-    with pytest.raises(RuntimeError, match="sparse gradients \\(param group 0 parameter 0\\)"):
-        opt.step()
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, ps, strict=True))
+    assert_refused(opt, ps, "sparse gradients \\(param group 0 parameter 0\\)")
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
